@@ -1,0 +1,36 @@
+# Every target sets itself up: `make test` on a fresh clone creates .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch that CI tests; `make setup TORCH=torch` takes the newest release instead.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+bench: setup
+	$(BIN)/python scripts/bench_convert.py
+
+lint: setup
+	$(BIN)/ruff check uptrain tests scripts
+	$(BIN)/ruff format --check uptrain tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

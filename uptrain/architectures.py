@@ -1,0 +1,216 @@
+"""Attention layouts of the supported model families, as data.
+
+Each family is one `Architecture` record: where a layer's attention tensors live
+(key templates), how Q/K/V rows are laid out when fused, and how the key-side norm
+depends on the number of key/value heads. The converter and the inspector read
+these records; no code path branches on a model name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from uptrain.errors import UptrainError
+
+QKVLayout = Literal["separate", "stacked"]
+NormLayout = Literal["shared", "flat", "rows", "modules"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family keeps its attention tensors."""
+
+    attention: str = "model.layers.{layer}.self_attn"
+    """Prefix of one layer's attention module; `{layer}` is the layer index."""
+    q_proj: str = "q_proj"
+    """Query projection, relative to `attention`."""
+    k_proj: str = "k_proj"
+    """Key projection: rows are KV heads × head_dim."""
+    v_proj: str = "v_proj"
+    """Value projection: rows are KV heads × head_dim."""
+    o_proj: str = "o_proj"
+    """Output projection: columns are query heads × head_dim."""
+    qkv_proj: str | None = None
+    """Fused projection that replaces q/k/v_proj when set."""
+    qkv_layout: QKVLayout = "separate"
+    """'separate': q/k/v_proj. 'stacked': fused rows [Q; K; V]."""
+    k_norm: str | None = None
+    """Norm applied to keys (relative to `attention`); `{head}` marks one module per KV head."""
+    k_norm_layout: NormLayout = "shared"
+    """'shared': (head_dim,) used by every head, unchanged. 'flat': (KV·head_dim,) over the whole
+    projection. 'rows': (KV, head_dim). 'modules': one (head_dim,) module per KV head."""
+    kv_heads_field: str = "num_key_value_heads"
+    """config.json field holding the KV-head count (aliases come from the config class)."""
+
+    def module(self, name: str, layer: int, head: int | None = None) -> str:
+        """Full tensor-name prefix of an attention sub-module, e.g. `model.layers.3.self_attn.k_proj`."""
+        prefix = self.attention.format(layer=layer)
+        return f"{prefix}.{name.format(head=head) if head is not None else name}"
+
+
+_LLAMA = Architecture()
+_SHARED_QK_NORM = Architecture(k_norm="k_norm", k_norm_layout="shared")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": _LLAMA,
+    "qwen2": _LLAMA,
+    "starcoder2": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "olmo": _LLAMA,
+    "qwen3": _SHARED_QK_NORM,
+    "gemma3_text": _SHARED_QK_NORM,
+    "olmo2": Architecture(k_norm="k_norm", k_norm_layout="flat"),
+    "cohere": Architecture(k_norm="k_norm", k_norm_layout="rows"),
+    "stablelm": Architecture(k_norm="k_layernorm.norms.{head}", k_norm_layout="modules"),
+    "phi": Architecture(o_proj="dense", k_norm="k_layernorm", k_norm_layout="shared"),
+    "phi3": Architecture(qkv_proj="qkv_proj", qkv_layout="stacked"),
+}
+
+# Families whose transformers implementation cannot run with fewer KV heads (no KV-head
+# setting), or would not cache fewer: converting them would give an unusable or useless folder.
+UNSUPPORTED: dict[str, str] = {
+    "gpt2": "GPT-2 attention has one head count (n_head) and no key/value-head setting",
+    "gpt_neox": "GPT-NeoX attention has no key/value-head setting (fused query_key_value, MHA only)",
+    "gptj": "GPT-J attention has no key/value-head setting (MHA only)",
+    "opt": "OPT attention has no key/value-head setting (MHA only)",
+    "gpt_bigcode": "GPTBigCode supports MHA or MQA (multi_query) only, no key/value-head count",
+    "falcon": (
+        "Falcon's original decoder has MHA or MQA only (multi_query), and its new decoder broadcasts "
+        "K/V to every query head before caching, so fewer KV heads would not shrink its cache"
+    ),
+}
+
+
+def attention_kind(heads: int, kv_heads: int) -> str:
+    """'MHA', 'GQA-G' or 'MQA'."""
+    if kv_heads == heads:
+        return "MHA"
+    return "MQA" if kv_heads == 1 else f"GQA-{kv_heads}"
+
+
+def supported_families() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def lookup(config: dict[str, Any]) -> Architecture:
+    """The record for a config.json's `model_type`, or a clear refusal."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UptrainError("config.json has no `model_type`; is this a Hugging Face transformers checkpoint?")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise UptrainError(
+            f"this checkpoint is quantized ({method}); heads cannot be pooled in quantized form — "
+            "convert the unquantized model and quantize afterwards"
+        )
+    if model_type in UNSUPPORTED:
+        raise UptrainError(
+            f"model_type '{model_type}' cannot be converted: {UNSUPPORTED[model_type]}, so transformers "
+            f"could not load a grouped-query version (supported: {', '.join(supported_families())})"
+        )
+    if model_type not in ARCHITECTURES:
+        raise UptrainError(f"model_type '{model_type}' is not supported (supported: {', '.join(supported_families())})")
+    return ARCHITECTURES[model_type]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Head geometry of a decoder, as transformers resolves it from the config."""
+
+    model_type: str
+    layers: int
+    hidden_size: int
+    heads: int
+    """H, query heads per layer."""
+    kv_heads: int
+    """Key/value heads per layer (H for MHA, 1 for MQA)."""
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden_size", "heads", "kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise UptrainError(f"config.json gives {name}={getattr(self, name)}; expected a positive integer")
+        if self.heads % self.kv_heads:
+            raise UptrainError(
+                f"config.json has {self.heads} attention heads and {self.kv_heads} KV heads, "
+                "which do not divide; the config is inconsistent"
+            )
+
+    @property
+    def kind(self) -> str:
+        return attention_kind(self.heads, self.kv_heads)
+
+    def kv_bytes_per_token(self, dtype_bytes: int, kv_heads: int | None = None) -> int:
+        """KV-cache bytes one token occupies: 2 (K and V) · layers · kv_heads · head_dim · bytes."""
+        g = self.kv_heads if kv_heads is None else kv_heads
+        return 2 * self.layers * g * self.head_dim * dtype_bytes
+
+    def valid_num_kv_heads(self) -> list[int]:
+        """Every G the converter accepts: proper divisors of the current KV-head count."""
+        return [g for g in range(1, self.kv_heads) if self.kv_heads % g == 0]
+
+    def check_target(self, num_kv_heads: int) -> None:
+        valid = self.valid_num_kv_heads()
+        choices = ", ".join(map(str, valid)) if valid else "none: the source is already MQA"
+        if num_kv_heads < 1:
+            raise UptrainError(f"--num-kv-heads must be at least 1, got {num_kv_heads} (valid: {choices})")
+        if num_kv_heads >= self.kv_heads:
+            raise UptrainError(
+                f"--num-kv-heads {num_kv_heads} is not below the source's {self.kv_heads} KV heads, "
+                f"so there is nothing to merge (valid: {choices})"
+            )
+        if self.kv_heads % num_kv_heads:
+            raise UptrainError(
+                f"--num-kv-heads {num_kv_heads} does not divide the source's {self.kv_heads} KV heads "
+                f"(valid: {choices})"
+            )
+
+    def group_map(self, num_kv_heads: int) -> list[dict[str, Any]]:
+        """Which source KV heads and query heads each new KV head serves (transformers' repeat_kv:
+        query head h reads KV head h // (H / G))."""
+        src_per_group = self.kv_heads // num_kv_heads
+        q_per_group = self.heads // num_kv_heads
+        return [
+            {
+                "kv_head": g,
+                "source_kv_heads": list(range(g * src_per_group, (g + 1) * src_per_group)),
+                "query_heads": list(range(g * q_per_group, (g + 1) * q_per_group)),
+            }
+            for g in range(num_kv_heads)
+        ]
+
+
+def attention_shape(config: dict[str, Any], arch: Architecture) -> AttentionShape:
+    """Resolve the head geometry through the family's own config class (defaults, aliases)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except Exception as e:  # transformers raises several types for a malformed config
+        raise UptrainError(f"config.json could not be read by transformers: {str(e).splitlines()[0]}") from e
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, arch.kv_heads_field, None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return AttentionShape(
+        model_type=cfg.model_type,
+        layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def kv_heads_keys(config: dict[str, Any], arch: Architecture) -> list[str]:
+    """The config.json keys that hold the KV-head count: the canonical field and any alias
+    the config class maps to it (e.g. Falcon's `n_head_kv`) that the file actually uses."""
+    from transformers import CONFIG_MAPPING
+
+    aliases = getattr(CONFIG_MAPPING[config["model_type"]], "attribute_map", {})
+    names = [arch.kv_heads_field] + [k for k, v in aliases.items() if v == arch.kv_heads_field]
+    present = [k for k in names if k in config]
+    return present or [arch.kv_heads_field]
