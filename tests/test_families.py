@@ -48,7 +48,7 @@ def test_kv_heads_equal_mean_pool_reference(converted: Converted) -> None:
             assert after[role].shape[0] == case.groups
             torch.testing.assert_close(after[role], mean_pool(view, case.groups), rtol=0, atol=1e-6, msg=role)
         if case.layout == "stacked":  # the query rows of a fused projection pass through untouched
-            q_rows = source.config.num_attention_heads * source.config.head_dim
+            q_rows = source.config.hidden_size  # H · head_dim for phi3
             w_before = source.model.layers[layer].self_attn.qkv_proj.weight
             w_after = result.model.layers[layer].self_attn.qkv_proj.weight
             assert torch.equal(w_after[:q_rows], w_before[:q_rows])

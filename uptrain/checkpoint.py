@@ -309,13 +309,12 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise UptrainError(f"{out} exists and is not a folder; choose another output path")
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    base = created[-1].parent if created else out.parent  # the deepest folder that exists
+    if not base.is_dir():
+        raise UptrainError(f"cannot create {out}: {base} is not a folder")
+    _check_writable(base)
     if created:
-        base = created[-1].parent
-        if not base.is_dir():
-            raise UptrainError(f"cannot create {out}: {base} is not a folder")
-        _check_writable(base)
         out.parent.mkdir(parents=True)
-    _check_writable(out.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-", dir=out.parent))
     except OSError as e:

@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except UptrainError as e:
         print(f"uptrain {command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, permissions, ... while working: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"uptrain {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"uptrain {command}: interrupted; nothing was written", file=sys.stderr)
         return 130

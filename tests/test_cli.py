@@ -1,0 +1,113 @@
+"""The command line: help, version, inspect, and the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import save_llama
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from uptrain import __version__
+from uptrain.checkpoint import CheckpointReader
+
+
+def test_version(run_cli) -> None:
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"uptrain {__version__}"
+
+
+def test_help_lists_commands(run_cli) -> None:
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "convert" in out and "inspect" in out
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--num-kv-heads",
+        "--method {mean,first,random}",
+        "--dtype {auto,bfloat16,float16,float32}",
+        "--max-shard-size",
+        "--overwrite",
+        "--seed",
+        "--revision",
+        "--allow-pickle",
+        "--quiet",
+    ],
+)
+def test_convert_help_explains_every_option(run_cli, option: str) -> None:
+    code, out, _ = run_cli("convert", "--help")
+    assert code == 0
+    flag = option.split()[0]
+    help_line = out[out.index(option, out.index("options:")) :].split("\n  --")[0]
+    words = help_line.replace(option, "").split()
+    assert len(words) >= 4, f"{flag} needs an explanation, got: {help_line!r}"
+
+
+def test_no_command_prints_help(run_cli) -> None:
+    code, _, err = run_cli()
+    assert code == 2 and "convert" in err
+
+
+def test_inspect_describes_heads_cache_and_valid_g(run_cli, llama: Path) -> None:
+    code, out, err = run_cli("inspect", llama)
+    assert code == 0, err
+    assert "llama (LlamaForCausalLM)" in out
+    assert "KV heads         8 (MHA)" in out
+    assert "1,024 bytes/token" in out  # 2 · 2 layers · 8 heads · 8 dims · 4 bytes
+    lines = out[out.index("valid --num-kv-heads") :].splitlines()[2:]
+    assert [int(line.split()[0]) for line in lines] == [4, 2, 1]
+    assert "MQA" in lines[-1] and "8x smaller" in lines[-1]
+
+
+def test_inspect_json_and_loads_no_weights(run_cli, llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_reading(self, name):
+        raise AssertionError("inspect must not read tensor data")
+
+    monkeypatch.setattr(CheckpointReader, "read", no_reading)
+    code, out, err = run_cli("inspect", llama, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    assert info["parameters"] == model.num_parameters()
+    assert (info["layers"], info["num_attention_heads"], info["num_kv_heads"], info["head_dim"]) == (2, 8, 8, 8)
+    assert info["dtype"] == "float32"
+    assert [v["num_kv_heads"] for v in info["valid_num_kv_heads"]] == [1, 2, 4]
+    assert info["kv_cache_bytes_per_token"] == 2 * 2 * 8 * 8 * 4
+
+
+def test_inspect_gqa_source_and_a_converted_one(run_cli, tmp_path: Path) -> None:
+    src = save_llama(tmp_path / "gqa", num_key_value_heads=4)
+    assert run_cli("convert", src, tmp_path / "mqa", "--num-kv-heads", "1", "--quiet")[0] == 0
+    code, out, _ = run_cli("inspect", tmp_path / "mqa")
+    assert code == 0
+    assert "1 (MQA)" in out and "already MQA" in out and "converted by" in out
+
+
+def test_inspect_says_why_a_family_cannot_be_converted(run_cli, tmp_path: Path) -> None:
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    code, out, _ = run_cli("inspect", tmp_path / "gpt2")
+    assert code == 0
+    assert "not convertible" in out and "no key/value-head setting" in out
+
+
+def test_console_script_end_to_end(tmp_path: Path) -> None:
+    """The installed `uptrain` entry point (or `python -m uptrain`) converts and exits 0."""
+    src = save_llama(tmp_path / "src")
+    exe = [shutil.which("uptrain")] if shutil.which("uptrain") else [sys.executable, "-m", "uptrain"]
+    proc = subprocess.run(
+        [*exe, "convert", str(src), str(tmp_path / "out"), "--num-kv-heads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "8 -> 2 KV heads" in proc.stdout and "4.0x smaller" in proc.stdout
+    assert "B/s" in proc.stderr or "%" in proc.stderr  # the progress bar goes to stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_key_value_heads == 2
