@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the Hub (set before any HF import)
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,8 +12,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils.logging import disable_progress_bar
 
-# the tests never reach the Hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 disable_progress_bar()
 

@@ -196,8 +196,9 @@ def test_source_without_config(run_cli, llama: Path) -> None:
 
 
 def test_hub_repo_id_offline_fails_clearly(run_cli, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     out = tmp_path / "out"
     msg = refuse(run_cli, "uptrain-tests/not-a-local-folder", out, "--num-kv-heads", "2", expect="cannot be reached")
     assert "hf download uptrain-tests/not-a-local-folder" in msg

@@ -69,6 +69,19 @@ def test_dtype_casts_floating_tensors_and_the_config(llama: Path) -> None:
     torch.testing.assert_close(model.model.layers[0].self_attn.k_proj.weight, expected.to(torch.bfloat16))
 
 
+def test_chunked_copies_write_the_same_bytes(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copied tensors pass through in row chunks; the result does not depend on the chunk size."""
+    from uptrain import checkpoint
+
+    convert(str(llama), str(llama.parent / "whole"), num_kv_heads=2, dtype="float16", quiet=True)
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 300)  # embeddings (96 x 64 fp32) -> 24 pieces
+    convert(str(llama), str(llama.parent / "chunked"), num_kv_heads=2, dtype="float16", quiet=True)
+    whole, chunked = tensors(llama.parent / "whole"), tensors(llama.parent / "chunked")
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), chunked[name].view(torch.uint8)), name
+
+
 def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     src = save_llama(tmp_path / "tied", tie_word_embeddings=True)
     convert(str(src), str(tmp_path / "out"), num_kv_heads=2, quiet=True)

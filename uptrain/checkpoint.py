@@ -1,10 +1,12 @@
 """Checkpoint I/O: read HF weights one tensor at a time, write size-capped safetensors shards.
 
-Memory stays at about one tensor whatever the model size:
-- reading reopens the shard with `safe_open` for each tensor, so the pages of the memory map
+Memory stays bounded whatever the model size:
+- reading reopens the shard with `safe_open` for each read, so the pages of the memory map
   are released after every read instead of accumulating to the shard size;
+- tensors that are only copied are read in row chunks (`read_chunks`), so even a 2 GB
+  embedding passes through in pieces of `CHUNK_BYTES`;
 - writing streams: the whole output (names, dtypes, shapes) is planned before any data is
-  read, so each shard's header is written first and tensor bytes follow one by one.
+  read, so each shard's header is written first and tensor bytes follow piece by piece.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,10 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+CHUNK_BYTES = 32 * 2**20
+"""Largest piece a copied tensor is read in."""
+WRITE_BYTES = 8 * 2**20
+"""Largest single write() call: very large writes stall on dirty-page throttling."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 
 # safetensors dtype names <-> torch dtypes
@@ -187,6 +193,20 @@ class CheckpointReader:
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(name)
 
+    def read_chunks(self, name: str, chunk_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        """One tensor in pieces of whole rows (dim 0) of at most `chunk_bytes` (at least one row)."""
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
+        info = self.tensors[name]
+        if self.format == "pickle" or not info.shape or info.nbytes <= chunk_bytes:
+            yield self.read(name)
+            return
+        from safetensors import safe_open
+
+        rows = max(1, chunk_bytes // (info.nbytes // info.shape[0]))
+        for start in range(0, info.shape[0], rows):
+            with safe_open(info.file, framework="pt") as f:  # reopened: see module doc
+                yield f.get_slice(name)[start : start + rows]
+
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
@@ -225,19 +245,27 @@ class ShardedWriter:
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.order)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Append the next planned tensor, whole or as row chunks (pieces of dim 0, in order)."""
         spec = self.order[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (spec.name, spec.dtype, spec.shape):
-            raise RuntimeError(
-                f"writer expected {spec.name} {spec.dtype} {spec.shape}, "
-                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+        pieces = [data] if isinstance(data, torch.Tensor) else data
         shard, pos = self._position[self._next]
         if pos == 0:
             self._open(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._handle.write(data.numpy())  # type: ignore[attr-defined]
-        self.bytes_written += spec.nbytes
+        rows = 0
+        for piece in pieces:
+            if name != spec.name or piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:]:
+                raise RuntimeError(
+                    f"writer expected {spec.name} {spec.dtype} {spec.shape}, "
+                    f"got {name} {piece.dtype} {tuple(piece.shape)}"
+                )
+            rows += piece.shape[0] if piece.dim() else 1
+            buf = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, buf.size, WRITE_BYTES):  # zero-copy slices
+                self._handle.write(buf[start : start + WRITE_BYTES])  # type: ignore[attr-defined]
+            self.bytes_written += buf.size
+        if rows != (spec.shape[0] if spec.shape else 1):
+            raise RuntimeError(f"writer got {rows} rows of {spec.name}, planned shape {spec.shape}")
         self._next += 1
         if pos == len(self.shards[shard]) - 1:
             self._handle.close()  # type: ignore[attr-defined]

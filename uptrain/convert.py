@@ -13,7 +13,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,8 +34,8 @@ from uptrain.checkpoint import (
     side_files,
 )
 from uptrain.errors import UptrainError
-from uptrain.hub import resolve_source
-from uptrain.merge import Method, Role, merge_heads, tensor_seed
+from uptrain.hub import fetch_weights, resolve_source
+from uptrain.merge import METHODS, Method, Role, merge_heads, tensor_seed
 from uptrain.units import format_bytes, format_count, parse_size
 
 REPORT = "uptrain_conversion.json"
@@ -51,10 +52,13 @@ class Step:
     sources: tuple[str, ...]
     op: Op | None = None
 
-    def run(self, reader: CheckpointReader) -> torch.Tensor:
-        tensors = [reader.read(name) for name in self.sources]
-        out = tensors[0] if self.op is None else self.op(tensors)
-        return out.to(self.spec.dtype)
+    def chunks(self, reader: CheckpointReader) -> Iterator[torch.Tensor]:
+        """The output tensor in row pieces: copies stream through in chunks, merges come whole."""
+        if self.op is None:
+            for piece in reader.read_chunks(self.sources[0]):
+                yield piece.to(self.spec.dtype)
+        else:
+            yield self.op([reader.read(name) for name in self.sources]).to(self.spec.dtype)
 
 
 def _merge_rows(ts: list[torch.Tensor], heads: int, groups: int, method: Method, role: Role, seed: int) -> torch.Tensor:
@@ -313,18 +317,24 @@ def convert(
         quiet: No progress bar or summary.
     """
     started = time.perf_counter()
+    if method not in METHODS:
+        raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if dtype not in typing.get_args(DtypeOption):
+        raise UptrainError(f"unknown dtype {dtype!r}; choose from {', '.join(typing.get_args(DtypeOption))}")
     shard_cap = parse_size(max_shard_size)
     target_dtype = None if dtype == "auto" else getattr(torch, dtype)
     out_path = Path(out).absolute()
     if out_path.exists() and not overwrite:
         raise UptrainError(f"{out_path} already exists; pass --overwrite to replace it")
-    source = resolve_source(src, revision, allow_pickle)
+    # everything that can be checked from the config is, before any weight is downloaded
+    source = resolve_source(src, revision)
     if out_path == source.path or out_path in source.path.parents:
         raise UptrainError(f"OUT {out_path} would replace the source itself; choose another output folder")
     config = read_config(source.path)
     arch = lookup(config)
     shape = attention_shape(config, arch)
     shape.check_target(num_kv_heads)
+    source = fetch_weights(source, allow_pickle)
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
     steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype)
     by_name = {s.spec.name: s for s in steps}
@@ -358,7 +368,7 @@ def convert(
         with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
             try:
                 for spec in writer.order:
-                    writer.write(spec.name, by_name[spec.name].run(reader))
+                    writer.write(spec.name, by_name[spec.name].chunks(reader))
                     bar.update(spec.nbytes)
             finally:
                 writer.abort()

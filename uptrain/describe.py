@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json as jsonlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from uptrain.architectures import Architecture, attention_kind, attention_shape, lookup
-from uptrain.checkpoint import CheckpointReader, dtype_from_name, dtype_name
+from uptrain.checkpoint import SAFE_INDEX, SAFE_SINGLE, CheckpointReader, dtype_from_name, dtype_name
 from uptrain.convert import REPORT, read_config
 from uptrain.errors import UptrainError
 from uptrain.hub import hub_tensor_headers, resolve_source
@@ -22,7 +23,7 @@ from uptrain.units import format_bytes, format_count
 
 def describe(src: str, revision: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """Facts about a checkpoint as a JSON-ready dict (see `inspect` for the fields)."""
-    source = resolve_source(src, revision, allow_pickle, weights=False)
+    source = resolve_source(src, revision)
     config = read_config(source.path)
     if config.get("model_type") is None:
         raise UptrainError(f"{source.path}/config.json has no model_type; is this a transformers checkpoint?")
@@ -33,10 +34,10 @@ def describe(src: str, revision: str | None = None, allow_pickle: bool = False) 
         convertible, reason, arch = False, str(e), Architecture()
     shape = attention_shape(config, arch)
 
-    if source.repo_id is None:
+    if source.repo_id is None or _weights_cached(source.path):
         reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
         headers = {n: (t.dtype, t.numel) for n, t in reader.tensors.items()}
-    else:
+    else:  # a Hub repo whose weights are not downloaded: headers by range requests
         headers = {}
         for name, (dt, dims) in hub_tensor_headers(source.repo_id, source.commit).items():
             numel = 1
@@ -79,6 +80,14 @@ def describe(src: str, revision: str | None = None, allow_pickle: bool = False) 
     if (source.path / REPORT).is_file():
         info["conversion"] = jsonlib.loads((source.path / REPORT).read_text())
     return info
+
+
+def _weights_cached(folder: Path) -> bool:
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        files = set(jsonlib.loads(index.read_text())["weight_map"].values())
+        return all((folder / f).is_file() for f in files)
+    return (folder / SAFE_SINGLE).is_file()
 
 
 def _sliding_window(config: dict[str, Any]) -> dict[str, int] | None:

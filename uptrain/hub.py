@@ -50,8 +50,9 @@ class Source:
         return str(self.path) if self.repo_id is None else f"{self.repo_id}@{(self.commit or '')[:10]}"
 
 
-def resolve_source(src: str, revision: str | None = None, allow_pickle: bool = False, weights: bool = True) -> Source:
-    """A local folder as is; otherwise a hub repo id, downloaded (config first, then weights)."""
+def resolve_source(src: str, revision: str | None = None) -> Source:
+    """A local folder as is; otherwise a Hub repo id, of which only config, tokenizer and index
+    files are downloaded here (`fetch_weights` gets the weights once the config has been checked)."""
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -62,10 +63,16 @@ def resolve_source(src: str, revision: str | None = None, allow_pickle: bool = F
     if not _REPO_ID.match(src) or src.startswith((".", "~")):
         raise UptrainError(f"{src}: no such folder (and not a Hugging Face Hub repo id like org/name)")
     folder = _download(src, revision, SMALL_FILES)
-    commit = folder.name  # snapshot folders are named by commit hash
-    if weights:
-        folder = _download(src, commit, SMALL_FILES + _weight_files(folder, allow_pickle))
-    return Source(folder, repo_id=src, revision=revision, commit=commit)
+    return Source(folder, repo_id=src, revision=revision, commit=folder.name)  # snapshots are named by commit
+
+
+def fetch_weights(source: Source, allow_pickle: bool = False) -> Source:
+    """Download the weight files of a Hub source, pinned to the commit its config came from."""
+    if source.repo_id is None:
+        return source
+    files = _weight_files(source.path, allow_pickle)
+    folder = _download(source.repo_id, source.commit, SMALL_FILES + files)
+    return Source(folder, source.repo_id, source.revision, source.commit)
 
 
 def _weight_files(folder: Path, allow_pickle: bool) -> list[str]:
