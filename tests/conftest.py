@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import BASE
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils.logging import disable_progress_bar
 
@@ -19,20 +20,7 @@ disable_progress_bar()
 def save_llama(path: Path, shard: str | None = "30KB", seed: int = 0, **overrides) -> Path:
     """A tiny random MHA Llama (8 heads, head_dim 8, 2 layers) saved as a HF folder."""
     torch.manual_seed(seed)
-    cfg = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=96,
-        max_position_embeddings=128,
-        initializer_range=0.1,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).eval()
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
     return path
 
