@@ -46,3 +46,81 @@ def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
         return code, out.out, out.err
 
     return run
+
+
+# --- training fixtures: a tiny corpus with structure a 2-layer model can learn, and its tokenizer ---
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the king", "a bird", "the farmer", "our teacher"]
+VERBS = ["sees", "likes", "finds", "follows", "paints", "feeds", "meets", "calls"]
+OBJECTS = ["the river", "a small house", "the red apple", "a green field", "the moon", "a quiet town"]
+ENDINGS = ["today .", "at night .", "in the morning .", "again .", "."]
+SPECIALS = ["<pad>", "<s>", "</s>", "[UNK]"]  # ids 0, 1, 2, 3 match the tiny configs
+
+
+def corpus_words() -> list[str]:
+    words = {w for group in (SUBJECTS, VERBS, OBJECTS, ENDINGS) for phrase in group for w in phrase.split()}
+    return SPECIALS + sorted(words)
+
+
+def write_corpus(path: Path, docs: int, seed: int = 0, fmt: str = "txt") -> Path:
+    """`docs` short documents of grammatical sentences, as one .txt per document dir, .jsonl or .parquet."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    texts = [
+        " ".join(
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}"
+            for _ in range(rng.randint(3, 8))
+        )
+        for _ in range(docs)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": texts}), path)
+    else:
+        path.mkdir(exist_ok=True)
+        for i, t in enumerate(texts):
+            (path / f"doc{i:04d}.txt").write_text(t + "\n")
+    return path
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over the corpus words that adds <s> and knows </s> as EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(corpus_words())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="[UNK]"
+    ).save_pretrained(folder)
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> dict:
+    """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and a base train config."""
+    from uptrain.convert import convert
+
+    src = save_llama(tmp_path / "mha", shard=None)
+    save_tokenizer(src)
+    convert(str(src), str(tmp_path / "gqa"), num_kv_heads=2, quiet=True)
+    corpus = write_corpus(tmp_path / "corpus", docs=400)
+    cfg = {
+        "model": {"path": str(tmp_path / "gqa")},
+        "data": {"files": [str(corpus / "*.txt")], "seq_len": 32, "validation_blocks": 16},
+        "budget": {"steps": 30},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 4},
+        "optim": {"lr": 3e-3, "warmup": 3},
+        "checkpoint": {"every": 10, "keep": 2},
+        "logging": {"every": 5, "eval_every": 10, "trackers": []},
+        "out": str(tmp_path / "run"),
+    }
+    return {"root": tmp_path, "source": src, "model": tmp_path / "gqa", "corpus": corpus, "config": cfg}

@@ -348,6 +348,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise UptrainError(f"cannot write into {out.parent} ({e.strerror}); choose another output folder") from e
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; OUT gets the usual permissions
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-old-", dir=out.parent))

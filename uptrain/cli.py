@@ -24,7 +24,9 @@ from uptrain.errors import UptrainError
 COMMANDS: dict[str, str] = {
     "convert": "uptrain.convert:convert",
     "inspect": "uptrain.describe:inspect",
+    "train": "uptrain.train:train",
 }
+OVERRIDES = "overrides"  # a parameter of this name collects --section.key=value arguments
 
 
 def _load(target: str) -> Callable[..., Any]:
@@ -48,6 +50,16 @@ def _parse_docstring(doc: str) -> tuple[str, str, dict[str, str]]:
     return summary.strip(), body.strip(), helps
 
 
+def _unwrap(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """(type without Optional/Annotated, extra argparse settings from Annotated metadata)."""
+    extra: dict[str, Any] = {}
+    if typing.get_origin(tp) is typing.Annotated:
+        tp, *meta = typing.get_args(tp)
+        for m in meta:
+            extra |= m
+    return _unwrap_optional(tp), extra
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -58,17 +70,23 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
     summary, body, helps = _parse_docstring(inspect.getdoc(fn) or name)
+    epilog = getattr(fn, "cli_epilog", None)
     parser = subparsers.add_parser(
         name,
         help=summary,
         description=f"{summary}\n\n{body}" if body else summary,
+        epilog=epilog() if epilog else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     for param in inspect.signature(fn).parameters.values():
-        tp = _unwrap_optional(hints.get(param.name, str))
+        if param.name == OVERRIDES:
+            parser.set_defaults(_overrides=True)
+            parser.usage = f"{parser.format_usage().strip().removeprefix('usage: ')} [--section.key=value ...]"
+            continue
+        tp, extra = _unwrap(hints.get(param.name, str))
         text = helps.get(param.name, "")
-        kwargs: dict[str, Any] = {"help": text}
+        kwargs: dict[str, Any] = {"help": text, **extra}
         if typing.get_origin(tp) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(tp))
         elif tp in (int, float):
@@ -110,12 +128,17 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    namespace, unknown = parser.parse_known_args(argv)
+    args = vars(namespace)
     fn = args.pop("_fn", None)
     command = args.pop("_command", None)
     if fn is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.pop("_overrides", False):
+        args[OVERRIDES] = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -128,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uptrain {command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"uptrain {command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"uptrain {command}: {getattr(fn, 'cli_interrupted', 'interrupted')}", file=sys.stderr)
         return 130
     return 0
 

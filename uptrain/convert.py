@@ -398,3 +398,6 @@ def _print_summary(report: dict[str, Any], out: Path, nbytes: int) -> None:
         f"parameters: {format_count(params['before'])} -> {format_count(params['after'])}\n"
         f"wrote {out} ({report['shards']} shard(s), {format_bytes(nbytes)}) in {report['seconds']:.1f} s"
     )
+
+
+convert.cli_interrupted = "interrupted; nothing was written"  # type: ignore[attr-defined]

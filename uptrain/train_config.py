@@ -1,0 +1,245 @@
+"""The `uptrain train` configuration: one dataclass per section, a docstring per field.
+
+Checks that need only the values live in `__post_init__`; checks that need files (data paths,
+the model's maximum positions, the teacher's vocabulary) run in `uptrain.train.preflight`
+before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from uptrain.errors import UptrainError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def _positive(section: str, **values: float | int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UptrainError(f"{section}.{name} must be positive, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Checkpoint to train: a local Hugging Face folder (e.g. the output of `uptrain convert`) or a Hub id."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """'pretrained' loads `path`; 'scratch' builds a randomly initialised model from `config`."""
+    config: str | None = None
+    """With init=scratch: a config.json file, or a folder holding one, describing the architecture."""
+    tokenizer: str | None = None
+    """Tokenizer folder or Hub id; default: the model folder (`path`, or the folder of `config`)."""
+    revision: str | None = None
+    """Hub revision of `path`."""
+    dtype: Dtype = "float32"
+    """dtype of the trained weights and optimizer state (keep float32 with mixed precision)."""
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the final model; auto = the dtype the source checkpoint was stored in (float32 from scratch)."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """Attention kernel. sdpa and flash_attention_2 attend to shared K/V heads without repeating them."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+    def __post_init__(self) -> None:
+        if self.init == "pretrained" and not self.path:
+            raise UptrainError("model.path is required (or set model.init: scratch and model.config)")
+        if self.init == "scratch" and not self.config:
+            raise UptrainError("model.init: scratch needs model.config (a config.json describing the model)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None
+    """A Hugging Face Hub dataset, e.g. HuggingFaceFW/fineweb-edu."""
+    name: str | None = None
+    """The Hub dataset's configuration (subset), e.g. sample-10BT."""
+    split: str = "train"
+    """Split of the Hub dataset to train on."""
+    files: list[str] = field(default_factory=list)
+    """Local data instead of a Hub dataset: .txt, .jsonl/.json or .parquet files; globs allowed."""
+    text_column: str = "text"
+    """Column holding the documents' text (jsonl, parquet, Hub datasets)."""
+    txt_documents: Literal["file", "paragraph", "line"] = "file"
+    """How .txt files split into documents."""
+    validation_split: str | None = None
+    """A Hub split held out for validation, e.g. 'validation'; default: the first `validation_blocks` blocks."""
+    validation_files: list[str] = field(default_factory=list)
+    """Local files held out for validation; default: the first `validation_blocks` blocks."""
+    validation_blocks: int = 128
+    """Blocks used for validation. Without a validation split they are the first blocks of the data (or, when
+    streaming, blocks of documents held out by a hash of their text), and are never trained on."""
+    seq_len: int = 2048
+    """Tokens per training sequence: documents are packed into blocks of this length with EOS between them."""
+    streaming: bool = False
+    """Stream the data instead of downloading and tokenizing it up front (very large corpora)."""
+    shuffle_buffer: int = 10_000
+    """Streaming only: documents in the shuffle buffer."""
+    num_proc: int | None = None
+    """Processes for tokenization; default: the CPU count (at most 16)."""
+    cache_dir: str | None = None
+    """Cache for downloads and tokenized blocks; default: the datasets cache (HF_DATASETS_CACHE)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.dataset) == bool(self.files):
+            raise UptrainError("data needs exactly one of data.dataset (a Hub dataset) or data.files (local files)")
+        if self.seq_len < 2:
+            raise UptrainError(f"data.seq_len must be at least 2, got {self.seq_len}")
+        if self.validation_blocks < 1:
+            raise UptrainError(f"data.validation_blocks must be at least 1, got {self.validation_blocks}")
+        _positive("data", shuffle_buffer=self.shuffle_buffer, num_proc=self.num_proc)
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = 512
+    """Sequences per optimizer step over all processes; global batch tokens = this x data.seq_len."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on each process; gradient accumulation makes up the global batch."""
+
+    def __post_init__(self) -> None:
+        _positive("batch", global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size)
+
+
+@dataclass
+class BudgetConfig:
+    tokens: int | None = None
+    """Tokens to train on, e.g. 1e11."""
+    fraction: float | None = None
+    """A fraction of the original pretraining tokens, e.g. 0.05 (the GQA paper's alpha); needs original_tokens."""
+    original_tokens: int | None = None
+    """Tokens the source model was pretrained on, e.g. 2e12 for Llama-2."""
+    steps: int | None = None
+    """Optimizer steps to run."""
+    gpu_peak_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s of one accelerator, for the GPU-hours estimate and MFU (H100 SXM: 989)."""
+    assumed_mfu: float = 0.4
+    """Model FLOPs utilisation assumed for the GPU-hours estimate."""
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("tokens", "fraction", "steps") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise UptrainError(
+                "budget needs exactly one of budget.tokens, budget.fraction (with budget.original_tokens) "
+                f"or budget.steps; got {', '.join(given) or 'none'}"
+            )
+        if self.fraction is not None and self.original_tokens is None:
+            raise UptrainError("budget.fraction needs budget.original_tokens (the source's pretraining tokens)")
+        _positive(
+            "budget",
+            tokens=self.tokens,
+            fraction=self.fraction,
+            original_tokens=self.original_tokens,
+            steps=self.steps,
+            gpu_peak_tflops=self.gpu_peak_tflops,
+            assumed_mfu=self.assumed_mfu,
+        )
+        if self.assumed_mfu > 1:
+            raise UptrainError(f"budget.assumed_mfu is a fraction of peak, at most 1; got {self.assumed_mfu}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr x this."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup: float = 0.01
+    """Warmup length: a fraction of the steps when below 1, else a number of steps."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or embeddings."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr, eps=self.eps)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UptrainError(f"optim.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UptrainError("optim.warmup, optim.weight_decay and optim.grad_clip must not be negative")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UptrainError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None
+    """The source (MHA) checkpoint as a frozen teacher; distillation is off when empty."""
+    weight: float = 0.5
+    """w in loss = (1 - w)·CE + w·T²·KL(teacher || student)."""
+    temperature: float = 1.0
+    """T, the softmax temperature of both distributions in the KL term."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= 1:
+            raise UptrainError(f"distill.weight must be within [0, 1], got {self.weight}")
+        _positive("distill", temperature=self.temperature)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save a resumable checkpoint every this many optimizer steps (and always at the end); 0: only at the end."""
+    keep: int = 3
+    """Keep the last this many checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise UptrainError(f"checkpoint.every must not be negative, got {self.every}")
+        _positive("checkpoint", keep=self.keep)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Log loss, lr, grad norm, tokens/s and MFU every this many steps."""
+    eval_every: int = 500
+    """Compute validation loss and perplexity every this many steps (and at the start and end); 0: start and end."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers, e.g. [tensorboard, wandb]; tensorboard is skipped when not installed."""
+    project: str = "uptrain"
+    """Tracker project name."""
+
+    def __post_init__(self) -> None:
+        _positive("logging", every=self.every)
+        if self.eval_every < 0:
+            raise UptrainError(f"logging.eval_every must not be negative, got {self.eval_every}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    """What to train."""
+    data: DataConfig
+    """What to train on."""
+    budget: BudgetConfig
+    """How long to train."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch geometry."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Optional distillation from the source model."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and trackers."""
+    out: str = "runs/uptrain"
+    """Run folder: the resolved config, metrics.jsonl, checkpoints/ and the final model in OUT/model."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision; auto = bf16 on accelerators that support it, else none (CPU)."""
+
+
+# Sections that may change when resuming: they do not alter what the steps compute.
+RESUMABLE_CHANGES = ("budget", "checkpoint", "logging", "out")
