@@ -106,21 +106,18 @@ def save_tokenizer(folder: Path) -> None:
 
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> dict:
-    """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and a base train config."""
+    """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and configs/tiny-cpu.yaml
+    pointed at them."""
     from uptrain.convert import convert
 
     src = save_llama(tmp_path / "mha", shard=None)
     save_tokenizer(src)
     convert(str(src), str(tmp_path / "gqa"), num_kv_heads=2, quiet=True)
     corpus = write_corpus(tmp_path / "corpus", docs=400)
-    cfg = {
-        "model": {"path": str(tmp_path / "gqa")},
-        "data": {"files": [str(corpus / "*.txt")], "seq_len": 32, "validation_blocks": 16},
-        "budget": {"steps": 30},
-        "batch": {"global_batch_size": 8, "micro_batch_size": 4},
-        "optim": {"lr": 3e-3, "warmup": 3},
-        "checkpoint": {"every": 10, "keep": 2},
-        "logging": {"every": 5, "eval_every": 10, "trackers": []},
-        "out": str(tmp_path / "run"),
-    }
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml").read_text())
+    cfg["model"]["path"] = str(tmp_path / "gqa")
+    cfg["data"]["files"] = [str(corpus / "*.txt")]
+    cfg["out"] = str(tmp_path / "run")
     return {"root": tmp_path, "source": src, "model": tmp_path / "gqa", "corpus": corpus, "config": cfg}

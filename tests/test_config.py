@@ -139,6 +139,29 @@ def test_learning_rate_schedule() -> None:
     assert math.isclose(lr_factor(55, 100, linear), 0.5)  # 10 warmup steps, then 45/90 of the way down
 
 
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("llama2-7b-gqa8", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+        ("qwen1.5-7b-gqa8", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=151936)),
+        ("olmo-1b-gqa4", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                              num_attention_heads=16, num_key_value_heads=4, vocab_size=50304)),
+    ],
+)  # fmt: skip
+def test_run_configs_parse_and_plan_on_8_gpus(name: str, arch: dict) -> None:
+    cfg = configlib.load(TrainConfig, Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    plan = make_plan(
+        tokens=cfg.budget.tokens, fraction=cfg.budget.fraction, original_tokens=cfg.budget.original_tokens,
+        steps=cfg.budget.steps, seq_len=cfg.data.seq_len, global_batch_size=cfg.batch.global_batch_size,
+        micro_batch_size=cfg.batch.micro_batch_size, num_processes=8, params=matmul_params(LlamaConfig(**arch)),
+    )  # fmt: skip
+    assert plan.requested_tokens == round(0.05 * cfg.budget.original_tokens)
+    assert plan.global_batch_tokens == 4 * 2**20  # the 4M-token batches of the original recipes
+    assert plan.grad_accum * 8 * cfg.batch.micro_batch_size == cfg.batch.global_batch_size
+
+
 # --- bad configs fail before any work -------------------------------------------------------
 
 

@@ -111,6 +111,16 @@ def test_stop_then_resume_equals_an_uninterrupted_run(run_cli, tiny_run: dict, m
     assert losses["straight"] == losses["stopped"]
 
 
+def test_resume_auto_starts_or_continues(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    with monkeypatch.context() as m:
+        _stop_at(m, 4)
+        code, _, err = run_cli("train", cfg, "--resume", "auto")  # nothing to resume: a fresh start
+    assert code == 143 and "resumed" not in err
+    code, _, err = run_cli("train", cfg, "--resume", "auto")
+    assert code == 0 and "at step 4" in err
+
+
 def test_sigint_also_checkpoints(run_cli, tiny_run: dict, monkeypatch) -> None:
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
     _stop_at(monkeypatch, 3, signal.SIGINT)
@@ -173,3 +183,36 @@ def test_training_from_scratch(run_cli, tiny_run: dict) -> None:
     assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(Path(cfg["out"]) / "model")
     assert model.config.num_key_value_heads == 8 and model.dtype == torch.float32
+
+
+def test_distillation_kl_matches_its_definition() -> None:
+    from uptrain.losses import distill_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    t = 2.0
+    p, q = torch.softmax(teacher / t, -1), torch.softmax(student / t, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()  # KL(teacher || student), mean over positions
+    torch.testing.assert_close(distill_kl(student, teacher, t), expected)
+    assert distill_kl(teacher, teacher, t).abs() < 1e-6
+
+
+def test_streaming_data_trains_and_resumes(run_cli, tiny_run: dict, monkeypatch) -> None:
+    from conftest import write_corpus
+
+    corpus = write_corpus(tiny_run["root"] / "stream.jsonl", docs=600, fmt="jsonl")
+    data = {"files": [str(corpus)], "streaming": True, "seq_len": 32, "validation_blocks": 4, "shuffle_buffer": 50}
+    cfg = write({**tiny_run["config"], "data": data}, tiny_run["root"] / "cfg.yaml")
+    with monkeypatch.context() as m:
+        _stop_at(m, 12)
+        assert run_cli("train", cfg)[0] == 143
+    code, _, err = run_cli("train", cfg, "--resume")
+    assert code == 0 and "at step 12" in err, err
+    val = [r["val_loss"] for r in metrics(Path(tiny_run["config"]["out"])) if "val_loss" in r]
+    assert val[-1] < 0.7 * val[0]
+
+
+def test_default_tracker_is_skipped_when_not_installed(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--budget.steps=2", "--logging.trackers=[tensorboard]")
+    assert code == 0, err

@@ -93,14 +93,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """None (start), the latest checkpoint ('latest', or 'auto' when there is one), or a given one."""
     if resume is None:
         return None
-    if resume != "latest":
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / "train_state.json").is_file():
             raise UptrainError(f"--resume {resume}: not an uptrain checkpoint (no train_state.json)")
         return path
     found = checkpoints(run_dir)
+    if not found and resume == "auto":
+        return None  # nothing to resume yet: a first start (e.g. of a requeued batch job)
     if not found:
         raise UptrainError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
     return found[-1]
@@ -132,6 +135,12 @@ def _multi_cpu() -> bool:
 
     sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     return max(int(os.environ.get(k, "1")) for k in sizes) > 1 and not torch.cuda.is_available()
+
+
+def _sharding_requested() -> bool:
+    import os
+
+    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -173,6 +182,8 @@ class Run:
             step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         )
         acc = self.acc
+        if acc.distributed_type.name == "MULTI_CPU" and _sharding_requested():
+            self.log("note: FSDP and DeepSpeed need GPUs; on this CPU-only machine the run is plain data parallel")
         with acc.main_process_first():  # one process downloads / loads into the cache first
             model = load_model(cfg.model, models)
             teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
@@ -370,7 +381,8 @@ def train(
     Args:
         config: YAML file with the run's config (see configs/ and the keys below).
         dry_run: Print the resolved plan (tokens, steps, batch, FLOPs, GPU-hours) and exit.
-        resume: Continue from the latest checkpoint in OUT/checkpoints, or from CHECKPOINT.
+        resume: Continue from the latest checkpoint in OUT/checkpoints, or from CHECKPOINT;
+            `--resume auto` resumes if there is a checkpoint and starts afresh otherwise.
         overwrite: Delete an existing run folder (checkpoints, metrics, model) and start over.
         overrides: --section.key=value settings applied on top of CONFIG.
     """

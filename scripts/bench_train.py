@@ -1,0 +1,184 @@
+"""Benchmark the training throughput of `uptrain train` against transformers' Trainer.
+
+Both train the same converted GQA checkpoint on the same packed blocks with the same batch
+geometry (micro-batch x accumulation), optimizer (fused AdamW), schedule and clipping, for the
+same number of steps, each in a fresh process on this machine. Throughput is measured over the
+steady-state steps only (the first `--warmup-steps` steps, data preparation, evaluation and
+saving are excluded on both sides) and reported as training tokens per second, with the ratio.
+
+    python scripts/bench_train.py                  # CPU-sized model (defaults below)
+    python scripts/bench_train.py --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+WORDS = [f"w{i}" for i in range(400)]  # a synthetic vocabulary with Zipf-like frequencies
+
+
+def make_corpus(folder: Path, docs: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) for i in range(len(WORDS))]
+    folder.mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for _ in range(docs):
+            text = " ".join(rng.choices(WORDS, weights, k=rng.randint(100, 400)))
+            f.write(json.dumps({"text": text}) + "\n")
+    return folder / "corpus.jsonl"
+
+
+def make_model(folder: Path, args: argparse.Namespace) -> Path:
+    """A Llama-shaped MHA model with a word-level tokenizer, converted to GQA by uptrain."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from uptrain.convert import convert
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    cfg = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=len(vocab),
+        max_position_embeddings=max(args.seq_len, 512), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder / "mha")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder / "mha")
+    convert(str(folder / "mha"), str(folder / "gqa"), num_kv_heads=max(1, args.heads // 4), quiet=True)
+    return folder / "gqa"
+
+
+def uptrain_config(model: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "data": {"files": [str(corpus)], "seq_len": args.seq_len, "validation_blocks": 8},
+        "budget": {"steps": args.steps},
+        "batch": {"global_batch_size": args.micro_batch * args.accum, "micro_batch_size": args.micro_batch},
+        "optim": {"lr": 3e-4, "warmup": 2, "schedule": "cosine", "weight_decay": 0.1, "grad_clip": 1.0},
+        "checkpoint": {"every": 0, "keep": 1},
+        "logging": {"every": args.warmup_steps, "eval_every": 0, "trackers": []},
+        "out": str(out),
+    }
+
+
+def run_uptrain(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str) -> float:
+    cfg = work / f"uptrain-{tag}.yaml"
+    cfg.write_text(yaml.safe_dump(uptrain_config(model, corpus, work / f"run-{tag}", args)))
+    subprocess.run([sys.executable, "-m", "uptrain", "train", str(cfg)], check=True, capture_output=True)
+    rows = [json.loads(line) for line in (work / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
+    # one window per `warmup_steps` steps; the first holds the warm-up. Equal windows: harmonic mean.
+    windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    return len(windows) / sum(1 / w for w in windows)
+
+
+TRAINER_CHILD = r"""
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from uptrain.data import prepare
+from uptrain.train_config import DataConfig
+from transformers import AutoTokenizer
+
+args = json.loads(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(args["model"])
+data = prepare(DataConfig(files=[args["corpus"]], seq_len=args["seq_len"], validation_blocks=8), tok, seed=0,
+               micro_batch_size=args["micro_batch"])
+train = data.train.with_format(None).map(lambda b: {"labels": b["input_ids"]}, batched=True)
+
+class Clock(TrainerCallback):
+    def on_step_end(self, a, state, control, **kw):
+        if state.global_step == args["warmup_steps"]:
+            self.start = time.perf_counter()
+        if state.global_step == args["steps"]:
+            self.seconds = time.perf_counter() - self.start
+
+clock = Clock()
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+targs = TrainingArguments(
+    output_dir=args["out"], per_device_train_batch_size=args["micro_batch"],
+    gradient_accumulation_steps=args["accum"], max_steps=args["steps"], learning_rate=3e-4,
+    lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.1, max_grad_norm=1.0,
+    optim="adamw_torch_fused", adam_beta2=0.95, logging_steps=args["warmup_steps"], save_strategy="no",
+    report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+    bf16=torch.cuda.is_available(),
+)
+Trainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator, callbacks=[clock]).train()
+steps = args["steps"] - args["warmup_steps"]
+print(json.dumps({"tokens_per_s": steps * args["micro_batch"] * args["accum"] * args["seq_len"] / clock.seconds}))
+"""
+
+
+def run_trainer(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str) -> float:
+    payload = {
+        "model": str(model),
+        "corpus": str(corpus),
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "accum": args.accum,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "out": str(work / f"trainer-{tag}"),
+    }
+    proc = subprocess.run([sys.executable, "-c", TRAINER_CHILD, json.dumps(payload)], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"Trainer run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup-steps", type=int, default=5, help="steps excluded from the timing")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; the best is kept")
+    args = ap.parse_args()
+    if args.steps % args.warmup_steps:
+        sys.exit("--steps must be a multiple of --warmup-steps")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="uptrain-bench-train-") as tmp:
+        work = Path(tmp)
+        corpus = make_corpus(work / "data", docs=2000)
+        model = make_model(work / "model", args)
+        results: dict[str, list[float]] = {"uptrain train": [], "transformers Trainer": []}
+        for i in range(args.repeat):
+            results["uptrain train"].append(run_uptrain(model, corpus, work, args, str(i)))
+            results["transformers Trainer"].append(run_trainer(model, corpus, work, args, str(i)))
+            print(f"  run {i}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()), file=sys.stderr)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"\nLlama-shaped model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads -> GQA-"
+        f"{max(1, args.heads // 4)}; seq {args.seq_len}, micro-batch {args.micro_batch} x {args.accum} accumulation, "
+        f"{args.steps} steps ({args.steps - args.warmup_steps} timed); {device}"
+    )
+    best = {k: max(v) for k, v in results.items()}
+    print("| trainer | tokens/s (best) | all runs | vs Trainer |")
+    print("|---|---|---|---|")
+    for name, value in best.items():
+        runs = ", ".join(f"{v:,.0f}" for v in results[name])
+        print(f"| {name} | {value:,.0f} | {runs} | {value / best['transformers Trainer']:.2f} |")
+    print(f"\nratio uptrain / Trainer: {best['uptrain train'] / best['transformers Trainer']:.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
