@@ -216,3 +216,54 @@ def test_default_tracker_is_skipped_when_not_installed(run_cli, tiny_run: dict) 
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
     code, _, err = run_cli("train", cfg, "--budget.steps=2", "--logging.trackers=[tensorboard]")
     assert code == 0, err
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path: Path) -> None:
+    from conftest import save_llama
+    from families import CASES, build
+
+    from uptrain.modeling import build_optimizer
+    from uptrain.train_config import OptimConfig
+
+    for model in (
+        AutoModelForCausalLM.from_pretrained(save_llama(tmp_path / "tied", shard=None, tie_word_embeddings=True)),
+        build(next(c for c in CASES if c.id == "qwen2")),  # q/k/v biases
+    ):
+        decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for p in decay["params"]}
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+        assert decayed and all(n.endswith("proj.weight") or n == "lm_head.weight" for n in decayed), decayed
+        assert "model.embed_tokens.weight" in {names[id(p)] for p in no_decay["params"]}
+        assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_checkpointing_trains_the_same(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    plain = write({**tiny_run["config"], "out": str(root / "plain")}, root / "plain.yaml")
+    ckpt = {**tiny_run["config"], "out": str(root / "ckpt")}
+    ckpt["model"] = {**ckpt["model"], "gradient_checkpointing": True}
+    assert run_cli("train", plain, "--budget.steps=5")[0] == 0
+    code, _, err = run_cli("train", write(ckpt, root / "ckpt.yaml"), "--budget.steps=5")
+    assert code == 0, err
+    a, b = metrics(root / "plain"), metrics(root / "ckpt")
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (a, b)]
+    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_unreachable_hub_dataset_fails_clearly(run_cli, tiny_run: dict) -> None:
+    data = {"dataset": "acme/no-such-dataset", "seq_len": 32, "validation_blocks": 4}
+    cfg = write({**tiny_run["config"], "data": data}, tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("uptrain train: error: cannot load acme/no-such-dataset")
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_loadable_weights(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--model.compile", "--budget.steps=4")
+    assert code == 0, err
+    _, info = AutoModelForCausalLM.from_pretrained(Path(tiny_run["config"]["out"]) / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(k.startswith("_orig_mod") for k in tensors(Path(tiny_run["config"]["out"]) / "model"))

@@ -150,7 +150,9 @@ def load_model(m: ModelConfig, info: RunModel) -> torch.nn.Module:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return torch.compile(model) if m.compile else model
+    if m.compile:
+        model.compile()  # in place: module tree and state-dict keys stay as they are (no _orig_mod.)
+    return model
 
 
 def load_teacher(d: DistillConfig, m: ModelConfig) -> torch.nn.Module:
@@ -196,7 +198,6 @@ def save_final_model(acc: Any, model: torch.nn.Module, tokenizer: Any, cfg: Trai
     state_dict = acc.get_state_dict(model)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile wrapper
         dtype = _save_dtype(cfg)
         cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
         state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
