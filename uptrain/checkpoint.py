@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -306,6 +307,19 @@ class ShardedWriter:
         if self._handle is not None:
             self._handle.close()  # type: ignore[attr-defined]
             self._handle = None
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; `missing` is the message when the file is absent."""
+    if not Path(path).is_file():
+        raise UptrainError(missing)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UptrainError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UptrainError(f"{path} does not hold a JSON object")
+    return data
 
 
 def side_files(folder: Path) -> list[Path]:

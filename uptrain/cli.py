@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "convert": "uptrain.convert:convert",
     "inspect": "uptrain.describe:inspect",
     "train": "uptrain.train:train",
+    "eval": "uptrain.evaluate:evaluate",
+    "plan": "uptrain.plan:plan",
 }
 OVERRIDES = "overrides"  # a parameter of this name collects --section.key=value arguments
 
@@ -91,7 +93,11 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
             kwargs["choices"] = list(typing.get_args(tp))
         elif tp in (int, float):
             kwargs["type"] = tp
-        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and param.default is inspect.Parameter.empty:
+        elif typing.get_origin(tp) is list:
+            kwargs["nargs"] = "+"
+        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:  # before `*`: an argument
+            if param.default is not inspect.Parameter.empty:
+                kwargs |= {"nargs": "?", "default": param.default}
             parser.add_argument(param.name, metavar=param.name.upper(), **kwargs)
             continue
         flag = "--" + param.name.replace("_", "-")

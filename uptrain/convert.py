@@ -31,6 +31,7 @@ from uptrain.checkpoint import (
     TensorSpec,
     atomic_output_dir,
     dtype_name,
+    read_json_object,
     side_files,
 )
 from uptrain.errors import UptrainError
@@ -241,16 +242,8 @@ def plan_conversion(
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise UptrainError(f"no config.json in {folder}; SRC must be a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UptrainError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise UptrainError(f"{path} does not hold a JSON object")
-    return config
+    missing = f"no config.json in {folder}; SRC must be a Hugging Face checkpoint folder"
+    return read_json_object(Path(folder) / "config.json", missing)
 
 
 def converted_config(

@@ -60,10 +60,15 @@ def resolve_source(src: str, revision: str | None = None) -> Source:
         if revision is not None:
             raise UptrainError("--revision applies to Hub repo ids only; SRC is a local folder")
         return Source(path.resolve())
-    if not _REPO_ID.match(src) or src.startswith((".", "~")):
+    if not looks_like_repo_id(src):
         raise UptrainError(f"{src}: no such folder (and not a Hugging Face Hub repo id like org/name)")
     folder = _download(src, revision, SMALL_FILES)
     return Source(folder, repo_id=src, revision=revision, commit=folder.name)  # snapshots are named by commit
+
+
+def looks_like_repo_id(src: str) -> bool:
+    """'org/name' or 'name' (not a path that merely does not exist)."""
+    return bool(_REPO_ID.match(src)) and not src.startswith((".", "~"))
 
 
 def fetch_weights(source: Source, allow_pickle: bool = False) -> Source:

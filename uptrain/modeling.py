@@ -35,7 +35,8 @@ class RunModel:
     """N for 6·N·D: all parameters except an untied input embedding table."""
 
 
-def _config_of(where: str, revision: str | None = None) -> Any:
+def read_model_config(where: str, revision: str | None = None) -> Any:
+    """A transformers config from a folder, a config.json file or a Hub id, with clear errors."""
     from transformers import AutoConfig
 
     path = Path(where)
@@ -103,12 +104,12 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
         assert m.path is not None
         if Path(m.path).exists() and not (Path(m.path) / "config.json").is_file():
             raise UptrainError(f"model.path {m.path} has no config.json; is it a Hugging Face checkpoint folder?")
-        config, source = _config_of(m.path, m.revision), m.path
+        config, source = read_model_config(m.path, m.revision), m.path
     else:
         assert m.config is not None
         if not Path(m.config).exists():
             raise UptrainError(f"model.config {m.config} not found")
-        config, source = _config_of(m.config), None
+        config, source = read_model_config(m.config), None
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and cfg.data.seq_len > max_positions:
         raise UptrainError(
@@ -127,7 +128,7 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
         )
     if cfg.distill.teacher:
-        teacher_cfg = _config_of(cfg.distill.teacher)
+        teacher_cfg = read_model_config(cfg.distill.teacher)
         teacher_tok = _tokenizer(cfg.distill.teacher)
         if teacher_cfg.vocab_size != config.vocab_size or teacher_tok.get_vocab() != tokenizer.get_vocab():
             raise UptrainError(
@@ -217,4 +218,4 @@ def _save_dtype(cfg: TrainConfig) -> torch.dtype:
         return getattr(torch, cfg.model.save_dtype)
     if cfg.model.init == "scratch":
         return torch.float32
-    return _stored_dtype(cfg.model.path, _config_of(cfg.model.path or "", cfg.model.revision))
+    return _stored_dtype(cfg.model.path, read_model_config(cfg.model.path or "", cfg.model.revision))
