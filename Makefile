@@ -7,12 +7,17 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup test test-all demo bench lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-dev
 
+# the package alone (what `make demo` needs), then the dev tools on top (tests, lint)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -22,7 +27,7 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-demo: setup
+demo: $(VENV)/.installed
 	$(BIN)/python scripts/demo.py
 
 bench: setup

