@@ -150,14 +150,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup-steps", type=int, default=5, help="steps excluded from the timing")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; the best is kept")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     args = ap.parse_args()
     if args.steps % args.warmup_steps:
         sys.exit("--steps must be a multiple of --warmup-steps")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoConfig
+
+    from uptrain.budget import mfu
+    from uptrain.modeling import matmul_params
+
     with tempfile.TemporaryDirectory(prefix="uptrain-bench-train-") as tmp:
         work = Path(tmp)
         corpus = make_corpus(work / "data", docs=2000)
         model = make_model(work / "model", args)
+        params = matmul_params(AutoConfig.from_pretrained(model))
         results: dict[str, list[float]] = {"uptrain train": [], "transformers Trainer": []}
         for i in range(args.repeat):
             results["uptrain train"].append(run_uptrain(model, corpus, work, args, str(i)))
@@ -172,11 +179,13 @@ def main() -> None:
         f"{args.steps} steps ({args.steps - args.warmup_steps} timed); {device}"
     )
     best = {k: max(v) for k, v in results.items()}
-    print("| trainer | tokens/s (best) | all runs | vs Trainer |")
-    print("|---|---|---|---|")
+    # MFU on a GPU: 6·N FLOPs per token over the peak given by --peak-tflops (H100 SXM bf16 dense: 989)
+    print("| trainer | tokens/s (best) | all runs | vs Trainer | MFU |")
+    print("|---|---|---|---|---|")
     for name, value in best.items():
         runs = ", ".join(f"{v:,.0f}" for v in results[name])
-        print(f"| {name} | {value:,.0f} | {runs} | {value / best['transformers Trainer']:.2f} |")
+        util = f"{mfu(value, params, args.peak_tflops, 1):.1%}" if torch.cuda.is_available() else "-"
+        print(f"| {name} | {value:,.0f} | {runs} | {value / best['transformers Trainer']:.2f} | {util} |")
     print(f"\nratio uptrain / Trainer: {best['uptrain train'] / best['transformers Trainer']:.2f} (target >= 1.0)")
 
 

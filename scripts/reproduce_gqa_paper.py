@@ -32,14 +32,16 @@ from uptrain.demo import CONFIGS, Pipeline, run_in_process
 @dataclass
 class Reproduction:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Seeds of the uptraining runs (data order, and the random init)."""
+    """Seeds of the conversion-method runs (Fig. 4: data order, and the random init)."""
+    sweep_seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds of the alpha and G sweeps and of the continued MHA baseline (Figs. 5-6)."""
     methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])
     """Conversion methods compared in Fig. 4."""
     alphas: list[float] = field(default_factory=lambda: [0.01, 0.025, 0.05, 0.1])
     """Uptraining fractions of the source's pretraining tokens (alpha = 0 is always measured)."""
     scratch_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds of the from-scratch GQA baseline (a full pretraining each)."""
-    eval_max_tokens: int = 30000
+    eval_max_tokens: int = 20000
     """Held-out tokens each perplexity is measured on."""
     speed_prompt_tokens: int = 768
     """Prompt length for the decode-speed measurement (Fig. 6)."""
@@ -50,16 +52,18 @@ class Reproduction:
 
 
 class Experiment:
-    def __init__(self, cfg: Reproduction, pipeline: Pipeline) -> None:
-        self.cfg, self.p = cfg, pipeline
-        self.records: list[dict] = []
+    """Runs the ablations; every result is appended to `results` as it comes, and a rerun skips those."""
+
+    def __init__(self, cfg: Reproduction, pipeline: Pipeline, results: Path) -> None:
+        self.cfg, self.p, self.results = cfg, pipeline, results
+        self.records: list[dict] = json.loads(results.read_text())["records"] if results.is_file() else []
         self.run = pipeline.source_run()
         self.source = self.run / "model"
         self.tokens = pipeline.source_tokens(self.run)
         self.heads = json.loads((self.source / "config.json").read_text())["num_attention_heads"]
 
     def measure(self, model: Path, tag: str, speed: bool = False) -> dict:
-        args = ["--max-tokens", str(self.cfg.eval_max_tokens)]
+        args = ["--max-tokens", str(self.cfg.eval_max_tokens), "--window", "256", "--stride", "192"]
         if speed:
             args += ["--prompt-tokens", str(self.cfg.speed_prompt_tokens), "--new-tokens",
                      str(self.cfg.speed_new_tokens), "--decode-batch", str(self.cfg.speed_batch)]  # fmt: skip
@@ -72,16 +76,26 @@ class Experiment:
         if result.get("decode"):
             row["decode_tokens_per_s"] = result["decode"]["model"]["decode_tokens_per_s"]
             row["kv_bytes_per_token"] = result["kv_cache"]["model"]["bytes_per_token"]
-        self.records.append(row)
+        self.save(row)
         self.p.log(f"  -> {keys}: perplexity {row['perplexity']:.2f}, KL {row['kl']:.3f}")
+
+    def done(self, **keys) -> bool:
+        return any(all(r.get(k) == v for k, v in keys.items()) for r in self.records)
+
+    def save(self, row: dict) -> None:
+        self.records.append(row)
+        info = {"heads": self.heads, "source_tokens": self.tokens}
+        self.results.write_text(json.dumps({"info": info, "records": self.records}, indent=2))
 
     def convert_and_uptrain(self, g: int, method: str, alphas: list[float], seed: int) -> None:
         name = f"g{g}-{method}-s{seed}"
+        if all(self.done(g=g, method=method, alpha=a, seed=seed) for a in [0.0, *alphas]):
+            return
         converted = self.p.convert(self.source, name, g, method=method, seed=seed)
-        if not any(r for r in self.records if (r["g"], r["method"], r["alpha"], r["seed"]) == (g, method, 0.0, seed)):
+        if not self.done(g=g, method=method, alpha=0.0, seed=seed):
             self.record(self.measure(converted, f"{name}-a0"), g=g, method=method, alpha=0.0, seed=seed)
         for alpha in alphas:
-            if any(r for r in self.records if (r["g"], r["method"], r["alpha"], r["seed"]) == (g, method, alpha, seed)):
+            if self.done(g=g, method=method, alpha=alpha, seed=seed):
                 continue
             model = self.p.uptrain_model(converted, f"{name}-a{alpha}", self.tokens, alpha, seed)
             self.record(self.measure(model, f"{name}-a{alpha}"), g=g, method=method, alpha=alpha, seed=seed)
@@ -89,29 +103,36 @@ class Experiment:
     def all(self) -> None:
         cfg, h = self.cfg, self.heads
         gqa = h // 4
-        self.record(self.measure(self.source, "source", speed=True), g=h, method="source", alpha=0.0, seed=0)
+        if not self.done(method="source"):
+            self.record(self.measure(self.source, "source", speed=True), g=h, method="source", alpha=0.0, seed=0)
         for seed in cfg.seeds:  # Fig. 4
             for method in cfg.methods:
                 self.convert_and_uptrain(gqa, method, [0.05], seed)
-        for seed in cfg.seeds:  # Fig. 5
+        for seed in cfg.sweep_seeds:  # Fig. 5
             for g in (gqa, 1):
                 self.convert_and_uptrain(g, "mean", cfg.alphas, seed)
         for g in sorted({d for d in range(1, h) if h % d == 0} - {gqa, 1}):  # Fig. 6: the other G
-            for seed in cfg.seeds:
+            for seed in cfg.sweep_seeds:
                 self.convert_and_uptrain(g, "mean", [0.05], seed)
-        for seed in cfg.seeds:  # MHA continued for the same extra tokens
+        for seed in cfg.sweep_seeds:  # MHA continued for the same extra tokens
+            if self.done(method="continued", seed=seed):
+                continue
             model = self.p.uptrain_model(self.source, f"mha-continued-s{seed}", self.tokens, 0.05, seed)
             self.record(self.measure(model, f"mha-continued-s{seed}"), g=h, method="continued", alpha=0.05, seed=seed)
         for g in sorted({d for d in range(1, h + 1) if h % d == 0}):  # speed at a long context, one per G
+            if self.done(method="speed", g=g):
+                continue
             model = self.p.out / (
                 f"g{g}-mean-s0-a0.05-uptrained/model" if g < h else "mha-continued-s0-uptrained/model"
             )
             result = self.measure(model, f"speed-g{g}", speed=True)
-            self.records.append({"g": g, "method": "speed", "alpha": 0.05, "seed": 0,
+            self.save({"g": g, "method": "speed", "alpha": 0.05, "seed": 0,
                                  "decode_tokens_per_s": result["decode"]["model"]["decode_tokens_per_s"],
                                  "kv_bytes_per_token": result["kv_cache"]["model"]["bytes_per_token"]})  # fmt: skip
         total = round(self.tokens * 1.05)
         for seed in cfg.scratch_seeds:  # GQA from scratch on the same total tokens
+            if self.done(method="scratch", seed=seed):
+                continue
             arch = json.loads(self.p.architecture.read_text()) | {"num_key_value_heads": gqa}
             arch_path = self.p.out / f"scratch-gqa{gqa}.json"
             arch_path.write_text(json.dumps(arch))
@@ -163,11 +184,15 @@ def report(records: list[dict], heads: int, tokens: int, out: Path) -> str:
               f"| MHA continued (0.05) | {stats(pick(records, method='continued'))} | |"]  # fmt: skip
     lines += ["", "### Number of groups G (paper Fig. 6), after alpha = 0.05", "",
               "| G | KV bytes/token | decode tokens/s | perplexity |", "|---|---|---|---|"]  # fmt: skip
-    for g in sorted({r["g"] for r in records if r["method"] == "speed"}, reverse=True):
+    gs = {
+        r["g"] for r in records if r["method"] in ("speed", "continued") or (r["method"], r["alpha"]) == ("mean", 0.05)
+    }
+    for g in sorted(gs, reverse=True):
         speed = pick(records, "decode_tokens_per_s", g=g, method="speed")
         kv = pick(records, "kv_bytes_per_token", g=g, method="speed")
         ppl = pick(records, g=g, method="continued" if g == heads else "mean", alpha=0.05)
-        lines.append(f"| {g} | {kv[0]:,} | {speed[0]:,.0f} | {stats(ppl)} |")
+        cells = (f"{kv[0]:,}" if kv else "-", f"{speed[0]:,.0f}" if speed else "-")
+        lines.append(f"| {g} | {cells[0]} | {cells[1]} | {stats(ppl)} |")
     total = f"{round(tokens * 1.05):,}"
     lines += [
         "",
@@ -214,8 +239,9 @@ def plots(records: list[dict], heads: int, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     alphas = sorted({r["alpha"] for r in records if r["method"] == "mean"})
     for g, label in ((gqa, f"GQA-{gqa}"), (1, "MQA")):
-        ms = [mean_std(pick(records, g=g, method="mean", alpha=a)) for a in alphas]
-        ax.errorbar(alphas, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", label=label)
+        done = [a for a in alphas if pick(records, g=g, method="mean", alpha=a)]
+        ms = [mean_std(pick(records, g=g, method="mean", alpha=a)) for a in done]
+        ax.errorbar(done, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", label=label)
     ax.axhline(src, color="black", linestyle="--", label="MHA source")
     cont = pick(records, method="continued")
     if cont:
@@ -228,8 +254,11 @@ def plots(records: list[dict], heads: int, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "fig5_alpha.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     gs = sorted({r["g"] for r in records if r["method"] == "speed"})
+    if not gs:
+        plt.close("all")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
     speed = [pick(records, "decode_tokens_per_s", g=g, method="speed")[0] for g in gs]
     ax.plot(gs, [1000 / s for s in speed], marker="o", color="tab:blue")
     ax.set_xscale("log", base=2)
@@ -257,10 +286,9 @@ def main() -> None:
     results = args.out / "results.json"
     start = time.perf_counter()
     if not args.report_only:
-        exp = Experiment(cfg, Pipeline(out=args.out / "models", run=run_in_process))
+        exp = Experiment(cfg, Pipeline(out=args.out / "models", run=run_in_process), results)
         exp.all()
-        info = {"heads": exp.heads, "source_tokens": exp.tokens, "seconds": time.perf_counter() - start}
-        results.write_text(json.dumps({"info": info, "records": exp.records}, indent=2))
+        print(f"ran in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     data = json.loads(results.read_text())
     text = report(data["records"], data["info"]["heads"], data["info"]["source_tokens"], args.out)
     (args.out / "results.md").write_text(text + "\n")

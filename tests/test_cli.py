@@ -30,7 +30,8 @@ def test_help_lists_commands(run_cli) -> None:
     "option",
     [
         "--num-kv-heads",
-        "--method {mean,first,random}",
+        "--method {mean,first,random,svd}",
+        "--grouping {contiguous,similarity}",
         "--dtype {auto,bfloat16,float16,float32}",
         "--max-shard-size",
         "--overwrite",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from uptrain.errors import UptrainError
 
 QKVLayout = Literal["separate", "stacked"]
+RotaryPairs = Literal["half", "interleaved"]
 NormLayout = Literal["shared", "flat", "rows", "modules"]
 
 
@@ -42,6 +43,9 @@ class Architecture:
     projection. 'rows': (KV, head_dim). 'modules': one (head_dim,) module per KV head."""
     kv_heads_field: str = "num_key_value_heads"
     """config.json field holding the KV-head count (aliases come from the config class)."""
+    rotary_pairs: RotaryPairs = "half"
+    """Dims the rotary embedding turns together: 'half' (j, j + rotary_dim/2), transformers'
+    rotate_half; 'interleaved' (2j, 2j+1)."""
 
     def module(self, name: str, layer: int, head: int | None = None) -> str:
         """Full tensor-name prefix of an attention sub-module, e.g. `model.layers.3.self_attn.k_proj`."""
@@ -64,7 +68,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _SHARED_QK_NORM,
     "gemma3_text": _SHARED_QK_NORM,
     "olmo2": Architecture(k_norm="k_norm", k_norm_layout="flat"),
-    "cohere": Architecture(k_norm="k_norm", k_norm_layout="rows"),
+    "cohere": Architecture(k_norm="k_norm", k_norm_layout="rows", rotary_pairs="interleaved"),
     "stablelm": Architecture(k_norm="k_layernorm.norms.{head}", k_norm_layout="modules"),
     "phi": Architecture(o_proj="dense", k_norm="k_layernorm", k_norm_layout="shared"),
     "phi3": Architecture(qkv_proj="qkv_proj", qkv_layout="stacked"),
@@ -129,8 +133,12 @@ class AttentionShape:
     kv_heads: int
     """Key/value heads per layer (H for MHA, 1 for MQA)."""
     head_dim: int
+    rotary_dim: int = 0
+    """Leading dims of each head turned by the rotary embedding (head_dim unless partial; 0 = head_dim)."""
 
     def __post_init__(self) -> None:
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
         for name in ("layers", "hidden_size", "heads", "kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise UptrainError(f"config.json gives {name}={getattr(self, name)}; expected a positive integer")
@@ -195,6 +203,8 @@ def attention_shape(config: dict[str, Any], arch: Architecture) -> AttentionShap
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, arch.kv_heads_field, None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0
     return AttentionShape(
         model_type=cfg.model_type,
         layers=cfg.num_hidden_layers,
@@ -202,6 +212,7 @@ def attention_shape(config: dict[str, Any], arch: Architecture) -> AttentionShap
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
+        rotary_dim=int(head_dim * factor) // 2 * 2,
     )
 
 

@@ -35,8 +35,18 @@ from uptrain.checkpoint import (
     side_files,
 )
 from uptrain.errors import UptrainError
+from uptrain.fold import (
+    Geometry,
+    augment,
+    identity_sigma,
+    merge_k,
+    merge_v,
+    permute_rows,
+    query_order,
+    similarity_order,
+)
 from uptrain.hub import fetch_weights, resolve_source
-from uptrain.merge import METHODS, Method, Role, merge_heads, tensor_seed
+from uptrain.merge import GROUPINGS, METHODS, Grouping, Method, Role, merge_heads, tensor_seed
 from uptrain.units import format_bytes, format_count, parse_size
 
 REPORT = "uptrain_conversion.json"
@@ -52,10 +62,14 @@ class Step:
     spec: TensorSpec
     sources: tuple[str, ...]
     op: Op | None = None
+    job: Callable[[CheckpointReader], torch.Tensor] | None = None
+    """Computes the tensor together with the rest of its layer (joint merges); overrides op."""
 
     def chunks(self, reader: CheckpointReader) -> Iterator[torch.Tensor]:
         """The output tensor in row pieces: copies stream through in chunks, merges come whole."""
-        if self.op is None:
+        if self.job is not None:
+            yield self.job(reader).to(self.spec.dtype)
+        elif self.op is None:
             for piece in reader.read_chunks(self.sources[0]):
                 yield piece.to(self.spec.dtype)
         else:
@@ -84,6 +98,70 @@ def _merge_modules(ts: list[torch.Tensor], method: Method) -> torch.Tensor:
     return merge_heads(torch.stack(ts), 1, method, "norm")[0]
 
 
+class _LayerJob:
+    """One layer's attention tensors merged jointly (`svd`, or any method with similarity grouping):
+    computed once when the first of them is written, handed out one by one, then dropped."""
+
+    def __init__(self, planner: _Planner, layer: int, names: dict[str, str], fold_k: bool) -> None:
+        self.p, self.layer, self.names, self.fold_k = planner, layer, names, fold_k
+        self.out: dict[str, torch.Tensor] | None = None
+
+    def tensor(self, name: str) -> Callable[[CheckpointReader], torch.Tensor]:
+        def get(reader: CheckpointReader) -> torch.Tensor:
+            if self.out is None:
+                self.out = self.compute(reader)
+            return self.out.pop(name)
+
+        return get
+
+    def compute(self, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+        p, s, n = self.p, self.p.shape, self.names
+        d, hidden = s.head_dim, s.hidden_size
+        read = {key: reader.read(name).float() for key, name in n.items()}
+        if "qkv" in read:  # fused rows [Q; K; V]
+            q_w, k_w, v_w = read["qkv"].split([s.heads * d, s.kv_heads * d, s.kv_heads * d])
+            q_b, k_b, v_b = read["qkv_b"].split(q_w.shape[0:1] + k_w.shape[0:1] * 2) if "qkv_b" in read else (None,) * 3
+        else:
+            q_w, k_w, v_w = read["q"], read["k"], read["v"]
+            q_b, k_b, v_b = read.get("q_b"), read.get("k_b"), read.get("v_b")
+        q, k, v, o = augment(q_w, q_b), augment(k_w, k_b), augment(v_w, v_b), read["o"]
+        geo = Geometry(s.heads, s.kv_heads, p.groups, d, s.rotary_dim, p.arch.rotary_pairs)
+        sigma = p.sigma[self.layer] if p.sigma is not None else identity_sigma(hidden)
+        order = list(range(s.kv_heads))
+        if p.grouping == "similarity":
+            order = similarity_order(k, v, geo, sigma)
+            qo = query_order(order, geo.t)
+            k, v, q = permute_rows(k, order, d), permute_rows(v, order, d), permute_rows(q, qo, d)
+            o = permute_rows(o.T, qo, d).T
+        if p.method == "svd":
+            k, q, k_err, k_mean = merge_k(k, q, geo, sigma, "svd" if self.fold_k else "mean")
+            v, o, v_err, v_mean = merge_v(v, o, geo, sigma, "svd")
+        else:
+            _, _, k_err, k_mean = merge_k(k, q, geo, sigma, "mean")
+            _, _, v_err, v_mean = merge_v(v, o, geo, sigma, "mean")
+            k_name, v_name = n.get("k", n.get("qkv", "")), n.get("v", n.get("qkv", "")) + ":v"
+            k = _merge_rows([k], s.kv_heads, p.groups, p.method, "weight", tensor_seed(p.seed, k_name))
+            v = _merge_rows([v], s.kv_heads, p.groups, p.method, "weight", tensor_seed(p.seed, v_name))
+            if p.method == "random":  # fresh weights, zero biases
+                k[:, -1], v[:, -1] = 0.0, 0.0
+            if p.method != "mean":
+                k_err = v_err = None  # only mean pooling's error is reported for first/random
+        p.errors[self.layer] = {
+            "groups": [order[g * geo.r : (g + 1) * geo.r] for g in range(p.groups)],
+            "k": {"error": k_err, "mean_pooling_error": k_mean, "folded": self.fold_k and p.method == "svd"},
+            "v": {"error": v_err, "mean_pooling_error": v_mean},
+        }
+        out = {"o": o}
+        if "qkv" in read:
+            out["qkv"] = torch.cat([q[:, :-1], k[:, :-1], v[:, :-1]])
+            if "qkv_b" in read:
+                out["qkv_b"] = torch.cat([q[:, -1], k[:, -1], v[:, -1]])
+        else:
+            out |= {"q": q[:, :-1], "k": k[:, :-1], "v": v[:, :-1]}
+            out |= {f"{key}_b": t[:, -1] for key, t in (("q", q), ("k", k), ("v", v)) if f"{key}_b" in read}
+        return {n[key]: t for key, t in out.items()}
+
+
 class _Planner:
     """Collects the steps for the attention tensors of every layer, checking shapes as it goes."""
 
@@ -95,11 +173,15 @@ class _Planner:
         groups: int,
         method: Method,
         seed: int,
+        grouping: Grouping = "contiguous",
+        sigma: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.reader, self.arch, self.shape = reader, arch, shape
         self.groups, self.method, self.seed = groups, method, seed
+        self.grouping, self.sigma = grouping, sigma
         self.replaced: dict[str, list[Step]] = {}  # source name -> the output steps standing in its place
         self.dropped: set[str] = set()
+        self.errors: dict[int, dict[str, Any]] = {}  # per layer, filled in as layers are merged
 
     def tensor(self, name: str, required: bool = False) -> TensorInfo | None:
         info = self.reader.tensors.get(name)
@@ -123,9 +205,54 @@ class _Planner:
         out = TensorSpec(info.name, info.dtype, (rows, *info.shape[1:]))
         self.replaced[info.name] = [Step(out, (info.name,), op)]
 
+    def joint_layer(self, i: int) -> None:
+        """Register one _LayerJob for the layer's q/k/v/o tensors (and biases)."""
+        a, s, g = self.arch, self.shape, self.groups
+        d = s.head_dim
+        k_norm = a.k_norm is not None and any(
+            name.startswith(a.module(a.k_norm.split(".{head}")[0], i)) for name in self.reader.tensors
+        )
+        if k_norm and self.grouping == "similarity" and a.k_norm_layout != "shared":
+            raise UptrainError(
+                f"--grouping similarity cannot reorder the per-head query/key norms of {s.model_type}; "
+                "use --grouping contiguous"
+            )
+        if a.qkv_layout == "separate":
+            fused = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj}
+            rows = {"q": s.heads * d, "k": s.kv_heads * d, "v": s.kv_heads * d}
+            out_rows = {"q": s.heads * d, "k": g * d, "v": g * d}
+        else:
+            fused = {"qkv": a.qkv_proj}  # type: ignore[dict-item]
+            rows = {"qkv": (s.heads + 2 * s.kv_heads) * d}
+            out_rows = {"qkv": (s.heads + 2 * g) * d}
+        names: dict[str, str] = {}
+        infos: dict[str, TensorInfo] = {}
+        for key, proj in fused.items():
+            for suffix, tag in (("weight", key), ("bias", f"{key}_b")):
+                info = self.tensor(f"{a.module(proj, i)}.{suffix}", required=suffix == "weight")
+                if info is not None:
+                    self.check_rows(info, rows[key], f"{key} rows")
+                    names[tag], infos[tag] = info.name, info
+        o = self.tensor(f"{a.module(a.o_proj, i)}.weight", required=True)
+        assert o is not None
+        if o.shape != (s.hidden_size, s.heads * d):
+            raise UptrainError(
+                f"tensor {o.name} has shape {list(o.shape)} but config.json implies {[s.hidden_size, s.heads * d]}"
+            )
+        names["o"], infos["o"] = o.name, o
+        job = _LayerJob(self, i, names, fold_k=not k_norm)
+        for tag, info in infos.items():
+            key = tag.removesuffix("_b")
+            shape = info.shape if key == "o" else (out_rows[key], *info.shape[1:])
+            self.replaced[info.name] = [Step(TensorSpec(info.name, info.dtype, shape), (), job=job.tensor(info.name))]
+        if a.k_norm is not None and a.k_norm_layout != "shared":
+            self.k_norm(i)
+
     def layer(self, i: int) -> None:
         a, s, g = self.arch, self.shape, self.groups
         d = s.head_dim
+        if self.method == "svd" or self.grouping == "similarity":
+            return self.joint_layer(i)
         if a.qkv_layout == "separate":
             q = self.tensor(f"{a.module(a.q_proj, i)}.weight")
             if q is not None:
@@ -179,7 +306,8 @@ class _Planner:
                 per = s.kv_heads // g
                 for j in range(g):
                     out = TensorSpec(names[j], infos[j].dtype, (d,))  # type: ignore[union-attr]
-                    step = Step(out, tuple(names[j * per : (j + 1) * per]), partial(_merge_modules, method=self.method))
+                    op = partial(_merge_modules, method=self.norm_method)
+                    step = Step(out, tuple(names[j * per : (j + 1) * per]), op)
                     self.replaced[names[j]] = [step]
                 self.dropped.update(names[g:])
             else:
@@ -188,9 +316,14 @@ class _Planner:
                     continue
                 flat = a.k_norm_layout == "flat"
                 self.check_norm(info, (s.kv_heads * d,) if flat else (s.kv_heads, d))
-                op = partial(_merge_rows, heads=s.kv_heads, groups=g, method=self.method, role="norm", seed=0)
+                op = partial(_merge_rows, heads=s.kv_heads, groups=g, method=self.norm_method, role="norm", seed=0)
                 out = TensorSpec(info.name, info.dtype, (g * d,) if flat else (g, d))
                 self.replaced[info.name] = [Step(out, (info.name,), op)]
+
+    @property
+    def norm_method(self) -> Method:
+        """Key norms are not projections: they are pooled (mean) whenever heads are merged jointly."""
+        return "mean" if self.method == "svd" else self.method
 
     def check_norm(self, info: TensorInfo, expected: tuple[int, ...]) -> None:
         if info.shape != expected:
@@ -220,11 +353,17 @@ def plan_conversion(
     method: Method = "mean",
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    grouping: Grouping = "contiguous",
+    sigma: dict[int, torch.Tensor] | None = None,
+    errors: dict[int, dict[str, Any]] | None = None,
 ) -> list[Step]:
     """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
-    Reads headers only; raises UptrainError on any mismatch with the config."""
+    Reads headers only; raises UptrainError on any mismatch with the config. Joint merges
+    (svd, similarity grouping) fill `errors` per layer as the tensors are computed."""
     shape.check_target(num_kv_heads)
-    planner = _Planner(reader, arch, shape, num_kv_heads, method, seed)
+    planner = _Planner(reader, arch, shape, num_kv_heads, method, seed, grouping, sigma)
+    if errors is not None:
+        planner.errors = errors
     planner.check_no_extra_layers()
     for layer in range(shape.layers):
         planner.layer(layer)
@@ -275,6 +414,9 @@ def convert(
     *,
     num_kv_heads: int,
     method: Method = "mean",
+    grouping: Grouping = "contiguous",
+    calibration: str | None = None,
+    calibration_tokens: int = 65536,
     dtype: DtypeOption = "auto",
     max_shard_size: str = "5GB",
     overwrite: bool = False,
@@ -299,7 +441,15 @@ def convert(
         num_kv_heads: G, the number of key/value heads to keep; must divide the source's
             KV-head count and be smaller (1 = MQA). `uptrain inspect SRC` lists valid values.
         method: How each group's heads become one: mean (average, the paper's default), first
-            (the group's first head), random (fresh init with the source weights' std; seeded).
+            (the group's first head), random (fresh init with the source weights' std; seeded),
+            svd (least-squares shared heads with per-head maps folded exactly into the query and
+            output projections; docs/merging.md).
+        grouping: Which source heads share a KV head: contiguous (the ones repeat_kv pairs
+            today) or similarity (similar heads together; query and output heads are permuted
+            to match, which changes no output by itself).
+        calibration: Text files (txt/jsonl/parquet, globs allowed) to weight the merge by the
+            layer inputs the source model sees; without it every input direction counts alike.
+        calibration_tokens: Tokens of --calibration text to run through the source model.
         dtype: Cast floating-point tensors on the way (auto keeps each tensor's dtype).
         max_shard_size: Largest output shard, e.g. 5GB, 500MB, 2GiB.
         overwrite: Replace OUT if it exists (only once the new checkpoint is complete).
@@ -312,6 +462,8 @@ def convert(
     started = time.perf_counter()
     if method not in METHODS:
         raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if grouping not in GROUPINGS:
+        raise UptrainError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if dtype not in typing.get_args(DtypeOption):
         raise UptrainError(f"unknown dtype {dtype!r}; choose from {', '.join(typing.get_args(DtypeOption))}")
     shard_cap = parse_size(max_shard_size)
@@ -329,7 +481,14 @@ def convert(
     shape.check_target(num_kv_heads)
     source = fetch_weights(source, allow_pickle)
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
-    steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype)
+    errors: dict[int, dict[str, Any]] = {}
+    steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, None, errors)
+    sigma = None
+    if calibration is not None:
+        from uptrain.calibrate import input_covariance
+
+        sigma = input_covariance(source.path, arch, shape, calibration, calibration_tokens, quiet)
+        steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, sigma, errors)
     by_name = {s.spec.name: s for s in steps}
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
@@ -339,13 +498,15 @@ def convert(
         "source": source.describe(),
         "model_type": shape.model_type,
         "method": method,
+        "grouping": grouping,
+        "calibration": None if calibration is None else {"files": calibration, "tokens": calibration_tokens},
         "seed": seed,
         "num_attention_heads": shape.heads,
         "source_num_kv_heads": shape.kv_heads,
         "num_kv_heads": num_kv_heads,
         "head_dim": shape.head_dim,
         "num_layers": shape.layers,
-        "group_map": shape.group_map(num_kv_heads),
+        "group_map": shape.group_map(num_kv_heads) if grouping == "contiguous" else "per layer: merge_errors[].groups",
         "dtype": dtype_name(_kv_dtype(reader, arch, target_dtype)),
         "parameters": {"before": reader.num_parameters, "after": sum(s.spec.numel for s in steps)},
         "kv_cache_bytes_per_token": {
@@ -374,6 +535,8 @@ def convert(
         if (source.path / REPORT).is_file():
             report["previous"] = json.loads((source.path / REPORT).read_text())
         report["shards"] = len([f for f in files if f.endswith(".safetensors")])
+        if errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
+            report["merge_errors"] = [{"layer": i, **errors[i]} for i in sorted(errors)]
         report["seconds"] = round(time.perf_counter() - started, 3)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if not quiet:

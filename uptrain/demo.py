@@ -14,6 +14,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,9 @@ class Pipeline:
     def uptrain_cmd(self, *args: Any) -> None:
         args_ = [str(a) for a in args]
         self.log(f"\n$ uptrain {shlex.join(args_)}")
+        start = time.perf_counter()
         self.run(args_)
+        self.log(f"({time.perf_counter() - start:.0f} s)")
 
     # --- the source -------------------------------------------------------------------------
 
@@ -110,10 +113,12 @@ class Pipeline:
 
     # --- conversion, uptraining, evaluation ---------------------------------------------------
 
-    def convert(self, source: Path, name: str, g: int, method: str = "mean", seed: int = 0) -> Path:
+    def convert(
+        self, source: Path, name: str, g: int, method: str = "mean", seed: int = 0, extra: list[str] | None = None
+    ) -> Path:
         out = self.out / f"{name}-converted"
         self.uptrain_cmd("convert", source, out, "--num-kv-heads", g, "--method", method, "--seed", seed,
-                         "--overwrite", "--quiet")  # fmt: skip
+                         "--overwrite", "--quiet", *(extra or []))  # fmt: skip
         return out
 
     def uptrain_model(self, model: Path, name: str, original_tokens: int, fraction: float = 0.05, seed: int = 0,

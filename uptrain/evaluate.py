@@ -170,37 +170,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _greedy(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any, step: Any) -> tuple[Any, float, float]:
+    """Prefill, then new_tokens - 1 greedy decode steps; returns the cache and both times (seconds).
+    A plain loop, not `generate`: no per-step host syncs, so the time is the model's."""
+    device, prompt = ids.device, ids.shape[1]
+    if cache is not None:
+        cache.reset()  # a static cache is reused (its tensors are the CUDA graphs' inputs)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=device),
+                logits_to_keep=1)  # fmt: skip
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    for i in range(new_tokens - 1):
+        pos = torch.tensor([prompt + i], device=device)
+        nxt = step(nxt, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
+    _sync(device)
+    return cache, prefill, time.perf_counter() - start - prefill
+
+
 @torch.no_grad()
-def generation(model: Any, prompt_tokens: int, new_tokens: int, batch: int) -> tuple[KVCache, Decode]:
-    """Generate after a random prompt: measure the cache it holds, and the decode speed."""
+def generation(
+    model: Any, prompt_tokens: int, new_tokens: int, batch: int, static: bool = False
+) -> tuple[KVCache, Decode]:
+    """Decode greedily after a random prompt: measure the cache it holds, and the decode speed.
+
+    static: a preallocated StaticCache and the decode step compiled with CUDA graphs, as a serving
+    stack runs it (on a GPU; the first, warm-up pass compiles)."""
     device = next(model.parameters()).device
     cfg = model.config
     ids = torch.randint(4, cfg.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=cfg.eos_token_id or 0)
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    _sync(device)
-    prefill = time.perf_counter() - start
+    if static:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=cfg, max_cache_len=prompt_tokens + new_tokens)
+        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        _greedy(model, ids, new_tokens, cache, step)  # warm-up: compile, record the graphs
+    else:
+        cache, step = None, model.forward
+        _greedy(model, ids, 2, None, step)  # warm-up
     _reset_peak(device)
-    start = time.perf_counter()
-    out = model.generate(
-        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, return_dict_in_generate=True, **kwargs
-    )
-    _sync(device)
-    total = time.perf_counter() - start
+    cache, prefill, decode_time = _greedy(model, ids, new_tokens, cache, step)
     peak, kind = _peak(device)
-    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     spec = model_from_config(cfg, "eval", params=1)
-    cached = prompt_tokens + new_tokens - 1  # the last generated token is not fed back
+    cached = prompt_tokens + new_tokens - (0 if static else 1)  # the last generated token is not fed back
     itemsize = model.dtype.itemsize
     formula = spec.kv_bytes(spec.kv_heads, cached, batch, itemsize)
     kv = KVCache(spec.kv_bytes_per_token(itemsize=itemsize), batch, cached, formula, measured, formula == measured)
-    decode_time = max(total - prefill, 1e-9)
-    decode = Decode(prompt_tokens, new_tokens, batch, prefill, batch * (new_tokens - 1) / decode_time, peak, kind)
-    return kv, decode
+    speed = batch * (new_tokens - 1) / max(decode_time, 1e-9)
+    return kv, Decode(prompt_tokens, new_tokens, batch, prefill, speed, peak, kind)
 
 
 # --- lm-evaluation-harness -----------------------------------------------------------------------
@@ -314,6 +335,8 @@ def evaluate(
         return {"compare": compare}
     if model is None:
         raise UptrainError("give MODEL to evaluate (or --compare A.json B.json ...)")
+    if not no_speed and (new_tokens < 2 or prompt_tokens < 1):
+        raise UptrainError("decode speed needs --prompt-tokens >= 1 and --new-tokens >= 2 (or pass --no-speed)")
     data_cfg, run = _data_config(config, overrides or [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, tokenizer = load_model(model, dtype, device)
@@ -324,7 +347,7 @@ def evaluate(
             raise UptrainError(
                 f"{model} and {reference} use different tokenizers; KL and agreement need the same vocabulary"
             )
-    result = EvalResult(SCHEMA_VERSION, __version__, _device_name(device), model_info(model, net))
+    result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net))
     if ref is not None:
         result.reference = model_info(reference or "", ref)
     if data_cfg is not None:
@@ -371,7 +394,7 @@ def _windows(
     return windows, DataInfo(source, "strided", tokens, len(windows), window, stride)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import os

@@ -12,9 +12,11 @@ from typing import Literal
 
 import torch
 
-Method = Literal["mean", "first", "random"]
+Method = Literal["mean", "first", "random", "svd"]
 Role = Literal["weight", "bias", "norm"]
-METHODS: tuple[str, ...] = ("mean", "first", "random")
+METHODS: tuple[str, ...] = ("mean", "first", "random", "svd")
+Grouping = Literal["contiguous", "similarity"]
+GROUPINGS: tuple[str, ...] = ("contiguous", "similarity")
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -39,6 +41,7 @@ def merge_heads(
     - first: the first head of each group.
     - random: fresh N(0, std²) weights (std of the source tensor unless given), zero biases;
       norm weights, which are not projections, are averaged as with `mean`.
+    (`svd` merges a layer's heads jointly with its queries and outputs: see uptrain/fold.py.)
     """
     kv = heads.shape[0]
     if kv % num_groups:

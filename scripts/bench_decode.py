@@ -1,0 +1,109 @@
+"""Benchmark decode speed and KV cache of MHA against the GQA / MQA models `uptrain convert` makes.
+
+A Llama-shaped MHA checkpoint with random weights is saved, converted by uptrain to each number of
+KV heads G, and each model generates after the same long prompt; decode tokens/s (prefill excluded),
+the KV cache transformers holds, and peak memory are measured in this run and printed as a table
+with ratios against MHA. Random weights decode as fast as trained ones: speed depends on shapes only.
+
+    python scripts/bench_decode.py                                    # CPU-sized (a minute here)
+    python scripts/bench_decode.py --preset llama2-7b --prompt 4096 --batch 16 --cache dynamic static  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PRESETS = {  # hidden, layers, heads, intermediate, vocab
+    "tiny": (256, 4, 8, 688, 4096),
+    "llama2-7b": (4096, 32, 32, 11008, 32000),
+    "llama2-1b": (2048, 16, 32, 5504, 32000),
+}
+
+
+def make_source(folder: Path, preset: str, max_len: int, dtype: str) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    hidden, layers, heads, inter, vocab = PRESETS[preset]
+    cfg = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max_len, eos_token_id=2,
+    )  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 7B weights on a CPU takes minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the MHA model's shape")
+    ap.add_argument("--groups", type=int, nargs="+", help="KV heads to compare (default: H/4, H/8 and 1)")
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens before decoding")
+    ap.add_argument("--new", type=int, default=64, help="tokens decoded")
+    ap.add_argument("--batch", type=int, default=8, help="sequences decoded together")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
+    ap.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
+    ap.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic"],
+                    help="dynamic: transformers' default cache, eager steps; static: preallocated cache and CUDA "
+                    "graphs (torch.compile), as a serving stack decodes (GPU)")  # fmt: skip
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.convert import convert
+    from uptrain.evaluate import device_name, generation
+    from uptrain.units import format_bytes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    heads = PRESETS[args.preset][2]
+    groups = args.groups or sorted({heads, heads // 4, heads // 8, 1}, reverse=True)
+    groups = [heads, *[g for g in groups if g != heads]]  # MHA first: the baseline
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="uptrain-bench-decode-") as tmp:
+        source = make_source(Path(tmp) / "mha", args.preset, args.prompt + args.new, dtype)
+        for g in groups:
+            path = source if g == heads else Path(tmp) / f"g{g}"
+            if g != heads:
+                convert(str(source), str(path), num_kv_heads=g, quiet=True)
+            for attn in args.attn:
+                for mode in args.cache:
+                    model = AutoModelForCausalLM.from_pretrained(
+                        path, dtype=getattr(torch, dtype), attn_implementation=attn
+                    )
+                    model.to(device).eval()
+                    kv, dec = generation(model, args.prompt, args.new, args.batch, static=mode == "static")
+                    rows.append((g, f"{attn}, {mode}", kv, dec))
+                    print(f"  G={g} {attn} {mode}: {dec.decode_tokens_per_s:,.0f} tok/s", file=sys.stderr, flush=True)
+                    del model
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    torch.compiler.reset()  # each model compiles afresh
+    hidden, layers, *_ = PRESETS[args.preset]
+    print(
+        f"\n{args.preset} shape (hidden {hidden}, {layers} layers, {heads} heads), {dtype}, batch {args.batch}, "
+        f"prompt {args.prompt}, {args.new} new tokens; {device_name(device)}"
+    )
+    print("| KV heads | attention, cache | KV bytes/token | KV cache held | peak memory | decode tok/s | vs MHA |")
+    print("|---|---|---|---|---|---|---|")
+    base = {attn: dec.decode_tokens_per_s for g, attn, _, dec in rows if g == heads}
+    for g, attn, kv, dec in rows:
+        peak = "-" if dec.peak_memory_bytes is None else format_bytes(dec.peak_memory_bytes, binary=True)
+        print(
+            f"| {g}{' (MHA)' if g == heads else ' (MQA)' if g == 1 else ''} | {attn} | {kv.bytes_per_token:,} "
+            f"| {format_bytes(kv.measured_bytes, binary=True)} | {peak} | {dec.decode_tokens_per_s:,.0f} "
+            f"| {dec.decode_tokens_per_s / base[attn]:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
