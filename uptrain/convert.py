@@ -120,7 +120,7 @@ class _LayerJob:
         read = {key: reader.read(name).float() for key, name in n.items()}
         if "qkv" in read:  # fused rows [Q; K; V]
             q_w, k_w, v_w = read["qkv"].split([s.heads * d, s.kv_heads * d, s.kv_heads * d])
-            q_b, k_b, v_b = read["qkv_b"].split(q_w.shape[0:1] + k_w.shape[0:1] * 2) if "qkv_b" in read else (None,) * 3
+            q_b, k_b, v_b = read["qkv_b"].split([len(q_w), len(k_w), len(v_w)]) if "qkv_b" in read else (None,) * 3
         else:
             q_w, k_w, v_w = read["q"], read["k"], read["v"]
             q_b, k_b, v_b = read.get("q_b"), read.get("k_b"), read.get("v_b")

@@ -110,6 +110,19 @@ def query_order(order: list[int], t: int) -> list[int]:
     return [kv * t + j for kv in order for j in range(t)]
 
 
+def _best_rank(cat: torch.Tensor, sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best Σ-weighted rank-k approximation cat ≈ u (uᵀ cat) of stacked head rows (r·k, hidden+1):
+    u (r·k, k) the top-k eigenvectors of cat Σ catᵀ, the shared head uᵀ cat, and the error left."""
+    vals, vecs = torch.linalg.eigh((cat @ sigma @ cat.T).double())
+    u = vecs[:, -k:].flip(1).float()
+    return u, u.T @ cat, float((vals.sum() - vals[-k:].sum()).clamp_min(0))
+
+
+def _readers(kv_head: int, t: int) -> range:
+    """The query heads that read a source KV head (repeat_kv)."""
+    return range(kv_head * t, (kv_head + 1) * t)
+
+
 # --- V side --------------------------------------------------------------------------------------
 
 
@@ -131,19 +144,16 @@ def merge_v(
         mean_err += float(_energy((w - mean).flatten(0, 1), sigma))
         if method != "svd":
             shared.append(mean)
-            err = mean_err
             continue
-        cat = w.flatten(0, 1)  # (r·d, hidden+1)
-        gram = cat @ sigma @ cat.T
-        vals, vecs = torch.linalg.eigh(gram.double())
-        u = vecs[:, -d:].flip(1).float()  # (r·d, d), top-d eigenvectors
-        shared.append(u.T @ cat)
-        err += float((vals.sum() - vals[-d:].sum()).clamp_min(0))
+        u, head, e = _best_rank(w.flatten(0, 1), sigma, d)  # u: (r·d, d)
+        shared.append(head)
+        err += e
         for i in range(r):
             m = u[i * d : (i + 1) * d]  # (d, d): head i ≈ m @ shared
-            src = grp * r + i
-            for q in range(src * t, (src + 1) * t):
+            for q in _readers(grp * r + i, t):
                 o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ m
+    if method != "svd":
+        err = mean_err
     return torch.cat(shared), o_new, err / total, mean_err / total
 
 
@@ -185,20 +195,17 @@ def merge_k(
             err += float((vals.real.sum() - vals.real[-1]).clamp_min(0))
             for i in range(r):
                 cr, ci = float(u[i].real), float(u[i].imag)
-                for qi in range((grp * r + i) * t, (grp * r + i + 1) * t):
+                for qi in _readers(grp * r + i, t):
                     a, b = qh[qi, re[p]].clone(), qh[qi, im[p]].clone()
                     qh[qi, re[p]], qh[qi, im[p]] = cr * a + ci * b, cr * b - ci * a
         # dims the rotary embedding leaves alone: a full map, folded into the queries as with V
         if len(rest):
             dr = len(rest)
-            cat = w[:, rest].flatten(0, 1)  # (r·d', hidden+1)
-            vals, vecs = torch.linalg.eigh((cat @ sigma @ cat.T).double())
-            u = vecs[:, -dr:].flip(1).float()
-            new[rest] = u.T @ cat
-            err += float((vals.sum() - vals[-dr:].sum()).clamp_min(0))
+            u, new[rest], e = _best_rank(w[:, rest].flatten(0, 1), sigma, dr)  # u: (r·d', d')
+            err += e
             for i in range(r):
                 m = u[i * dr : (i + 1) * dr]  # (d', d'): head i ≈ m @ shared
-                for qi in range((grp * r + i) * t, (grp * r + i + 1) * t):
+                for qi in _readers(grp * r + i, t):
                     qh[qi, rest] = m.T @ qh[qi, rest]
         shared.append(new)
     if method != "svd":
