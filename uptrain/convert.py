@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +50,7 @@ from uptrain.merge import GROUPINGS, METHODS, Grouping, Method, Role, merge_head
 from uptrain.units import format_bytes, format_count, parse_size
 
 REPORT = "uptrain_conversion.json"
+CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
 DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Op = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -174,7 +175,7 @@ class _Planner:
         method: Method,
         seed: int,
         grouping: Grouping = "contiguous",
-        sigma: dict[int, torch.Tensor] | None = None,
+        sigma: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         self.reader, self.arch, self.shape = reader, arch, shape
         self.groups, self.method, self.seed = groups, method, seed
@@ -354,7 +355,7 @@ def plan_conversion(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     grouping: Grouping = "contiguous",
-    sigma: dict[int, torch.Tensor] | None = None,
+    sigma: Mapping[int, torch.Tensor] | None = None,
     errors: dict[int, dict[str, Any]] | None = None,
 ) -> list[Step]:
     """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
@@ -483,13 +484,10 @@ def convert(
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
     errors: dict[int, dict[str, Any]] = {}
     steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, None, errors)
-    sigma = None
     if calibration is not None:
-        from uptrain.calibrate import input_covariance
+        from uptrain.data import expand_files
 
-        sigma = input_covariance(source.path, arch, shape, calibration, calibration_tokens, quiet)
-        steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, sigma, errors)
-    by_name = {s.spec.name: s for s in steps}
+        expand_files([calibration])  # a missing file fails before anything is written
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
     kv_after = _kv_dtype(reader, arch, target_dtype).itemsize
@@ -517,6 +515,14 @@ def convert(
     from tqdm.auto import tqdm
 
     with atomic_output_dir(out_path, overwrite) as tmp:
+        if calibration is not None:  # Σ per layer lives on disk beside the output until the merge is written
+            from uptrain.calibrate import input_covariance
+
+            sigma = input_covariance(reader, arch, shape, calibration, calibration_tokens, tmp / CALIBRATION, quiet)
+            steps = plan_conversion(
+                reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, sigma, errors
+            )
+        by_name = {s.spec.name: s for s in steps}
         writer = ShardedWriter(tmp, [s.spec for s in steps], shard_cap)
         desc = f"{shape.kind} -> {num_kv_heads} KV heads"
         with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
@@ -527,6 +533,7 @@ def convert(
             finally:
                 writer.abort()
         files = writer.finish()
+        shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
         for path in side_files(source.path):
             if path.name != REPORT:
                 shutil.copy2(path, tmp / path.name)
