@@ -65,8 +65,6 @@ def main() -> None:
             def avg(side: str, key: str, errs: list = errs) -> float | None:
                 return sum(e[side][key] for e in errs) / len(errs) if errs else None
 
-            k_err = sum(e["k"]["error"] for e in errs) / len(errs) if errs else None
-            v_err = sum(e["v"]["error"] for e in errs) / len(errs) if errs else None
             rows.append(
                 {
                     "g": g,
@@ -75,8 +73,8 @@ def main() -> None:
                     "kl_0": before["kl"],
                     "ppl_005": after and after["perplexity"],
                     "kl_005": after and after["kl"],
-                    "k_error": k_err,
-                    "v_error": v_err,
+                    "k_error": avg("k", "error"),
+                    "v_error": avg("v", "error"),
                     "k_mean_error": avg("k", "mean_pooling_error"),
                     "v_mean_error": avg("v", "mean_pooling_error"),
                 }
