@@ -450,7 +450,8 @@ def convert(
             to match, which changes no output by itself).
         calibration: Text files (txt/jsonl/parquet, globs allowed) to weight the merge by the
             layer inputs the source model sees; without it every input direction counts alike.
-        calibration_tokens: Tokens of --calibration text to run through the source model.
+        calibration_tokens: Tokens of --calibration text to run through the source model, one
+            decoder layer at a time (memory: one layer plus these tokens' hidden states).
         dtype: Cast floating-point tensors on the way (auto keeps each tensor's dtype).
         max_shard_size: Largest output shard, e.g. 5GB, 500MB, 2GiB.
         overwrite: Replace OUT if it exists (only once the new checkpoint is complete).
