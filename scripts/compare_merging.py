@@ -31,6 +31,11 @@ VARIANTS = {  # name -> (--method, further `uptrain convert` arguments)
 }
 
 
+def layer_mean(errs: list[dict], side: str, key: str) -> float | None:
+    """Mean over layers of one `merge_errors` entry; None for merges that report none (mean)."""
+    return sum(e[side][key] for e in errs) / len(errs) if errs else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("merging-out"))
@@ -53,10 +58,6 @@ def main() -> None:
             after = p.evaluate(model, f"{tag}-a0.05", reference=source, speed=False)["quality"]
             report = json.loads((converted / "uptrain_conversion.json").read_text())
             errs = report.get("merge_errors") or []
-
-            def avg(side: str, key: str, errs: list = errs) -> float | None:
-                return sum(e[side][key] for e in errs) / len(errs) if errs else None
-
             rows.append(
                 {
                     "g": g,
@@ -65,10 +66,10 @@ def main() -> None:
                     "kl_0": before["kl"],
                     "ppl_005": after["perplexity"],
                     "kl_005": after["kl"],
-                    "k_error": avg("k", "error"),
-                    "v_error": avg("v", "error"),
-                    "k_mean_error": avg("k", "mean_pooling_error"),
-                    "v_mean_error": avg("v", "mean_pooling_error"),
+                    "k_error": layer_mean(errs, "k", "error"),
+                    "v_error": layer_mean(errs, "v", "error"),
+                    "k_mean_error": layer_mean(errs, "k", "mean_pooling_error"),
+                    "v_mean_error": layer_mean(errs, "v", "mean_pooling_error"),
                 }
             )
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -485,10 +485,6 @@ def convert(
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
     errors: dict[int, dict[str, Any]] = {}
     steps = plan_conversion(reader, arch, shape, num_kv_heads, method, seed, target_dtype, grouping, None, errors)
-    if calibration is not None:
-        from uptrain.data import expand_files
-
-        expand_files([calibration])  # a missing file fails before anything is written
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
     kv_after = _kv_dtype(reader, arch, target_dtype).itemsize

@@ -126,6 +126,12 @@ def _readers(kv_head: int, t: int) -> range:
 # --- V side --------------------------------------------------------------------------------------
 
 
+def _mean_pool(w: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A group's mean head (d, hidden+1) and its Σ-weighted error over the group's heads w (r, d, hidden+1)."""
+    mean = w.mean(0)
+    return mean, float(_energy((w - mean).flatten(0, 1), sigma))
+
+
 def merge_v(
     v: torch.Tensor, o: torch.Tensor, geo: Geometry, sigma: torch.Tensor, method: str = "svd"
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -140,8 +146,8 @@ def merge_v(
     shared, o_new = [], o.clone()
     for grp in range(g):
         w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
-        mean = w.mean(0)
-        mean_err += float(_energy((w - mean).flatten(0, 1), sigma))
+        mean, e_mean = _mean_pool(w, sigma)
+        mean_err += e_mean
         if method != "svd":
             shared.append(mean)
             continue
@@ -177,8 +183,8 @@ def merge_k(
     shared, err, mean_err = [], 0.0, 0.0
     for grp in range(g):
         w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
-        mean = w.mean(0)
-        mean_err += float(_energy((w - mean).flatten(0, 1), sigma))
+        mean, e_mean = _mean_pool(w, sigma)
+        mean_err += e_mean
         if method != "svd":
             shared.append(mean)
             continue
