@@ -13,8 +13,8 @@ read again right before each run, since the kernel may reclaim idle cache pages)
 os.sync(), so times run until the output is on disk and no run inherits another's pending
 writes. Libraries are imported before the clock starts.
 
-    python scripts/bench_convert.py                      # 1.5 GB and 3 GB, 3 shards each
-    python scripts/bench_convert.py --sizes 2 8 --shards 4
+    python -m scripts.bench_convert                      # 1.5 GB and 3 GB, 3 shards each (`make bench`)
+    python -m scripts.bench_convert --sizes 2 8 --shards 4
 """
 
 from __future__ import annotations
@@ -32,26 +32,7 @@ from pathlib import Path
 
 HEADS, HEAD_DIM, HIDDEN, FFN, VOCAB = 16, 128, 2048, 5632, 32000
 METHODS = ("raw", "uptrain", "naive")
-
-
-def llama_config(layers: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
-        "num_hidden_layers": layers,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS,
-        "head_dim": HEAD_DIM,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "dtype": "bfloat16",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def layers_for(size_gb: float) -> int:
@@ -61,54 +42,20 @@ def layers_for(size_gb: float) -> int:
 
 
 def make_checkpoint(folder: Path, layers: int, shards: int) -> int:
-    """Random bf16 weights in `shards` files with an HF index; returns total bytes."""
+    """A Llama-shaped bf16 MHA checkpoint with random weights in `shards` files; returns its bytes."""
     import torch
-    from safetensors.torch import save_file
 
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.k_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (FFN, HIDDEN),
-            p + "mlp.up_proj.weight": (FFN, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, FFN),
-        }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    folder.mkdir(parents=True)
-    names, weight_map, part, size, gen = list(shapes), {}, {}, 0, torch.Generator().manual_seed(0)
+    from uptrain.synthetic import llama_config, save_random_checkpoint
 
-    def flush(index: int) -> None:
-        file = f"model-{index:05d}-of-{shards:05d}.safetensors"
-        save_file(part, folder / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-        part.clear()
-
-    index = 1
-    for name in names:
-        part[name] = (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
-        size += part[name].nbytes
-        if size >= total * index / shards and index < shards:
-            flush(index)
-            index += 1
-    flush(index)
-    meta = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(meta, indent=2))
-    (folder / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
-    return total
+    config = llama_config(HIDDEN, layers, HEADS, intermediate=FFN, vocab=VOCAB)
+    return save_random_checkpoint(config, folder, torch.bfloat16, shards)
 
 
 # --- children: each measurement runs in its own process ------------------------------------
 
 
 def child_uptrain(src: str, out: str, groups: int, shard: str) -> None:
-    from uptrain.convert import convert
+    from uptrain import convert
 
     convert(src, out, num_kv_heads=groups, max_shard_size=shard, quiet=True)
 
@@ -158,9 +105,8 @@ def run_child(method: str, src: Path, out: Path, groups: int, shard: str) -> dic
     # libraries are imported before the clock starts: the table compares the work, not imports
     code = (
         "import json, os, sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import bench_convert as b\n"
-        "import torch, safetensors, tqdm.auto, transformers, uptrain.convert\n"
+        "from scripts import bench_convert as b\n"
+        "import torch, safetensors, tqdm.auto, transformers, uptrain.commands.convert\n"
         "from transformers import CONFIG_MAPPING, AutoModelForCausalLM\n"
         "import transformers.models.llama.modeling_llama\n"
         "rss0 = b.peak_rss()\n"
@@ -172,7 +118,7 @@ def run_child(method: str, src: Path, out: Path, groups: int, shard: str) -> dic
     )
     os.sync()  # flush the previous run's dirty pages so they do not slow this one
     warm(src)  # every method starts with the source in the page cache
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"{method} failed:\n{proc.stderr}")
     shutil.rmtree(out)

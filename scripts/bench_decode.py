@@ -5,8 +5,8 @@ KV heads G, and each model generates after the same long prompt; decode tokens/s
 the KV cache transformers holds, and peak memory are measured in this run and printed as a table
 with ratios against MHA. Random weights decode as fast as trained ones: speed depends on shapes only.
 
-    python scripts/bench_decode.py                                    # CPU-sized (a minute here)
-    python scripts/bench_decode.py --preset llama2-7b --prompt 4096 --batch 16 --cache dynamic static  # GPU
+    python -m scripts.bench_decode                                    # CPU-sized (a minute here)
+    python -m scripts.bench_decode --preset llama2-7b --prompt 4096 --batch 16 --cache dynamic static  # GPU
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PRESETS = {  # hidden, layers, heads, intermediate, vocab
     "tiny": (256, 4, 8, 688, 4096),
@@ -27,16 +25,16 @@ PRESETS = {  # hidden, layers, heads, intermediate, vocab
 
 def make_source(folder: Path, preset: str, max_len: int, dtype: str) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.device import compute_device
+    from uptrain.synthetic import llama_config
 
     hidden, layers, heads, inter, vocab = PRESETS[preset]
-    cfg = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max_len, eos_token_id=2,
-    )  # fmt: skip
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = llama_config(hidden, layers, heads, intermediate=inter, vocab=vocab, max_positions=max_len, dtype=dtype)
+    device = compute_device()
     torch.manual_seed(0)
-    with torch.device(device):  # initialising 7B weights on a CPU takes minutes
+    with device:  # initialising 7B weights on a CPU takes minutes
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     model.save_pretrained(folder)
     return folder
@@ -59,11 +57,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uptrain.convert import convert
-    from uptrain.evaluate import device_name, generation
+    from uptrain import convert
+    from uptrain.device import compute_device, device_name
+    from uptrain.evaluation.generation import generation
     from uptrain.units import format_bytes
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     heads = PRESETS[args.preset][2]
     groups = args.groups or sorted({heads, heads // 4, heads // 8, 1}, reverse=True)

@@ -6,8 +6,8 @@ same number of steps, each in a fresh process on this machine. Throughput is mea
 steady-state steps only (the first `--warmup-steps` steps, data preparation, evaluation and
 saving are excluded on both sides) and reported as training tokens per second, with the ratio.
 
-    python scripts/bench_train.py                  # CPU-sized model (defaults below)
-    python scripts/bench_train.py --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
+    python -m scripts.bench_train                  # CPU-sized model (defaults below)
+    python -m scripts.bench_train --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -23,41 +22,28 @@ from pathlib import Path
 
 import yaml
 
-WORDS = [f"w{i}" for i in range(400)]  # a synthetic vocabulary with Zipf-like frequencies
 
+def make_corpus(folder: Path, docs: int) -> Path:
+    """Short grammatical documents as one JSON-lines file (uptrain.synthetic's corpus)."""
+    from uptrain.synthetic import write_corpus
 
-def make_corpus(folder: Path, docs: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    weights = [1 / (i + 1) for i in range(len(WORDS))]
-    folder.mkdir(parents=True)
-    with open(folder / "corpus.jsonl", "w") as f:
-        for _ in range(docs):
-            text = " ".join(rng.choices(WORDS, weights, k=rng.randint(100, 400)))
-            f.write(json.dumps({"text": text}) + "\n")
-    return folder / "corpus.jsonl"
+    return write_corpus(folder / "corpus.jsonl", docs, fmt="jsonl")
 
 
 def make_model(folder: Path, args: argparse.Namespace) -> Path:
     """A Llama-shaped MHA model with a word-level tokenizer, converted to GQA by uptrain."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    from uptrain.convert import convert
+    from uptrain import convert
+    from uptrain.synthetic import corpus_words, llama_config, save_word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    cfg = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=len(vocab),
-        max_position_embeddings=max(args.seq_len, 512), pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    vocab = max(64, len(corpus_words()))
+    cfg = llama_config(args.hidden, args.layers, args.heads, vocab=vocab, max_positions=max(args.seq_len, 512),
+                       dtype="float32")  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder / "mha")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(folder / "mha")
+    save_word_tokenizer(folder / "mha")
     convert(str(folder / "mha"), str(folder / "gqa"), num_kv_heads=max(1, args.heads // 4), quiet=True)
     return folder / "gqa"
 
@@ -89,8 +75,8 @@ TRAINER_CHILD = r"""
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
-from uptrain.data import prepare
-from uptrain.train_config import DataConfig
+from uptrain.data.blocks import prepare
+from uptrain.data.config import DataConfig
 from transformers import AutoTokenizer
 
 args = json.loads(sys.argv[1])
@@ -157,14 +143,14 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoConfig
 
-    from uptrain.budget import mfu
-    from uptrain.modeling import matmul_params
+    from uptrain.model.shape import count_parameters
+    from uptrain.training.budget import mfu
 
     with tempfile.TemporaryDirectory(prefix="uptrain-bench-train-") as tmp:
         work = Path(tmp)
         corpus = make_corpus(work / "data", docs=2000)
         model = make_model(work / "model", args)
-        params = matmul_params(AutoConfig.from_pretrained(model))
+        params = count_parameters(AutoConfig.from_pretrained(model), matmul_only=True)
         results: dict[str, list[float]] = {"uptrain train": [], "transformers Trainer": []}
         for i in range(args.repeat):
             results["uptrain train"].append(run_uptrain(model, corpus, work, args, str(i)))

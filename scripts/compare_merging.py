@@ -6,7 +6,7 @@ on the held-out plays right after conversion, then uptrains each for alpha = 5 %
 again (similarity grouping is skipped for MQA: one group leaves nothing to choose). Writes
 results.json and results.md into --out.
 
-    python scripts/compare_merging.py --out merging-out        # about 5 minutes on 2 CPU cores
+    python -m scripts.compare_merging --out merging-out        # about 5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from uptrain.demo import Pipeline, run_in_process
+from uptrain.demo.pipeline import Pipeline, run_in_process
+from uptrain.io.folders import read_config
+from uptrain.model.shape import shape_of_config_json
 
 EVAL = ["--max-tokens", "20000", "--window", "256", "--stride", "192"]  # as scripts/reproduce_gqa_paper.py
 CALIBRATION = ["--calibration", "{train}", "--calibration-tokens", "65536"]
@@ -44,7 +44,7 @@ def main() -> None:
     p = Pipeline(out=args.out / "models", eval_args=EVAL, run=run_in_process)
     run = p.source_run()
     source, tokens = run / "model", p.source_tokens(run)
-    heads = json.loads((source / "config.json").read_text())["num_attention_heads"]
+    heads = shape_of_config_json(read_config(source)).heads
     train = f"{p.text() / 'train'}/*.txt"
     rows = []
     for g in (heads // 4, 1):

@@ -10,7 +10,7 @@ commands for:
 Uptraining runs are repeated over seeds (data order; and the init for `random`); results are
 reported as mean ± std. Writes results.json, results.md and PNG plots into --out.
 
-    python scripts/reproduce_gqa_paper.py --out reproduce-out      # about an hour on 2 CPU cores
+    python -m scripts.reproduce_gqa_paper --out reproduce-out      # about an hour on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from uptrain import config as configlib
-from uptrain.demo import CONFIGS, Pipeline, run_in_process
+from uptrain.demo.pipeline import CONFIGS, Pipeline, run_in_process
+from uptrain.io.folders import read_config
+from uptrain.model.shape import shape_of_config_json
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Experiment:
         self.run = pipeline.source_run()
         self.source = self.run / "model"
         self.tokens = pipeline.source_tokens(self.run)
-        self.heads = json.loads((self.source / "config.json").read_text())["num_attention_heads"]
+        self.heads = shape_of_config_json(read_config(self.source)).heads
 
     def measure(self, model: Path, tag: str, speed: bool = False) -> dict:
         args = ["--max-tokens", str(self.cfg.eval_max_tokens), "--window", "256", "--stride", "192"]

@@ -1,7 +1,8 @@
 """Tiny models of every supported family, and this test suite's own view of their K/V layouts.
 
 The layouts here are written from the transformers modelling code, independently of
-uptrain's registry, so the tests check the registry instead of repeating it.
+uptrain's registry (uptrain.model.families), so the tests check the registry instead of
+repeating it. The models themselves come from uptrain.synthetic, the factory the benchmarks share.
 """
 
 from __future__ import annotations
@@ -13,22 +14,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-BASE: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    vocab_size=96,
-    max_position_embeddings=128,
-    # large init: attention is peaked, so a wrong K head changes the logits visibly
-    initializer_range=0.1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from uptrain.synthetic import random_model, tiny_config
 
 
 @dataclass(frozen=True)
@@ -46,7 +34,7 @@ class Case:
     """Tensor names the conversion may rewrite; every other tensor must come out byte-identical."""
 
     def config(self):
-        return CONFIG_MAPPING[self.model_type](**{**BASE, **self.kwargs})
+        return tiny_config(self.model_type, **self.kwargs)
 
 
 CASES = [
@@ -77,17 +65,8 @@ CASES = [
 
 
 def build(case: Case, seed: int = 0) -> PreTrainedModel:
-    """A random tiny model. Norm weights and biases are randomised too (they initialise to
-    1 and 0), or pooling them would be checked only on constants."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(case.config(), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-            elif "norm" in name:
-                p.normal_(1.0, 0.3)
-    return model
+    """A random tiny model of the case, norm weights and biases randomised too."""
+    return random_model(case.config(), seed)
 
 
 def load(folder: Path) -> PreTrainedModel:

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_llama
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from uptrain import __version__
-from uptrain.checkpoint import CheckpointReader
+from uptrain.io.reader import CheckpointReader
+from uptrain.synthetic import save_tiny_llama
 
 
 def test_version(run_cli) -> None:
@@ -83,7 +83,7 @@ def test_inspect_json_and_loads_no_weights(run_cli, llama: Path, monkeypatch: py
 
 
 def test_inspect_gqa_source_and_a_converted_one(run_cli, tmp_path: Path) -> None:
-    src = save_llama(tmp_path / "gqa", num_key_value_heads=4)
+    src = save_tiny_llama(tmp_path / "gqa", num_key_value_heads=4)
     assert run_cli("convert", src, tmp_path / "mqa", "--num-kv-heads", "1", "--quiet")[0] == 0
     code, out, _ = run_cli("inspect", tmp_path / "mqa")
     assert code == 0
@@ -100,7 +100,7 @@ def test_inspect_says_why_a_family_cannot_be_converted(run_cli, tmp_path: Path) 
 
 def test_console_script_end_to_end(tmp_path: Path) -> None:
     """The installed `uptrain` entry point (or `python -m uptrain`) converts and exits 0."""
-    src = save_llama(tmp_path / "src")
+    src = save_tiny_llama(tmp_path / "src")
     exe = [shutil.which("uptrain")] if shutil.which("uptrain") else [sys.executable, "-m", "uptrain"]
     proc = subprocess.run(
         [*exe, "convert", str(src), str(tmp_path / "out"), "--num-kv-heads", "2"],

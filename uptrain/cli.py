@@ -1,8 +1,10 @@
 """The `uptrain` command: each subcommand is a plain function whose docstring is its help.
 
 The parser is built from the function's signature (positional parameters become arguments,
-keyword-only ones options; bool -> flag, Literal -> choices) and the `Args:` section of its
-docstring, so the help cannot drift from the code.
+keyword-only ones options; bool -> flag, Literal -> choices; a parameter annotated with
+`config.Overrides` collects --section.key=value settings, and the config's keys are listed in the
+help) and the `Args:` section of its docstring, so the help cannot drift from the code. This is the
+only place that exits: library code raises, and each exception type carries its exit status.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from uptrain import __version__
-from uptrain.errors import UptrainError
+from uptrain.config import Overrides
+from uptrain.device import is_main_process
+from uptrain.errors import Stopped, UptrainError
+from uptrain.version import __version__
 
 COMMANDS: dict[str, str] = {
-    "convert": "uptrain.convert:convert",
-    "inspect": "uptrain.describe:inspect",
-    "train": "uptrain.train:train",
-    "eval": "uptrain.evaluate:evaluate",
-    "plan": "uptrain.plan:plan",
+    "convert": "uptrain.commands.convert:convert",
+    "inspect": "uptrain.commands.inspect:inspect",
+    "train": "uptrain.commands.train:train",
+    "eval": "uptrain.commands.eval:evaluate",
+    "plan": "uptrain.commands.plan:plan",
 }
-OVERRIDES = "overrides"  # a parameter of this name collects --section.key=value arguments
 
 
 def _load(target: str) -> Callable[..., Any]:
@@ -52,14 +55,27 @@ def _parse_docstring(doc: str) -> tuple[str, str, dict[str, str]]:
     return summary.strip(), body.strip(), helps
 
 
-def _unwrap(tp: Any) -> tuple[Any, dict[str, Any]]:
-    """(type without Optional/Annotated, extra argparse settings from Annotated metadata)."""
+def _unwrap(tp: Any) -> tuple[Any, dict[str, Any], Overrides | None]:
+    """(type without Optional/Annotated, extra argparse settings and the Overrides marker from Annotated metadata)."""
     extra: dict[str, Any] = {}
+    overrides = None
     if typing.get_origin(tp) is typing.Annotated:
         tp, *meta = typing.get_args(tp)
         for m in meta:
-            extra |= m
-    return _unwrap_optional(tp), extra
+            if isinstance(m, Overrides):
+                overrides = m
+            else:
+                extra |= m
+    return _unwrap_optional(tp), extra, overrides
+
+
+def _overrides_parameter(fn: Callable[..., Any]) -> tuple[str, Overrides] | None:
+    """The parameter of `fn` that collects --section.key=value settings, if any."""
+    for name, tp in typing.get_type_hints(fn, include_extras=True).items():
+        marker = _unwrap(tp)[2]
+        if marker is not None:
+            return name, marker
+    return None
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -72,21 +88,26 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
     summary, body, helps = _parse_docstring(inspect.getdoc(fn) or name)
-    epilog = getattr(fn, "cli_epilog", None)
+    collector = _overrides_parameter(fn)
+    epilog = None
+    if collector is not None:
+        epilog = "config keys (YAML sections, or --section.key=value overrides):\n" + "\n".join(
+            collector[1].help_lines()
+        )
     parser = subparsers.add_parser(
         name,
         help=summary,
         description=f"{summary}\n\n{body}" if body else summary,
-        epilog=epilog() if epilog else None,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(fn, include_extras=True)
     for param in inspect.signature(fn).parameters.values():
-        if param.name == OVERRIDES:
-            parser.set_defaults(_overrides=True)
+        if collector is not None and param.name == collector[0]:
+            parser.set_defaults(_overrides=param.name)
             parser.usage = f"{parser.format_usage().strip().removeprefix('usage: ')} [--section.key=value ...]"
             continue
-        tp, extra = _unwrap(hints.get(param.name, str))
+        tp, extra, _ = _unwrap(hints.get(param.name, str))
         text = helps.get(param.name, "")
         kwargs: dict[str, Any] = {"help": text, **extra}
         if typing.get_origin(tp) is typing.Literal:
@@ -141,23 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     if fn is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.pop("_overrides", False):
-        args[OVERRIDES] = unknown
+    collector = args.pop("_overrides", None)
+    if collector is not None:
+        args[collector] = unknown
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         fn(**args)
+    except Stopped as e:  # on purpose, after saving what could be saved: not an error of the input
+        if is_main_process():
+            print(f"uptrain {command}: {e}", file=sys.stderr)
+        return e.exit_code
     except UptrainError as e:
         print(f"uptrain {command}: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except OSError as e:  # disk full, permissions, ... while working: one line, not a traceback
         where = f" ({e.filename})" if e.filename else ""
         print(f"uptrain {command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"uptrain {command}: {getattr(fn, 'cli_interrupted', 'interrupted')}", file=sys.stderr)
+        print(f"uptrain {command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -27,6 +27,21 @@ from uptrain.errors import UptrainError
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Marks a command parameter (`Annotated[list[str] | None, Overrides(Config)]`) that collects
+    `--section.key=value` arguments for the config dataclass `Config`; the CLI lists its keys in
+    the command's help. With `section`, only keys of that section are accepted (e.g. `data`)."""
+
+    config: type
+    section: str | None = None
+
+    def help_lines(self) -> list[str]:
+        if self.section is None:
+            return key_help(self.config)
+        return key_help(self.config, f"{self.section}.")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """{field: docstring} from the string literals that follow each annotated field."""
     docs: dict[str, str] = {}
@@ -48,6 +63,13 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def positive(section: str, **values: float | int | None) -> None:
+    """Refuse zero or negative values of a section's fields (None means unset and passes)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UptrainError(f"{section}.{name} must be positive, got {value}")
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -197,8 +219,8 @@ def dump(obj: Any, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """Help lines: every dotted key with its type, default and docstring."""
+def key_help(cls: type, prefix: str = "") -> list[str]:
+    """Help lines: every dotted key with its default and docstring."""
     lines: list[str] = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -207,7 +229,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{name}:  {docs.get(f.name, '')}")
-            lines += describe(tp, name + ".")
+            lines += key_help(tp, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

@@ -1,5 +1,22 @@
-"""The one exception type users see: a message that says what is wrong and what to do."""
+"""The exceptions users see, and the exit status each one means.
+
+Library code raises these; only the command line (`uptrain.cli`) turns them into a message on
+stderr and an exit status.
+"""
 
 
 class UptrainError(Exception):
-    """A bad input or a failed step, reported as one line by the CLI (exit status 1)."""
+    """A bad input or a failed step: the CLI prints `uptrain CMD: error: MESSAGE` and exits with `exit_code`."""
+
+    exit_code: int = 1
+
+
+class Stopped(UptrainError):
+    """The command stopped early on purpose (a signal, a non-finite loss) after saving what it could.
+
+    The CLI prints `uptrain CMD: MESSAGE` (it is not an error of the input) on the main process only,
+    and exits with `exit_code` (128 + the signal number for a signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

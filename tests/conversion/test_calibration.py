@@ -1,0 +1,127 @@
+"""`--calibration`: Σ of every attention input, computed one decoder layer at a time.
+
+The reference is the plain way: load the whole model with transformers and hook every attention
+module during a normal forward. The layer-by-layer pass must give the same Σ for every family
+(including sliding-window and local/global-rotary layers, whose per-layer inputs differ), while
+holding at most one layer's weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import accelerate.utils
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.families import CASES, Case, build, load
+from uptrain.conversion.calibrate import CovarianceStore, input_covariance
+from uptrain.data.config import DataConfig
+from uptrain.data.documents import token_stream
+from uptrain.errors import UptrainError
+from uptrain.io.folders import read_config
+from uptrain.io.reader import CheckpointReader
+from uptrain.model.families import lookup
+from uptrain.model.shape import shape_of_config_json
+from uptrain.synthetic import save_word_tokenizer, write_corpus
+
+
+def reference_sigma(folder, text, tokens: int) -> dict[int, torch.Tensor]:
+    """Σ̃ per layer from hooks on the whole model, run window by window as the calibration does."""
+    model = load(folder)
+    stream, _ = token_stream(DataConfig(files=[str(text)]), AutoTokenizer.from_pretrained(folder), tokens)
+    seq = min(2048, model.config.max_position_embeddings)
+    xs: dict[int, list[torch.Tensor]] = {}
+    handles = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: xs.setdefault(i, []).append(kw.get("hidden_states", a[0] if a else None)[0]),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for b in range(0, len(stream), seq):
+            model(stream[b : b + seq][None], use_cache=False)
+    for h in handles:
+        h.remove()
+    out = {}
+    for i, chunks in xs.items():
+        x = torch.cat(chunks).double()  # (N, hidden)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        out[i] = (x.T @ x / len(x)).float()
+    return out
+
+
+RENAMED = {"mixtral"}  # checkpoints whose expert weights transformers fuses at load time
+
+
+def calibrate(src, text, tokens: int, folder) -> CovarianceStore:
+    config = read_config(src)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    return input_covariance(CheckpointReader(src), arch, shape, str(text), tokens, folder, True)
+
+
+def saved(case: Case, tmp_path):
+    src = tmp_path / "src"
+    build(case).save_pretrained(src)
+    save_word_tokenizer(src)
+    return src, write_corpus(tmp_path / "calib.jsonl", docs=30, fmt="jsonl")
+
+
+# three layers of two kinds: a layer fed another kind's mask or rotary table shows in the next layer's Σ
+MIXED = Case(
+    "gemma3-mixed-layers",
+    "gemma3_text",
+    2,
+    {"head_dim": 16, "sliding_window": 16, "num_hidden_layers": 3,
+     "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.model_type not in RENAMED] + [MIXED], ids=lambda c: c.id)
+def test_layer_by_layer_sigma_matches_the_whole_model(case: Case, tmp_path, monkeypatch) -> None:
+    src, text = saved(case, tmp_path)
+    tokens = 300  # windows of 128, 128 and 44 tokens (max_position_embeddings = 128)
+
+    loaded: set[int] = set()  # decoder layers whose weights are in memory
+    most = [0]
+    real = accelerate.utils.set_module_tensor_to_device
+
+    def tracked(module, name, device, *args, **kwargs):
+        real(module, name, device, *args, **kwargs)
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if layer:
+            (loaded.discard if str(device) == "meta" else loaded.add)(int(layer[1]))
+            most[0] = max(most[0], len(loaded))
+
+    monkeypatch.setattr(accelerate.utils, "set_module_tensor_to_device", tracked)
+    store = calibrate(src, text, tokens, tmp_path / "sigma")
+    expected = reference_sigma(src, text, tokens)
+    assert sorted(store) == sorted(expected) == list(range(case.config().num_hidden_layers))
+    for i in expected:
+        torch.testing.assert_close(store[i], expected[i], rtol=1e-4, atol=1e-4)
+    assert most[0] == 1 and not loaded  # one layer at a time, none left behind
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.model_type in RENAMED], ids=lambda c: c.id)
+def test_renamed_checkpoints_refuse_calibration(case: Case, tmp_path) -> None:
+    src, text = saved(case, tmp_path)
+    with pytest.raises(UptrainError, match="under other names; convert without --calibration"):
+        calibrate(src, text, 300, tmp_path / "sigma")
+
+
+def test_store_is_a_lazy_mapping(tmp_path) -> None:
+    store = CovarianceStore(tmp_path / "s")
+    store.put(3, torch.eye(4))
+    store.put(1, 2 * torch.eye(4))
+    assert list(store) == [1, 3] and len(store) == 2 and 2 not in store
+    torch.testing.assert_close(store[1], 2 * torch.eye(4))
+
+
+def test_calibration_refuses_bad_token_counts(llama, tmp_path) -> None:
+    config = read_config(llama)
+    arch = lookup(config)
+    with pytest.raises(UptrainError, match="must be positive"):
+        input_covariance(CheckpointReader(llama), arch, shape_of_config_json(config), "x.txt", 0, tmp_path / "s")

@@ -1,0 +1,243 @@
+"""`uptrain eval`: perplexity, KL and agreement, KV cache formula vs measurement, JSON and --compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests import ROOT
+from tests.families import CASES, build
+from uptrain import convert
+from uptrain.evaluation import quality as evallib
+from uptrain.evaluation.evaluate import load_model
+from uptrain.evaluation.generation import generation
+from uptrain.evaluation.result import SCHEMA_VERSION, EvalResult
+from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    """A tiny MHA Llama with a tokenizer, its GQA-2 and MQA conversions, and a corpus."""
+    src = save_tiny_llama(tmp_path / "mha", shard=None)
+    save_word_tokenizer(src)
+    for name, g in (("gqa", 2), ("mqa", 1)):
+        convert(str(src), str(tmp_path / name), num_kv_heads=g, quiet=True)
+    return {"mha": src, "gqa": tmp_path / "gqa", "mqa": tmp_path / "mqa", "corpus": write_corpus(tmp_path / "c", 60)}
+
+
+def run_eval(run_cli, *args) -> tuple[int, str, str]:
+    return run_cli("eval", *args)
+
+
+def hf_strided_nll(model_dir: Path, tokens: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+    """The same windows scored through transformers' own loss (labels -100 outside the scored part)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + window, len(tokens))
+        first = max(prev_end, begin + 1) - begin
+        labels = tokens[begin:end].clone()
+        labels[:first] = -100
+        with torch.no_grad():
+            loss = model(input_ids=tokens[begin:end][None], labels=labels[None]).loss
+        total += loss.item() * (end - begin - first)
+        count += end - begin - first
+        prev_end = end
+        if end == len(tokens):
+            break
+    return total, count
+
+
+def test_perplexity_equals_transformers_on_the_same_tokens(run_cli, models, tmp_path: Path) -> None:
+    out = tmp_path / "e.json"
+    code, stdout, err = run_eval(
+        run_cli, models["gqa"], f"--data.files=[{models['corpus']}/*.txt]", "--data.seq_len=24",
+        "--max-tokens", "700", "--stride", "10", "--no-speed", "--json", out,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(models["gqa"])
+    texts = [p.read_text() for p in sorted(models["corpus"].glob("*.txt"))]
+    stream = [t for ids in tok(texts)["input_ids"] for t in (*ids, tok.eos_token_id)][:700]
+    total, count = hf_strided_nll(models["gqa"], torch.tensor(stream), window=24, stride=10)
+    assert result["data"]["tokens"] == count == 699  # every token but the first, once
+    assert (result["data"]["mode"], result["data"]["window"], result["data"]["stride"]) == ("strided", 24, 10)
+    assert result["data"]["windows"] == len(evallib.strided(torch.tensor(stream), 24, 10))
+    assert math.isclose(result["quality"]["nll"], total / count, rel_tol=1e-5)
+    assert math.isclose(result["quality"]["perplexity"], math.exp(total / count), rel_tol=1e-5)
+    assert f"{result['quality']['perplexity']:.3f}" in stdout
+
+
+def test_a_model_against_itself_has_zero_kl_and_full_agreement(models) -> None:
+    model, _ = load_model(str(models["gqa"]), "float32", torch.device("cpu"))
+    stream = torch.randint(4, 40, (300,), generator=torch.Generator().manual_seed(0))
+    windows = evallib.strided(stream, 32, 16)
+    q = evallib.quality(evallib.score(model, windows, 4, reference=model), with_reference=True)
+    assert abs(q.kl) < 1e-6 and q.top1_agreement == 1.0 and math.isclose(q.perplexity, q.reference_perplexity)
+
+
+def test_kl_and_agreement_against_the_mha_source(run_cli, models, tmp_path: Path) -> None:
+    code, stdout, err = run_eval(
+        run_cli, models["mqa"], "--reference", models["mha"], f"--data.files=[{models['corpus']}/*.txt]",
+        "--data.seq_len=32", "--max-tokens", "400", "--json", tmp_path / "e.json", "--new-tokens", "8",
+    )  # fmt: skip
+    assert code == 0, err
+    q = json.loads((tmp_path / "e.json").read_text())["quality"]
+    assert q["kl"] > 0.01 and 0 <= q["top1_agreement"] < 1  # pooled heads do change the predictions
+    assert "KL(reference ‖ model)" in stdout and "reference" in stdout
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa"])
+def test_kv_cache_formula_equals_the_measured_cache(models, variant: str) -> None:
+    model, _ = load_model(str(models[variant]), "float32", torch.device("cpu"))
+    kv, decode = generation(model, prompt_tokens=12, new_tokens=5, batch=2)
+    g = {"mha": 8, "gqa": 2, "mqa": 1}[variant]
+    assert kv.bytes_per_token == 2 * 2 * g * 8 * 4  # 2 · layers · G · head_dim · fp32
+    assert kv.cached_tokens == 16 and kv.batch == 2
+    assert kv.measured_bytes == kv.formula_bytes == kv.bytes_per_token * 16 * 2 and kv.match
+    assert decode.decode_tokens_per_s > 0 and decode.new_tokens == 5
+
+
+@pytest.mark.parametrize("case_id", ["mistral", "gemma2", "gemma3_text"])
+def test_kv_cache_formula_accounts_for_sliding_windows(case_id: str) -> None:
+    case = next(c for c in CASES if c.id == case_id)  # sliding_window 16; gemma alternates layer types
+    model = build(case)
+    kv, _ = generation(model, prompt_tokens=20, new_tokens=8, batch=1)  # 27 cached > window 16
+    per_layer = kv.bytes_per_token // model.config.num_hidden_layers
+    full_attention_bytes = kv.bytes_per_token * kv.cached_tokens
+    assert kv.measured_bytes == kv.formula_bytes < full_attention_bytes
+    types = getattr(model.config, "layer_types", None) or ["sliding_attention"] * 2  # mistral: every layer slides
+    windows = [15 if t == "sliding_attention" else 27 for t in types]  # window - 1 tokens kept on sliding layers
+    assert kv.formula_bytes == per_layer * sum(windows)
+
+
+def test_json_schema_and_compare(run_cli, models, tmp_path: Path) -> None:
+    files = []
+    for name in ("gqa", "mqa"):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run_eval(
+            run_cli, models[name], f"--data.files=[{models['corpus']}/*.txt]", "--data.seq_len=32",
+            "--max-tokens", "300", "--new-tokens", "4", "--json", out,
+        )  # fmt: skip
+        assert code == 0, err
+        files.append(out)
+    result = json.loads(files[0].read_text())
+    assert result["schema_version"] == SCHEMA_VERSION
+    assert set(result) == {f.name for f in dataclasses.fields(EvalResult)}
+    assert set(result["quality"]) >= {"perplexity", "nll", "kl", "top1_agreement"}
+    assert set(result["kv_cache"]["model"]) == {
+        "bytes_per_token", "batch", "cached_tokens", "formula_bytes", "measured_bytes", "match"
+    }  # fmt: skip
+    assert result["model"]["num_kv_heads"] == 2 and result["reference"] is None
+    code, stdout, err = run_eval(run_cli, "--compare", *files)
+    assert code == 0, err
+    header, _, *rows = stdout.strip().splitlines()
+    assert header == "| | gqa | mqa |"
+    kv_row = next(r for r in rows if r.startswith("| KV bytes/token"))
+    assert kv_row == "| KV bytes/token | 256 | 128 |"
+    code, _, err = run_eval(run_cli, "--compare", tmp_path / "nope.json")
+    assert code == 1 and "nope.json not found" in err
+
+
+def test_run_config_scores_the_held_out_blocks_like_training(run_cli, tiny_run: dict, tmp_path: Path) -> None:
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run["config"]))
+    assert run_cli("train", cfg)[0] == 0
+    run = Path(tiny_run["config"]["out"])
+    code, _, err = run_eval(run_cli, run / "model", "--config", cfg, "--no-speed", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    last_val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x][-1]
+    assert result["data"]["mode"] == "blocks" and result["data"]["windows"] == 16
+    assert result["data"]["tokens"] == 16 * 31
+    assert math.isclose(result["quality"]["nll"], last_val["val_loss"], rel_tol=1e-5)
+
+
+def test_bad_inputs(run_cli, models, tmp_path: Path) -> None:
+    code, _, err = run_eval(run_cli, models["gqa"], f"--data.files=[{tmp_path}/missing/*.txt]")
+    assert code == 1 and "data.files: no file matches" in err
+    other = save_tiny_llama(tmp_path / "other", shard=None, vocab_size=200)
+    save_word_tokenizer(other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"the"', '"The"'))
+    code, _, err = run_eval(run_cli, models["gqa"], "--reference", other, "--no-speed")
+    assert code == 1 and "use different tokenizers" in err
+    code, _, err = run_eval(run_cli, tmp_path / "no-model")
+    assert code == 1 and "no such model folder" in err
+    code, _, err = run_eval(run_cli, models["gqa"], "--lr=3")
+    assert code == 1 and "eval takes --data.* settings" in err
+    code, _, err = run_eval(run_cli)
+    assert code == 1 and "give MODEL" in err
+    code, _, err = run_eval(run_cli, models["gqa"], f"--data.files=[{models['corpus']}/*.txt]", "--window=4096")
+    assert code == 1 and "above the model's max_position_embeddings 128" in err
+    for line in (err,):
+        assert len(line.strip().splitlines()) == 1
+
+
+TASK = """task: uptrain_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_tasks_run_on_the_loaded_model(run_cli, models, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")  # a dev dependency: present in `make test`
+    rows = [
+        {"question": "the cat sees", "choices": ["the moon .", "a a a"], "answer": 0},
+        {"question": "a dog finds", "choices": ["a quiet town .", "finds finds"], "answer": 0},
+    ]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks" / "tiny.yaml").write_text(TASK.format(data=tmp_path / "tasks" / "tiny.jsonl"))
+    out = tmp_path / "e.json"
+    code, stdout, err = run_eval(
+        run_cli, models["gqa"], "--no-speed", "--tasks", "uptrain_tiny_choice", "--tasks-include", tmp_path / "tasks",
+        "--json", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert set(json.loads(out.read_text())["tasks"]["uptrain_tiny_choice"]) == {"acc"}
+    assert "uptrain_tiny_choice acc" in stdout
+
+
+@pytest.mark.slow  # lm-eval indexes all its built-in tasks (~15 s per run)
+def test_lm_eval_task_data_out_of_reach(run_cli, models) -> None:
+    pytest.importorskip("lm_eval")
+    code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--tasks", "arc_easy", "--tasks-limit", "2")
+    assert code == 1 and "the data of the lm-eval tasks cannot be reached" in err.strip().splitlines()[-1]
+    code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--tasks", "no_such_task")
+    assert code == 1 and "unknown lm-eval task(s): no_such_task" in err
+
+
+def test_tasks_without_lm_eval_installed(run_cli, models, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--tasks", "hellaswag")
+    assert code == 1 and "pip install 'uptrain[eval]'" in err
+
+
+def test_the_schema_document_is_current() -> None:
+    from uptrain.evaluation.result import schema_markdown
+
+    doc = ROOT / "docs" / "eval-schema.md"
+    assert doc.read_text() == schema_markdown(), (
+        'docs/eval-schema.md is stale: python -c "from uptrain.evaluation.result import schema_markdown; '
+        "open('docs/eval-schema.md', 'w').write(schema_markdown())\""
+    )
+    assert "|  |" not in doc.read_text(), "every field needs a docstring"

@@ -1,0 +1,83 @@
+"""A conversion that dies midway leaves no OUT (and, when it can clean up, no temp folder)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from uptrain.cli import main
+from uptrain.io.writer import ShardedWriter
+
+# Runs the real CLI in a child process and sends it a real signal once 3 tensors are written.
+DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from uptrain.io.writer import ShardedWriter
+    from uptrain.cli import main
+
+    original = ShardedWriter.write
+    def write(self, name, tensor):
+        original(self, name, tensor)
+        if self.bytes_written and self._next == 3:
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    ShardedWriter.write = write
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def leftovers(parent: Path, out: Path) -> list[Path]:
+    return sorted(parent.glob(f".{out.name}.uptrain-*"))
+
+
+def run_driver(sig: str, *args: Path | str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, sig, "convert", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_sigkill_midway_leaves_no_out(llama: Path) -> None:
+    out = llama.parent / "out"
+    proc = run_driver("SIGKILL", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    (tmp,) = leftovers(llama.parent, out)  # killed before it could clean: the partial work is hidden
+    assert list(tmp.glob("model-*.safetensors")), "the kill happened after shards were written"
+
+
+def test_sigterm_midway_cleans_up(llama: Path) -> None:
+    out = llama.parent / "out"
+    proc = run_driver("SIGTERM", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted; nothing was written" in proc.stderr
+    assert not out.exists() and not leftovers(llama.parent, out)
+
+
+def test_sigint_midway_keeps_the_old_out(llama: Path, run_cli) -> None:
+    out = llama.parent / "out"
+    assert run_cli("convert", llama, out, "--num-kv-heads", "4", "--quiet")[0] == 0
+    proc = run_driver("SIGINT", llama, out, "--num-kv-heads", "2", "--overwrite", "--max-shard-size", "20KB")
+    assert proc.returncode == 130, proc.stderr
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 4
+    assert not leftovers(llama.parent, out)
+
+
+def test_failure_midway_removes_the_temp_folder(llama: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    out = llama.parent / "out"
+    original = ShardedWriter.write
+
+    def failing(self, name, tensor):
+        if self._next == 5:
+            raise OSError(28, "No space left on device")
+        original(self, name, tensor)
+
+    monkeypatch.setattr(ShardedWriter, "write", failing)
+    assert main(["convert", str(llama), str(out), "--num-kv-heads", "2", "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == "uptrain convert: error: No space left on device"
+    assert not out.exists() and not leftovers(llama.parent, out)

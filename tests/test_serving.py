@@ -1,0 +1,143 @@
+"""`uptrain plan`: serving-budget figures against hand computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import Gemma2Config, LlamaConfig
+
+from uptrain.errors import UptrainError
+from uptrain.model.shape import ModelShape
+from uptrain.serving import ServedModel, serving_rows
+from uptrain.synthetic import save_tiny_llama
+
+LLAMA2_70B = dict(layers=80, heads=64, kv_heads=8, head_dim=128, hidden=8192, params=68_976_648_192)
+LLAMA2_13B = dict(layers=40, heads=40, kv_heads=40, head_dim=128, hidden=5120, params=13_015_864_320)
+
+
+def rows_by_g(rows) -> dict:
+    return {r.num_kv_heads: r for r in rows}
+
+
+def test_llama2_70b_per_request_cache_at_4096_tokens_fp16() -> None:
+    m = ServedModel("llama-2-70b", ModelShape(**LLAMA2_70B), dtype="fp16")
+    rows, _ = serving_rows(m, memory=640 * 10**9, context=4096, batch=1, kv_itemsize=2, tp=8)
+    r = rows_by_g(rows)
+    # 2 (K, V) x 80 layers x G heads x 128 dims x 4096 tokens x 2 bytes
+    assert r[64].kv_per_request == 2 * 80 * 64 * 128 * 4096 * 2 == 10_737_418_240  # "10.7 GB"
+    assert r[8].kv_per_request == 2 * 80 * 8 * 128 * 4096 * 2 == 1_342_177_280  # "1.34 GB"
+    assert r[1].kv_per_request == 2 * 80 * 1 * 128 * 4096 * 2 == 167_772_160  # "0.17 GB"
+    assert [r[g].ratio for g in (64, 8, 1)] == [1, 8, 64]
+    assert r[8].current and r[8].reachable and not r[16].reachable
+
+
+def test_llama2_13b_64k_context_batch_32_on_one_80gb_gpu() -> None:
+    m = ServedModel("llama-2-13b", ModelShape(**LLAMA2_13B), dtype="fp16")
+    rows, best = serving_rows(m, memory=80 * 10**9, context=65536, batch=32, kv_itemsize=2)
+    r = rows_by_g(rows)
+    assert list(r) == [40, 20, 10, 8, 5, 4, 2, 1]  # every divisor of 40, MHA to MQA
+    per_head = 2 * 40 * 128 * 65536 * 2  # one KV head, one request: 1.34 GB
+    assert r[40].kv_per_request == 40 * per_head == 53_687_091_200
+    assert r[40].kv_batch == 32 * 40 * per_head
+    # weights: 13,015,864,320 params, less 2 x 40 layers x (40 - G) heads x 128 x 5120 per merged head
+    assert r[1].weights_per_gpu == (13_015_864_320 - 2 * 40 * 39 * 128 * 5120) * 2 == 21_942_282_240
+    assert r[1].total_per_gpu == 21_942_282_240 + 32 * per_head == 64_891_955_200  # 64.9 of 80 GB
+    assert r[1].fits and not r[2].fits
+    assert r[1].max_requests == (80 * 10**9 - 21_942_282_240) // per_head == 43
+    assert r[40].max_requests == 1  # 80 - 26.0 GB of weights leave room for one 53.7 GB MHA request
+    assert best == 1
+    _, best_fp8 = serving_rows(m, memory=80 * 10**9, context=65536, batch=32, kv_itemsize=1)
+    assert best_fp8 == 2  # fp8 halves the cache: GQA-2 fits (22.0 + 42.9 GB)
+
+
+def test_tensor_parallelism_shards_weights_and_kv_heads() -> None:
+    m = ServedModel("llama-2-13b", ModelShape(**LLAMA2_13B), dtype="fp16")
+    rows, best = serving_rows(m, memory=80 * 10**9, context=65536, batch=32, kv_itemsize=2, tp=4)
+    r = rows_by_g(rows)
+    per_head = 2 * 40 * 128 * 65536 * 2
+    assert r[8].weights_per_gpu == -(-(13_015_864_320 - 2 * 40 * 32 * 128 * 5120) * 2 // 4)
+    assert r[8].kv_batch_per_gpu == 32 * 2 * per_head  # 8 heads over 4 GPUs: 2 each
+    assert r[2].kv_batch_per_gpu == 32 * 1 * per_head  # fewer heads than GPUs: one head per GPU
+    assert not r[5].tp_divisible and not r[2].tp_divisible and r[4].tp_divisible
+    assert best == 4  # 8 does not fit; 5 is fine in memory but not divisible by tp 4
+
+
+def test_sliding_window_layers_cap_the_cache() -> None:
+    cfg = Gemma2Config(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                       hidden_size=512, sliding_window=1024)  # fmt: skip
+    m = ModelShape.from_config(cfg, params=10**9)
+    assert m.windows == (1024, None, 1024, None)
+    # two full layers hold 8192 tokens, two sliding layers 1023
+    assert m.kv_bytes(8192, batch=1, itemsize=2, kv_heads=8) == 2 * 8 * 64 * 2 * (8192 * 2 + 1023 * 2)
+
+
+def test_impossible_budgets_and_bad_options(run_cli) -> None:
+    m = ServedModel("llama-2-13b", ModelShape(**LLAMA2_13B), dtype="fp16")
+    with pytest.raises(UptrainError, match=r"the weights alone need 2[12].* GB per GPU, more than the 16\.00 GB"):
+        serving_rows(m, memory=16 * 10**9, context=4096, batch=1, kv_itemsize=2)
+    with pytest.raises(UptrainError, match="not even one request of 2,000,000 tokens fits"):
+        serving_rows(m, memory=40 * 10**9, context=2_000_000, batch=1, kv_itemsize=2)
+    with pytest.raises(UptrainError, match="--tp 3 does not divide the 40 query heads"):
+        serving_rows(m, memory=80 * 10**9, context=4096, batch=1, kv_itemsize=2, tp=3)
+    numbers = ["--layers", "40", "--heads", "40", "--head-dim", "128", "--params", "13e9"]
+    code, _, err = run_cli("plan", *numbers, "--num-kv-heads", "3")
+    assert code == 1 and "--num-kv-heads 3 does not divide the 40 heads (valid: 40, 20, 10, 8, 5, 4, 2, 1)" in err
+    code, _, err = run_cli("plan", "--layers", "40", "--heads", "40")
+    assert code == 1 and "give MODEL (a folder, config.json or Hub id) or all of --head-dim, --params" in err
+    code, _, err = run_cli("plan", *numbers, "--kv-heads", "7")
+    assert code == 1 and "7 KV heads do not divide 40 attention heads" in err
+    code, _, err = run_cli("plan", *numbers, "--memory", "lots")
+    assert code == 1 and "cannot read size 'lots'" in err
+
+
+def test_cli_table_units_and_json(run_cli) -> None:
+    args = ["--layers", "80", "--heads", "64", "--kv-heads", "8", "--head-dim", "128", "--hidden", "8192",
+            "--params", "68976648192", "--context", "4096", "--kv-dtype", "fp16", "--weights-dtype", "fp16",
+            "--memory", "80GB", "--tp", "2", "--batch", "8"]  # fmt: skip
+    code, out, err = run_cli("plan", *args)
+    assert code == 0, err
+    assert "(GB = 10^9 bytes)" in out
+    mha = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    assert "| 10.74 |" in mha and "not reachable from 8 KV heads" in mha
+    assert "recommended: G = 8" in out
+    code, out, _ = run_cli("plan", *args, "--units", "GiB")
+    assert "(GiB = 2^30 bytes)" in out and "| 10.00 |" in next(x for x in out.splitlines() if x.startswith("| 64 |"))
+    code, out, _ = run_cli("plan", *args, "--json")
+    result = json.loads(out)
+    assert result["recommended_num_kv_heads"] == 8
+    assert [r["kv_per_request"] for r in result["rows"] if r["num_kv_heads"] in (64, 8, 1)] == [
+        10_737_418_240, 1_342_177_280, 167_772_160
+    ]  # fmt: skip
+
+
+def test_plan_from_a_checkpoint_and_from_a_config_json(run_cli, tmp_path: Path) -> None:
+    src = save_tiny_llama(tmp_path / "llama")  # fp32 weights, 2 layers, 8 heads x 8
+    code, out, err = run_cli("plan", src, "--memory", "1GB", "--context", "100", "--batch", "4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"]["dtype"] == "fp32" and result["model"]["params"] > 0
+    first = result["rows"][0]
+    assert first["kv_per_request"] == 2 * 2 * 8 * 8 * 100 * 2  # bf16 cache by default
+    cfg = tmp_path / "13b.json"
+    LlamaConfig(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000).to_json_file(cfg)  # fmt: skip
+    code, out, err = run_cli("plan", cfg, "--memory", "80GB", "--context", "65536", "--batch", "32", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"]["params"] == 13_015_864_320  # Llama-2-13B, counted on a weightless model
+    assert result["recommended_num_kv_heads"] == 1
+
+
+def test_plot(run_cli, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")  # a dev dependency: present in `make test`
+    numbers = ["--layers", "40", "--heads", "40", "--head-dim", "128", "--params", "13e9", "--context", "65536"]
+    code, _, err = run_cli("plan", *numbers, "--batch", "4", "--plot", tmp_path / "kv.png")
+    assert code == 0, err
+    assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run_cli("plan", *numbers, "--plot", tmp_path / "again.png")
+    assert code == 1 and "pip install 'uptrain[plot]'" in err

@@ -1,0 +1,227 @@
+"""Train configs: keys, types, overrides, the budget math, and bad configs failing before any work."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import LlamaConfig
+
+from tests import ROOT
+from uptrain import config as configlib
+from uptrain.errors import UptrainError
+from uptrain.model.shape import count_parameters
+from uptrain.training.budget import train_budget
+from uptrain.training.config import OptimConfig, TrainConfig
+from uptrain.training.model import lr_factor
+
+
+def matmul_params(config) -> int:
+    """N of the 6·N·D training FLOPs: parameters without the (untied) input embedding table."""
+    return count_parameters(config, matmul_only=True)
+
+
+BASE = {"model": {"path": "m"}, "data": {"files": ["x.txt"]}, "budget": {"steps": 10}}
+
+
+def test_yaml_scalars_are_coerced_to_field_types(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {path: m}\ndata: {files: x.txt, seq_len: '1024'}\n"
+        "budget: {fraction: 0.05, original_tokens: 2e12}\noptim: {lr: 3e-4, betas: [0.9, 0.95]}\n"
+    )
+    cfg = configlib.load(TrainConfig, path)
+    assert cfg.budget.original_tokens == 2_000_000_000_000 and isinstance(cfg.budget.original_tokens, int)
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.files == ["x.txt"] and cfg.data.seq_len == 1024
+
+
+def test_unknown_keys_name_the_closest_valid_one(tmp_path: Path) -> None:
+    with pytest.raises(UptrainError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
+        configlib.from_dict(TrainConfig, {**BASE, "optim": {"lrr": 1}})
+    with pytest.raises(UptrainError, match=r"unknown config key 'optimizer'; did you mean 'optim'\?"):
+        configlib.from_dict(TrainConfig, {**BASE, "optimizer": {}})
+    with pytest.raises(UptrainError, match=r"'data.seqlen'; did you mean 'data.seq_len'"):
+        configlib.load(TrainConfig, None, {**configlib.parse_overrides(["--data.seqlen=8"]), **_flat(BASE)})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def test_overrides_parse_as_yaml() -> None:
+    parsed = configlib.parse_overrides(["--optim.lr=1e-4", "--data.files", "[a.txt, b.txt]", "--model.compile"])
+    assert parsed == {"optim.lr": "1e-4", "data.files": ["a.txt", "b.txt"], "model.compile": True}
+    cfg = configlib.load(TrainConfig, None, {**_flat(BASE), **parsed})
+    assert (cfg.optim.lr, cfg.data.files, cfg.model.compile) == (1e-4, ["a.txt", "b.txt"], True)
+    assert configlib.parse_overrides(["--out=runs/x", "--seed", "3"]) == {"out": "runs/x", "seed": 3}
+    with pytest.raises(UptrainError, match=r"look like --section\.key=value"):
+        configlib.parse_overrides(["stray.yaml"])
+    with pytest.raises(UptrainError, match="unknown config key 'verbose'"):
+        configlib.load(TrainConfig, None, {**_flat(BASE), **configlib.parse_overrides(["--verbose"])})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"budget": {"tokens": 0}}, "budget.tokens must be positive"),
+        ({"budget": {"tokens": -5}}, "budget.tokens must be positive"),
+        ({"budget": {"steps": 0}}, "budget.steps must be positive"),
+        ({"budget": {"fraction": -0.05, "original_tokens": 2e12}}, "budget.fraction must be positive"),
+        ({"budget": {}}, "budget needs exactly one of"),
+        ({"budget": {"tokens": 10, "steps": 3}}, "got tokens, steps"),
+        ({"budget": {"fraction": 0.05}}, "budget.fraction needs budget.original_tokens"),
+        ({"budget": {"steps": 1.5}}, "budget.steps must be a whole number"),
+        ({"optim": {"lr": "fast"}}, "optim.lr must be a number"),
+        ({"optim": {"schedule": "cosin"}}, "optim.schedule must be one of cosine, linear, constant"),
+        ({"data": {"files": ["x.txt"], "dataset": "a/b"}}, "exactly one of data.dataset"),
+        ({"batch": {"micro_batch_size": 0}}, "batch.micro_batch_size must be positive"),
+        ({"model": {"init": "scratch"}}, "needs model.config"),
+    ],
+)
+def test_bad_values_are_refused(edit: dict, message: str) -> None:
+    with pytest.raises(UptrainError, match=message):
+        configlib.from_dict(TrainConfig, {**BASE, **edit})
+
+
+def test_every_field_is_documented() -> None:
+    import dataclasses
+
+    from uptrain.training import config as train_config
+
+    for cls in [TrainConfig, *(getattr(train_config, n) for n in dir(train_config) if n.endswith("Config"))]:
+        if dataclasses.is_dataclass(cls):
+            docs = configlib.field_docs(cls)
+            assert {f.name for f in dataclasses.fields(cls)} <= {k for k, v in docs.items() if v}, cls.__name__
+    lines = configlib.key_help(TrainConfig)
+    assert any(line.strip().startswith("--optim.lr=0.0003  Peak learning rate") for line in lines)
+
+
+# --- the budget ---------------------------------------------------------------------------
+
+
+def test_llama2_7b_five_percent_plan_matches_hand_computation() -> None:
+    # Llama-2-7B: 32 layers, hidden 4096, 32 heads, FFN 11008, vocab 32000, untied head.
+    cfg = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000)  # fmt: skip
+    layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 11008 + 2 * 4096  # q,o + k,v (GQA-8) + MLP + norms
+    n = 32 * layer + 4096 + 32000 * 4096  # + final norm + lm_head (the input embedding is excluded)
+    assert matmul_params(cfg) == n == 5_802_037_248
+    plan = train_budget(
+        fraction=0.05, original_tokens=2e12, seq_len=4096, global_batch_size=1024, micro_batch_size=4,
+        num_processes=64, params=n,
+    )  # fmt: skip
+    assert plan.requested_tokens == 100_000_000_000
+    assert plan.global_batch_tokens == 4_194_304
+    assert plan.steps == 23_842  # ceil(1e11 / 4,194,304) = ceil(23,841.86)
+    assert plan.tokens == 23_842 * 4_194_304 == 100_000_595_968
+    assert plan.grad_accum == 4  # 1024 / (4 x 64)
+    assert plan.flops == 6 * 5_802_037_248 * 100_000_595_968 == 3_481_243_095_771_207_696_384
+    assert round(plan.gpu_hours, 1) == 2444.4  # / (989 TFLOP/s x 40 % MFU) / 3600 s
+
+
+def test_plan_from_tokens_and_from_steps() -> None:
+    common = dict(seq_len=128, global_batch_size=16, micro_batch_size=2, num_processes=2, params=1000)
+    p = train_budget(tokens=10_000, **common)
+    assert (p.steps, p.tokens, p.grad_accum) == (5, 10_240, 4)  # 2048 tokens per step: ceil(10000/2048) = 5
+    p = train_budget(steps=7, **common)
+    assert (p.requested_tokens, p.steps, p.flops) == (7 * 2048, 7, 6 * 1000 * 7 * 2048)
+
+
+def test_batch_that_does_not_split_evenly_is_refused() -> None:
+    with pytest.raises(UptrainError, match="global_batch_size 10 is not a multiple of micro_batch_size x processes"):
+        train_budget(steps=1, seq_len=8, global_batch_size=10, micro_batch_size=4, num_processes=1, params=1)
+
+
+def test_learning_rate_schedule() -> None:
+    o = OptimConfig(lr=1.0, warmup=10, min_lr_ratio=0.1, schedule="cosine")
+    assert [lr_factor(s, 110, o) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(10, 110, o) == 1.0 and math.isclose(lr_factor(60, 110, o), 0.55)
+    assert math.isclose(lr_factor(110, 110, o), 0.1)
+    linear = OptimConfig(lr=1.0, warmup=0.1, min_lr_ratio=0.0, schedule="linear")
+    assert math.isclose(lr_factor(55, 100, linear), 0.5)  # 10 warmup steps, then 45/90 of the way down
+
+
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("llama2-7b-gqa8", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+        ("qwen1.5-7b-gqa8", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=151936)),
+        ("olmo-1b-gqa4", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                              num_attention_heads=16, num_key_value_heads=4, vocab_size=50304)),
+    ],
+)  # fmt: skip
+def test_run_configs_parse_and_plan_on_8_gpus(name: str, arch: dict) -> None:
+    cfg = configlib.load(TrainConfig, ROOT / "configs" / f"{name}.yaml")
+    plan = train_budget(
+        tokens=cfg.budget.tokens, fraction=cfg.budget.fraction, original_tokens=cfg.budget.original_tokens,
+        steps=cfg.budget.steps, seq_len=cfg.data.seq_len, global_batch_size=cfg.batch.global_batch_size,
+        micro_batch_size=cfg.batch.micro_batch_size, num_processes=8, params=matmul_params(LlamaConfig(**arch)),
+    )  # fmt: skip
+    assert plan.requested_tokens == round(0.05 * cfg.budget.original_tokens)
+    assert plan.global_batch_tokens == 4 * 2**20  # the 4M-token batches of the original recipes
+    assert plan.grad_accum * 8 * cfg.batch.micro_batch_size == cfg.batch.global_batch_size
+
+
+# --- bad configs fail before any work -------------------------------------------------------
+
+
+def refuse(run_cli, cfg: dict, tmp_path: Path, expect: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("train", path)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uptrain train: error: ") and expect in lines[0], err
+    assert not Path(cfg["out"]).exists(), "nothing may be written"
+
+
+def test_unknown_key(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "optim": {"learning_rate": 1e-3}}
+    refuse(run_cli, cfg, tiny_run["root"], "unknown config key 'optim.learning_rate'; did you mean 'optim.")
+
+
+def test_zero_and_negative_budgets(run_cli, tiny_run: dict) -> None:
+    refuse(run_cli, {**tiny_run["config"], "budget": {"tokens": 0}}, tiny_run["root"], "budget.tokens must be positive")
+    refuse(run_cli, {**tiny_run["config"], "budget": {"steps": -3}}, tiny_run["root"], "budget.steps must be positive")
+
+
+def test_sequence_longer_than_the_model_positions(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "data": {**tiny_run["config"]["data"], "seq_len": 4096}}
+    refuse(run_cli, cfg, tiny_run["root"], "data.seq_len 4096 is above the model's max_position_embeddings 128")
+
+
+def test_missing_data_files(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "data": {"files": [str(tiny_run["root"] / "nope" / "*.txt")]}}
+    refuse(run_cli, cfg, tiny_run["root"], "data.files: no file matches")
+
+
+def test_teacher_with_another_vocabulary(run_cli, tiny_run: dict, tmp_path: Path) -> None:
+    from uptrain.synthetic import save_tiny_llama, save_word_tokenizer
+
+    other = save_tiny_llama(tmp_path / "other", shard=None, vocab_size=200)
+    save_word_tokenizer(other)
+    cfg = {**tiny_run["config"], "distill": {"teacher": str(other)}}
+    refuse(run_cli, cfg, tiny_run["root"], "has another vocabulary (vocab_size 200 vs 96")
+
+
+def test_missing_model(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "model": {"path": str(tiny_run["root"] / "corpus")}}
+    refuse(run_cli, cfg, tiny_run["root"], "has no config.json")
+
+
+def test_batch_not_divisible(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "batch": {"global_batch_size": 6, "micro_batch_size": 4}}
+    refuse(run_cli, cfg, tiny_run["root"], "global_batch_size 6 is not a multiple")
+
+
+def test_missing_config_file(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("train", tmp_path / "none.yaml")
+    assert code == 1 and "config file" in err and "not found" in err

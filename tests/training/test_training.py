@@ -1,0 +1,280 @@
+"""`uptrain train` on CPU: learning, outputs, exact resume, signals, NaN, distillation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.families import tensors
+from uptrain.training import loop as trainlib
+from uptrain.training.checkpointer import CONFIG_NAME, checkpoints
+from uptrain.training.metrics import METRICS
+
+
+def write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def test_converted_model_trains_and_validation_loss_falls(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg)
+    assert code == 0, err
+    run = Path(tiny_run["config"]["out"])
+    rows = metrics(run)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20, 30]
+    assert val[-1] < 0.6 * val[0], val
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= train_rows[-1].keys()
+    assert train_rows[-1]["tokens"] == 30 * 8 * 32
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.num_key_value_heads == 2
+    assert AutoTokenizer.from_pretrained(run / "model")("the cat sees the moon .")["input_ids"][0] == 1
+    assert (run / "model" / "uptrain_conversion.json").is_file()
+    assert yaml.safe_load((run / CONFIG_NAME).read_text())["optim"]["lr"] == 3e-3
+    assert [p.name for p in checkpoints(run)] == ["step-00000020", "step-00000030"]  # keep: 2
+    assert (checkpoints(run)[-1] / CONFIG_NAME).is_file()
+    assert oct((run / "model").stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_overrides_and_the_saved_config(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--budget.steps=4", "--optim.lr", "1e-3", "--logging.every=2")
+    assert code == 0, err
+    saved = yaml.safe_load((Path(tiny_run["config"]["out"]) / CONFIG_NAME).read_text())
+    assert (saved["budget"]["steps"], saved["optim"]["lr"], saved["logging"]["every"]) == (4, 1e-3, 2)
+    assert saved["optim"]["schedule"] == "cosine"  # defaults are written out too
+
+
+def test_dry_run_prints_the_plan_and_does_nothing(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--dry-run", "--budget.steps=1000")
+    assert code == 0, err
+    assert "optimizer steps  1,000" in err and "global batch     8 sequences x 32 = 256 tokens" in err
+    assert "per process      4 sequences x 2 accumulation steps x 1 process(es)" in err
+    assert not Path(tiny_run["config"]["out"]).exists()
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int, sig: int = signal.SIGTERM) -> None:
+    """Deliver a real signal to this process during optimizer step `step`."""
+    original = trainlib.Trainer.step
+
+    def step_then_signal(self):
+        if self.state.step == step - 1:
+            os.kill(os.getpid(), sig)
+        return original(self)
+
+    monkeypatch.setattr(trainlib.Trainer, "step", step_then_signal)
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = tiny_run["config"]
+    root = tiny_run["root"]
+    straight = write({**cfg, "out": str(root / "straight")}, root / "straight.yaml")
+    assert run_cli("train", straight)[0] == 0
+
+    stopped = write({**cfg, "out": str(root / "stopped")}, root / "stopped.yaml")
+    with monkeypatch.context() as m:
+        _stop_at(m, 17)
+        code, _, err = run_cli("train", stopped)
+    assert code == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM at step 17: checkpoint saved" in err
+    assert checkpoints(root / "stopped")[-1].name == "step-00000017"
+    assert not (root / "stopped" / "model").exists()
+    code, _, err = run_cli("train", stopped, "--resume")
+    assert code == 0, err
+    assert "resumed from" in err and "at step 17" in err
+
+    # and from an explicit checkpoint path, into another run folder
+    again = write({**cfg, "out": str(root / "again")}, root / "again.yaml")
+    code, _, err = run_cli("train", again, "--resume", root / "stopped" / "checkpoints" / "step-00000020")
+    assert code == 0, err
+
+    reference = tensors(root / "straight" / "model")
+    for run in ("stopped", "again"):
+        result = tensors(root / run / "model")
+        assert reference.keys() == result.keys()
+        for name, t in reference.items():
+            assert torch.equal(t, result[name]), f"{run}: {name} differs"  # bitwise
+    losses = {run: [r["loss"] for r in metrics(root / run) if "loss" in r] for run in ("straight", "stopped")}
+    assert losses["straight"] == losses["stopped"]
+
+
+def test_resume_auto_starts_or_continues(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    with monkeypatch.context() as m:
+        _stop_at(m, 4)
+        code, _, err = run_cli("train", cfg, "--resume", "auto")  # nothing to resume: a fresh start
+    assert code == 143 and "resumed" not in err
+    code, _, err = run_cli("train", cfg, "--resume", "auto")
+    assert code == 0 and "at step 4" in err
+
+
+def test_sigint_also_checkpoints(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    _stop_at(monkeypatch, 3, signal.SIGINT)
+    code, _, err = run_cli("train", cfg)
+    assert code == 130 and "stopped by SIGINT at step 3" in err
+    assert checkpoints(Path(tiny_run["config"]["out"]))[-1].name == "step-00000003"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    original = trainlib.training_loss
+    calls = {"n": 0}
+
+    def poisoned(model, ids, *args):
+        calls["n"] += 1
+        loss, ce = original(model, ids, *args)
+        return (loss * float("nan"), ce) if calls["n"] > 2 * 14 else (loss, ce)  # from step 15 on
+
+    monkeypatch.setattr(trainlib, "training_loss", poisoned)
+    code, _, err = run_cli("train", cfg)
+    run = Path(tiny_run["config"]["out"])
+    assert code == 1
+    assert "the loss became nan at step 15" in err and "step-00000010" in err
+    assert [p.name for p in checkpoints(run)] == ["step-00000010"]
+    assert not (run / "model").exists()
+    calls["n"] = 0
+    code, _, err = run_cli("train", cfg, "--resume")  # the good checkpoint resumes ...
+    assert code == 1 and "resumed from" in err and "at step 25" in err  # ... into the (still) poisoned loss
+
+
+def test_an_existing_run_is_not_overwritten(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    assert run_cli("train", cfg, "--budget.steps=2")[0] == 0
+    code, _, err = run_cli("train", cfg, "--budget.steps=2")
+    assert code == 1 and "--resume to continue it or --overwrite to start over" in err
+    assert run_cli("train", cfg, "--budget.steps=2", "--overwrite")[0] == 0
+
+
+def test_resume_refuses_a_changed_recipe(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    assert run_cli("train", cfg, "--budget.steps=10")[0] == 0
+    code, _, err = run_cli("train", cfg, "--resume", "--optim.lr=1e-2")
+    assert code == 1 and "differs from the checkpoint's in optim.lr" in err
+    code, _, err = run_cli("train", cfg, "--resume", "--budget.steps=12")  # a longer budget is fine
+    assert code == 0, err
+
+
+def test_distillation_from_the_mha_source(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "distill": {"teacher": str(tiny_run["source"]), "weight": 0.5, "temperature": 2.0}}
+    code, _, err = run_cli("train", write(cfg, tiny_run["root"] / "cfg.yaml"), "--budget.steps=6")
+    assert code == 0, err
+    assert AutoModelForCausalLM.from_pretrained(Path(cfg["out"]) / "model").config.num_key_value_heads == 2
+    logged = [r for r in metrics(Path(cfg["out"])) if "loss" in r]
+    assert all("ce" in r and r["ce"] != r["loss"] for r in logged)  # the KL term is part of the loss
+
+
+def test_the_seed_fixes_the_initialisation(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    scratch = {**tiny_run["config"], "model": {"init": "scratch", "config": str(tiny_run["source"] / "config.json")}}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = write({**scratch, "out": str(root / name), "seed": seed}, root / f"{name}.yaml")
+        assert run_cli("train", cfg, "--budget.steps=1", "--optim.lr=1e-9")[0] == 0
+    a, b, c = (tensors(root / n / "model") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], c["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_training_from_scratch(run_cli, tiny_run: dict) -> None:
+    cfg = {**tiny_run["config"], "model": {"init": "scratch", "config": str(tiny_run["source"] / "config.json")}}
+    code, _, err = run_cli("train", write(cfg, tiny_run["root"] / "cfg.yaml"), "--budget.steps=4")
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(Path(cfg["out"]) / "model")
+    assert model.config.num_key_value_heads == 8 and model.dtype == torch.float32
+
+
+def test_distillation_kl_matches_its_definition() -> None:
+    from uptrain.training.losses import distill_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    t = 2.0
+    p, q = torch.softmax(teacher / t, -1), torch.softmax(student / t, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()  # KL(teacher || student), mean over positions
+    torch.testing.assert_close(distill_kl(student, teacher, t), expected)
+    assert distill_kl(teacher, teacher, t).abs() < 1e-6
+
+
+def test_streaming_data_trains_and_resumes(run_cli, tiny_run: dict, monkeypatch) -> None:
+    from uptrain.synthetic import write_corpus
+
+    corpus = write_corpus(tiny_run["root"] / "stream.jsonl", docs=600, fmt="jsonl")
+    data = {"files": [str(corpus)], "streaming": True, "seq_len": 32, "validation_blocks": 4, "shuffle_buffer": 50}
+    cfg = write({**tiny_run["config"], "data": data}, tiny_run["root"] / "cfg.yaml")
+    with monkeypatch.context() as m:
+        _stop_at(m, 12)
+        assert run_cli("train", cfg)[0] == 143
+    code, _, err = run_cli("train", cfg, "--resume")
+    assert code == 0 and "at step 12" in err, err
+    val = [r["val_loss"] for r in metrics(Path(tiny_run["config"]["out"])) if "val_loss" in r]
+    assert val[-1] < 0.7 * val[0]
+
+
+def test_default_tracker_is_skipped_when_not_installed(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--budget.steps=2", "--logging.trackers=[tensorboard]")
+    assert code == 0, err
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path: Path) -> None:
+    from tests.families import CASES, build
+    from uptrain.synthetic import save_tiny_llama
+    from uptrain.training.config import OptimConfig
+    from uptrain.training.model import build_optimizer
+
+    for model in (
+        AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "tied", shard=None, tie_word_embeddings=True)),
+        build(next(c for c in CASES if c.id == "qwen2")),  # q/k/v biases
+    ):
+        decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for p in decay["params"]}
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+        assert decayed and all(n.endswith("proj.weight") or n == "lm_head.weight" for n in decayed), decayed
+        assert "model.embed_tokens.weight" in {names[id(p)] for p in no_decay["params"]}
+        assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_checkpointing_trains_the_same(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    plain = write({**tiny_run["config"], "out": str(root / "plain")}, root / "plain.yaml")
+    ckpt = {**tiny_run["config"], "out": str(root / "ckpt")}
+    ckpt["model"] = {**ckpt["model"], "gradient_checkpointing": True}
+    assert run_cli("train", plain, "--budget.steps=5")[0] == 0
+    code, _, err = run_cli("train", write(ckpt, root / "ckpt.yaml"), "--budget.steps=5")
+    assert code == 0, err
+    a, b = metrics(root / "plain"), metrics(root / "ckpt")
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (a, b)]
+    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_unreachable_hub_dataset_fails_clearly(run_cli, tiny_run: dict) -> None:
+    data = {"dataset": "acme/no-such-dataset", "seq_len": 32, "validation_blocks": 4}
+    cfg = write({**tiny_run["config"], "data": data}, tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("uptrain train: error: cannot load acme/no-such-dataset")
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_loadable_weights(run_cli, tiny_run: dict) -> None:
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--model.compile", "--budget.steps=4")
+    assert code == 0, err
+    _, info = AutoModelForCausalLM.from_pretrained(Path(tiny_run["config"]["out"]) / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(k.startswith("_orig_mod") for k in tensors(Path(tiny_run["config"]["out"]) / "model"))

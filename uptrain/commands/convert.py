@@ -1,0 +1,112 @@
+"""`uptrain convert`."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from uptrain.conversion.convert import convert_checkpoint
+from uptrain.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
+from uptrain.errors import Stopped, UptrainError
+from uptrain.units import format_bytes, format_count, parse_size
+
+DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    num_kv_heads: int,
+    method: Method = "mean",
+    grouping: Grouping = "contiguous",
+    calibration: str | None = None,
+    calibration_tokens: int = 65536,
+    dtype: DtypeOption = "auto",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Convert a checkpoint to G shared key/value heads (MHA -> GQA, or GQA -> fewer heads / MQA).
+
+    Each new KV head is built from the consecutive group of source KV heads that the query
+    heads sharing it used to read (transformers' repeat_kv: query head h reads KV head
+    h // (H/G)). Weights are streamed one tensor at a time, so a 70B checkpoint converts in a
+    few GB of RAM. The output is a standard Hugging Face folder (safetensors shards, index,
+    config, tokenizer) that loads with AutoModelForCausalLM.from_pretrained, plus
+    uptrain_conversion.json describing what was done. It is written to a temporary folder
+    beside OUT and renamed at the end: a failed or interrupted run leaves no OUT.
+
+    Args:
+        src: Local Hugging Face checkpoint folder, or a Hub repo id (org/name) to download.
+        out: Output folder for the converted checkpoint.
+        num_kv_heads: G, the number of key/value heads to keep; must divide the source's
+            KV-head count and be smaller (1 = MQA). `uptrain inspect SRC` lists valid values.
+        method: How each group's heads become one: mean (average, the paper's default), first
+            (the group's first head), random (fresh init with the source weights' std; seeded),
+            svd (least-squares shared heads with per-head maps folded exactly into the query and
+            output projections; docs/merging.md).
+        grouping: Which source heads share a KV head: contiguous (the ones repeat_kv pairs
+            today) or similarity (similar heads together; query and output heads are permuted
+            to match, which changes no output by itself).
+        calibration: Text files (txt/jsonl/parquet, globs allowed) to weight the merge by the
+            layer inputs the source model sees; without it every input direction counts alike.
+        calibration_tokens: Tokens of --calibration text to run through the source model, one
+            decoder layer at a time (memory: one layer plus these tokens' hidden states).
+        dtype: Cast floating-point tensors on the way (auto keeps each tensor's dtype).
+        max_shard_size: Largest output shard, e.g. 5GB, 500MB, 2GiB.
+        overwrite: Replace OUT if it exists (only once the new checkpoint is complete).
+        seed: Seed for --method random.
+        revision: Hub branch, tag or commit (Hub repo ids only).
+        allow_pickle: Accept pytorch_model*.bin checkpoints (unpickling can run code; loaded
+            with weights_only=True). Refused by default.
+        quiet: No progress bar or summary.
+    """
+    if method not in METHODS:
+        raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if grouping not in GROUPINGS:
+        raise UptrainError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
+    if dtype not in typing.get_args(DtypeOption):
+        raise UptrainError(f"unknown dtype {dtype!r}; choose from {', '.join(typing.get_args(DtypeOption))}")
+    shard_cap = parse_size(max_shard_size)
+    out_path = Path(out).absolute()
+    try:
+        record, nbytes = convert_checkpoint(
+            src,
+            out_path,
+            num_kv_heads=num_kv_heads,
+            method=method,
+            grouping=grouping,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
+            dtype=None if dtype == "auto" else getattr(torch, dtype),
+            max_shard_size=shard_cap,
+            overwrite=overwrite,
+            seed=seed,
+            revision=revision,
+            allow_pickle=allow_pickle,
+            quiet=quiet,
+        )
+    except KeyboardInterrupt:
+        raise Stopped("interrupted; nothing was written", 130) from None
+    if not quiet:
+        _print_summary(record, out_path, nbytes)
+    return record
+
+
+def _print_summary(record: dict[str, Any], out: Path, nbytes: int) -> None:
+    kv = record["kv_cache_bytes_per_token"]
+    params = record["parameters"]
+    print(
+        f"{record['model_type']}: {record['source_num_kv_heads']} -> {record['num_kv_heads']} KV heads "
+        f"({record['method']}) over {record['num_layers']} layers\n"
+        f"KV cache: {kv['before']:,} -> {kv['after']:,} bytes/token ({kv['before'] / kv['after']:.1f}x smaller)\n"
+        f"parameters: {format_count(params['before'])} -> {format_count(params['after'])}\n"
+        f"wrote {out} ({record['shards']} shard(s), {format_bytes(nbytes)}) in {record['seconds']:.1f} s"
+    )

@@ -1,0 +1,114 @@
+"""`uptrain eval`."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from uptrain import config as configlib
+from uptrain.config import Overrides
+from uptrain.data.config import DataConfig
+from uptrain.errors import UptrainError
+from uptrain.evaluation.evaluate import HeldOutText, evaluate_model
+from uptrain.evaluation.result import print_compare, print_result
+from uptrain.training.config import TrainConfig
+
+
+def _held_out_text(config: str | None, overrides: list[str]) -> HeldOutText | None:
+    """--config RUN.yaml (its data and seed; --data.* overrides apply), or the --data.* settings, or nothing."""
+    parsed = configlib.parse_overrides(overrides)
+    bad = [k for k in parsed if not k.startswith("data.")]
+    if bad:
+        raise UptrainError(f"unknown option(s) {', '.join('--' + k for k in bad)}; eval takes --data.* settings")
+    if config is not None:
+        run = configlib.load(TrainConfig, config, parsed)
+        return HeldOutText(run.data, run_config=config, seed=run.seed)
+    if not parsed:
+        return None
+    data = {k.removeprefix("data."): v for k, v in parsed.items()}
+    return HeldOutText(configlib.from_dict(DataConfig, data, "data"))
+
+
+def evaluate(
+    model: str | None = None,
+    *,
+    reference: str | None = None,
+    config: str | None = None,
+    compare: list[str] | None = None,
+    json: str | None = None,
+    max_tokens: int = 100_000,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 2,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    decode_batch: int = 1,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    no_speed: bool = False,
+    tasks: str | None = None,
+    tasks_limit: int | None = None,
+    tasks_include: str | None = None,
+    overrides: Annotated[list[str] | None, Overrides(DataConfig, section="data")] = None,
+) -> dict[str, Any]:
+    """Evaluate a (converted) model: perplexity, KL and agreement with its source, KV cache, decode speed.
+
+    Held-out text comes as in `uptrain train` (--data.files=..., --data.dataset=... --data.split=...),
+    or --config RUN.yaml scores a training run's held-out blocks. The KV cache is computed from the
+    config and measured from the cache transformers holds after generation; decode speed is measured
+    on the current device (a GPU if present, synchronised, after a warm-up). A table goes to stdout;
+    --json FILE writes the result (schema in docs/eval-schema.md); --compare A.json B.json ... prints
+    saved results side by side.
+
+    Args:
+        model: Model folder or Hub id to evaluate.
+        reference: The source model (e.g. the MHA checkpoint) to compare with on the same tokens.
+        config: A `uptrain train` config: score its run's held-out validation blocks.
+        compare: Saved --json results to print side by side (no evaluation).
+        json: Write the result as JSON to this file.
+        max_tokens: Tokens of held-out text to score at most.
+        window: Context per scoring window (default: data.seq_len, capped at the model's maximum).
+        stride: Tokens between windows (default: window / 2).
+        batch_size: Windows per forward pass.
+        prompt_tokens: Prompt length for the cache and speed measurement.
+        new_tokens: Tokens to generate for the cache and speed measurement.
+        decode_batch: Sequences generated at once for the cache and speed measurement.
+        dtype: dtype to evaluate in (auto: bfloat16 on GPU, float32 on CPU).
+        no_speed: Skip the generation (cache and decode speed) measurement.
+        tasks: lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install 'uptrain[eval]').
+        tasks_limit: Examples per task at most (quick checks).
+        tasks_include: A folder of extra lm-eval task definitions.
+        overrides: --data.key=value settings for the held-out text.
+    """
+    if compare:
+        print_compare(compare)
+        return {"compare": compare}
+    if model is None:
+        raise UptrainError("give MODEL to evaluate (or --compare A.json B.json ...)")
+    if not no_speed and (new_tokens < 2 or prompt_tokens < 1):
+        raise UptrainError("decode speed needs --prompt-tokens >= 1 and --new-tokens >= 2 (or pass --no-speed)")
+    text = _held_out_text(config, overrides or [])
+    result = evaluate_model(
+        model,
+        reference=reference,
+        text=text,
+        max_tokens=max_tokens,
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        decode_batch=decode_batch,
+        dtype=dtype,
+        speed=not no_speed,
+        tasks=tasks,
+        tasks_limit=tasks_limit,
+        tasks_include=tasks_include,
+    )
+    out = asdict(result)
+    print_result(out)
+    if json:
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
+        Path(json).write_text(jsonlib.dumps(out, indent=2) + "\n")
+    return out

@@ -1,0 +1,39 @@
+"""`uptrain train`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from uptrain import config as configlib
+from uptrain.config import Overrides
+from uptrain.training.config import TrainConfig
+from uptrain.training.run import run_training
+
+
+def train(
+    config: str,
+    *,
+    dry_run: bool = False,
+    resume: Annotated[str | None, {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT"}] = None,
+    overwrite: bool = False,
+    overrides: Annotated[list[str] | None, Overrides(TrainConfig)] = None,
+) -> dict[str, Any]:
+    """Continue pretraining a (converted) checkpoint for a token budget, with accelerate.
+
+    Runs on the local device (a GPU if present, else the CPU). The same command runs under
+    `accelerate launch` or `torchrun` for several GPUs or nodes (see configs/accelerate/).
+    Any config key can be overridden on the command line, e.g. --optim.lr=1e-4
+    --budget.tokens=2e9. The resolved config is saved in the run folder and in every
+    checkpoint; metrics go to OUT/metrics.jsonl (and to the configured trackers); the final
+    model is written to OUT/model as a Hugging Face folder.
+
+    Args:
+        config: YAML file with the run's config (see configs/ and the keys below).
+        dry_run: Print the resolved budget (tokens, steps, batch, FLOPs, GPU-hours) and exit.
+        resume: Continue from the latest checkpoint in OUT/checkpoints, or from CHECKPOINT;
+            `--resume auto` resumes if there is a checkpoint and starts afresh otherwise.
+        overwrite: Delete an existing run folder (checkpoints, metrics, model) and start over.
+        overrides: --section.key=value settings applied on top of CONFIG.
+    """
+    cfg = configlib.load(TrainConfig, config, configlib.parse_overrides(overrides or []))
+    return run_training(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)

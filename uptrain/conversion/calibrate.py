@@ -1,0 +1,188 @@
+"""Calibration for `uptrain convert --calibration`: Σ = E[x̃ x̃ᵀ] of every attention layer's input.
+
+The source reads the calibration text once, one decoder layer at a time, so memory stays bounded
+by one layer's weights plus the hidden states of the calibration tokens:
+
+1. the model is built with empty (meta) weights; only the modules before the first layer
+   (embeddings, rotary tables) get real weights;
+2. a forward over every window records what the model hands each decoder layer (hidden states
+   for the first, masks and rotary tables for all) without running any layer;
+3. layer by layer: load its weights from the checkpoint, run every window through it while a
+   forward pre-hook on its attention module adds xᵀx and Σx of the attention input x (the hidden
+   states after the layer's input norm), then drop the weights and write Σ̃ to disk.
+
+Σ̃ is (hidden+1)² float32 per layer; `CovarianceStore` keeps them on disk and loads one per layer
+when the merge asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain.data.config import DataConfig
+from uptrain.data.documents import expand_files, token_stream
+from uptrain.device import compute_device, inference_dtype
+from uptrain.errors import UptrainError
+from uptrain.io.reader import CheckpointReader
+from uptrain.model.families import Architecture
+from uptrain.model.shape import ModelShape
+
+
+class CovarianceStore(Mapping[int, torch.Tensor]):
+    """{layer: Σ̃ (hidden+1, hidden+1)} kept as one safetensors file per layer in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, layer: int) -> Path:
+        return self.folder / f"sigma-{layer:05d}.safetensors"
+
+    def put(self, layer: int, sigma: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"sigma": sigma.contiguous()}, str(self._path(layer)))
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        path = self._path(layer)
+        if not path.is_file():
+            raise KeyError(layer)
+        return load_file(str(path))["sigma"]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("sigma-*.safetensors")))
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("sigma-*.safetensors")))
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: the recording forward needs nothing after it."""
+
+
+@torch.no_grad()
+def input_covariance(
+    reader: CheckpointReader,
+    arch: Architecture,
+    shape: ModelShape,
+    files: str,
+    tokens: int,
+    folder: Path,
+    quiet: bool = False,
+) -> CovarianceStore:
+    """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over `tokens` tokens of `files`."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if tokens < 1:
+        raise UptrainError(f"--calibration-tokens must be positive, got {tokens}")
+    expand_files([files])  # a clear error for a missing file or an empty glob
+    src = reader.folder
+    device = compute_device()
+    dtype = inference_dtype(device)
+    config = AutoConfig.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    stream, _ = token_stream(DataConfig(files=[files]), tokenizer, tokens)
+    if len(stream) < tokens:
+        print(f"calibration text has {len(stream):,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
+    seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+    windows = [stream[b : b + seq][None].to(device) for b in range(0, len(stream), seq)]
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config).eval()
+    for name, _ in model.named_buffers():
+        set_module_tensor_to_device(model, name, device)
+    prefix = arch.attention.rsplit(".", 2)[0]  # "model.layers" from "model.layers.{layer}.self_attn"
+    layers = model.get_submodule(prefix)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != shape.layers:
+        raise UptrainError(f"{src}: expected {shape.layers} decoder layers under {prefix}; cannot calibrate this model")
+    head = model.get_output_embeddings()
+    heads = tuple(f"{n}." for n, m in model.named_modules() if m is head and n)  # the LM head is never run
+
+    # weights are read by the module's own names; a family whose checkpoints transformers renames
+    # or fuses at load time (MoE experts) cannot be run this way
+    missing = [n for n, _ in model.named_parameters() if not n.startswith(heads) and n not in reader.tensors]
+    if missing:
+        raise UptrainError(
+            f"--calibration runs {config.model_type} one layer at a time by parameter name, but {src} stores "
+            f"{missing[0]} (and {len(missing) - 1} more) under other names; convert without --calibration"
+        )
+
+    def load(names: list[str]) -> None:
+        for name in names:
+            set_module_tensor_to_device(model, name, device, value=reader.read(name), dtype=dtype)
+
+    load([n for n, _ in model.named_parameters() if not n.startswith((*heads, f"{prefix}."))])
+
+    # 2. record each layer's inputs per window: [hidden states], then {layer: [(args, kwargs)]}
+    hidden: list[torch.Tensor] = []
+    inputs: dict[int, list[tuple[tuple, dict]]] = {i: [] for i in range(shape.layers)}
+
+    def recorder(i: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            x = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(x)
+            inputs[i].append((args[1:], kwargs))
+            if i == shape.layers - 1:
+                raise _Stop
+            return x
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute shadows the class's forward
+    try:
+        for ids in windows:
+            with contextlib.suppress(_Stop):
+                model(ids, use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+    if any(len(v) != len(windows) for v in inputs.values()):
+        reached = sum(len(v) == len(windows) for v in inputs.values())
+        raise UptrainError(f"calibration reached {reached} of {shape.layers} decoder layers; is this a decoder?")
+
+    # 3. layer by layer: real weights in, every window through, Σ out
+    store = CovarianceStore(folder)
+    acc: list[Any] = []  # the current layer's Σ xᵀx, Σ x, count
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        x = x.reshape(-1, x.shape[-1]).float()  # (B·T, hidden)
+        acc[0] = acc[0] + x.T @ x
+        acc[1] = acc[1] + x.sum(0)
+        acc[2] += x.shape[0]
+
+    for i in tqdm(range(shape.layers), desc="calibration", unit="layer", disable=quiet, file=sys.stderr):
+        names = [f"{prefix}.{i}.{n}" for n, _ in layers[i].named_parameters()]
+        load(names)
+        acc[:] = [0.0, 0.0, 0]
+        attention = model.get_submodule(arch.attention.format(layer=i))
+        handle = attention.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            for w, (args, kwargs) in enumerate(inputs[i]):
+                out = layers[i](hidden[w], *args, **kwargs)
+                hidden[w] = out[0] if isinstance(out, tuple) else out
+        finally:
+            handle.remove()
+        for name in names:  # back to meta: one layer's weights in memory at a time
+            set_module_tensor_to_device(model, name, "meta")
+        xx, xs, n = acc
+        if n == 0:
+            raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
+        sigma = torch.ones(shape.hidden + 1, shape.hidden + 1)
+        sigma[:-1, :-1] = (xx / n).cpu()
+        sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
+        store.put(i, sigma)
+    return store

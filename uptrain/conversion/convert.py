@@ -1,0 +1,175 @@
+"""Convert a checkpoint to G shared key/value heads, streaming one tensor at a time.
+
+Two phases. `conversion_steps` reads only config.json and safetensors headers, checks every
+attention tensor against the config and decides, for each output tensor, its name, dtype,
+shape and how to compute it. `convert_checkpoint` then writes those tensors in order through the
+streaming shard writer into a temporary folder that is renamed to OUT at the end, and returns the
+conversion record it wrote beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain.conversion.checks import TensorChecks
+from uptrain.conversion.layouts import layer_steps
+from uptrain.conversion.pooling import Grouping, Method
+from uptrain.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain.errors import UptrainError
+from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir, read_config, side_files
+from uptrain.io.hub import fetch_weights, resolve_source
+from uptrain.io.reader import CheckpointReader
+from uptrain.io.tensors import TensorSpec, dtype_name
+from uptrain.io.writer import ShardedWriter
+from uptrain.model.families import Architecture, kv_heads_keys, lookup
+from uptrain.model.shape import ModelShape, shape_of_config_json
+from uptrain.version import __version__
+
+CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
+
+
+def conversion_steps(
+    reader: CheckpointReader,
+    arch: Architecture,
+    shape: ModelShape,
+    options: MergeOptions,
+    dtype: torch.dtype | None = None,
+) -> ConversionSteps:
+    """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
+    Reads headers only; raises UptrainError on any mismatch with the config."""
+    shape.check_target(options.num_kv_heads)
+    checks = TensorChecks(reader.tensors, shape)
+    checks.no_extra_layers(arch.attention)
+    changed = LayerSteps()
+    for layer in range(shape.layers):
+        changed.add(layer_steps(layer, checks, arch, shape, options))
+    steps: list[Step] = []
+    for name, info in reader.tensors.items():
+        if name not in changed.dropped:
+            steps += changed.replaced.get(name, [Step(TensorSpec(name, info.dtype, info.shape), (name,))])
+    return ConversionSteps(steps, changed.merges).cast(dtype)
+
+
+def converted_config(
+    config: dict[str, Any], arch: Architecture, num_kv_heads: int, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """config.json edited as JSON: the KV-head field (and `dtype` when casting), nothing else.
+    Round-tripping through the config class would rewrite unrelated fields (rope settings)."""
+    new = dict(config)
+    for key in kv_heads_keys(config, arch):
+        new[key] = num_kv_heads
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in new:
+                new[key] = dtype_name(dtype)
+    return new
+
+
+def _kv_dtype(reader: CheckpointReader, arch: Architecture, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype K/V projections are stored in: what the KV cache holds when loaded with dtype='auto'."""
+    if dtype is not None:
+        return dtype
+    name = arch.qkv_proj if arch.qkv_layout != "separate" else arch.k_proj
+    return reader.tensors[f"{arch.module(name, 0)}.weight"].dtype
+
+
+def convert_checkpoint(
+    src: str,
+    out: Path,
+    *,
+    num_kv_heads: int,
+    method: Method = "mean",
+    grouping: Grouping = "contiguous",
+    calibration: str | None = None,
+    calibration_tokens: int = 65536,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    quiet: bool = False,
+) -> tuple[dict[str, Any], int]:
+    """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written."""
+    started = time.perf_counter()
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
+    # everything that can be checked from the config is, before any weight is downloaded
+    source = resolve_source(src, revision)
+    if out == source.path or out in source.path.parents:
+        raise UptrainError(f"OUT {out} would replace the source itself; choose another output folder")
+    config = read_config(source.path)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    shape.check_target(num_kv_heads)
+    source = fetch_weights(source, allow_pickle)
+    reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
+    options = MergeOptions(num_kv_heads, method, grouping, seed)
+    steps = conversion_steps(reader, arch, shape, options, dtype)
+
+    kv_before = _kv_dtype(reader, arch, None).itemsize
+    kv_after = _kv_dtype(reader, arch, dtype).itemsize
+    record: dict[str, Any] = {
+        "uptrain_version": __version__,
+        "source": source.record(),
+        "model_type": shape.model_type,
+        "method": method,
+        "grouping": grouping,
+        "calibration": None if calibration is None else {"files": calibration, "tokens": calibration_tokens},
+        "seed": seed,
+        "num_attention_heads": shape.heads,
+        "source_num_kv_heads": shape.kv_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": shape.head_dim,
+        "num_layers": shape.layers,
+        "group_map": shape.group_map(num_kv_heads) if grouping == "contiguous" else "per layer: merge_errors[].groups",
+        "dtype": dtype_name(_kv_dtype(reader, arch, dtype)),
+        "parameters": {"before": reader.num_parameters, "after": steps.parameters},
+        "kv_cache_bytes_per_token": {
+            "before": shape.kv_bytes_per_token(kv_before),
+            "after": shape.kv_bytes_per_token(kv_after, kv_heads=num_kv_heads),
+        },
+    }
+    from tqdm.auto import tqdm
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        if calibration is not None:  # Σ per layer lives on disk beside the output until the merge is written
+            from uptrain.conversion.calibrate import input_covariance
+
+            sigma = input_covariance(reader, arch, shape, calibration, calibration_tokens, tmp / CALIBRATION, quiet)
+            options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
+            steps = conversion_steps(reader, arch, shape, options, dtype)
+        by_name = {s.spec.name: s for s in steps.steps}
+        writer = ShardedWriter(tmp, [s.spec for s in steps.steps], max_shard_size)
+        desc = f"{shape.kind} -> {num_kv_heads} KV heads"
+        with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
+            try:
+                for spec in writer.order:
+                    writer.write(spec.name, by_name[spec.name].chunks(reader))
+                    bar.update(spec.nbytes)
+            finally:
+                writer.abort()
+        files = writer.finish()
+        shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
+        for path in side_files(source.path):
+            if path.name != CONVERSION_RECORD:
+                shutil.copy2(path, tmp / path.name)
+        new_config = converted_config(config, arch, num_kv_heads, dtype)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        if (source.path / CONVERSION_RECORD).is_file():
+            record["previous"] = json.loads((source.path / CONVERSION_RECORD).read_text())
+        record["shards"] = len([f for f in files if f.endswith(".safetensors")])
+        merge_errors = steps.merge_errors()
+        if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
+            record["merge_errors"] = merge_errors
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record, writer.total_size

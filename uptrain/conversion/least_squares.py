@@ -1,0 +1,201 @@
+"""Least-squares head merging with exact folding (`--method svd`), and head regrouping.
+
+Notation (`ModelShape`): n source KV heads of head_dim d, G groups of r = n/G heads, t = H/n query
+heads per source KV head, x̃ = [x; 1] the attention input with a 1 appended (biases), Σ = E[x̃ x̃ᵀ]
+(identity when no calibration data is given). Every tensor here is float32, rows laid out head by
+head as in the checkpoint; weights carry their bias as a last column ("augmented", (rows, hidden+1)).
+
+- V side: the group's stacked heads W_cat (r·d × hidden+1) get the best Σ-weighted rank-d
+  approximation U (Uᵀ W_cat): Uᵀ W_cat is the shared head, and head i's d×d block M_i of U is
+  folded into the output-projection columns of the query heads that read it (O_q ← O_q M_i).
+- K side: maps must commute with the rotary embedding. A rotary pair of dims is a complex number
+  that RoPE multiplies by a phase, so per pair the group's complex rows get the best rank-1
+  approximation c_i · k_g and conj(c_i) is folded into the query rows of the same pair. Dims
+  outside the rotary part take a full d'×d' map, folded into the queries like V.
+Mean pooling is a feasible point of both problems (M_i = I, c_i = 1), so the Σ-weighted error
+here is never above mean pooling's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from uptrain.model.families import RotaryPairs
+from uptrain.model.shape import ModelShape
+
+
+def pair_index(rotary_dim: int, pairs: RotaryPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (real, imaginary) dims of each rotary pair within a head."""
+    half = rotary_dim // 2
+    if pairs == "half":
+        return torch.arange(half), torch.arange(half) + half
+    return torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2)
+
+
+def augment(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, hidden) and (rows,) -> (rows, hidden+1)."""
+    b = torch.zeros(weight.shape[0]) if bias is None else bias.float()
+    return torch.cat([weight.float(), b[:, None]], dim=1)
+
+
+def identity_sigma(hidden: int) -> torch.Tensor:
+    return torch.eye(hidden + 1)
+
+
+def _energy(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E‖w x̃‖² summed over rows: tr(w Σ wᵀ)."""
+    return torch.einsum("ij,jk,ik->", w, sigma, w)
+
+
+def _heads(w: torch.Tensor, n: int) -> torch.Tensor:
+    return w.unflatten(0, (n, -1))  # (n, d, hidden+1)
+
+
+# --- grouping ------------------------------------------------------------------------------------
+
+
+def similarity_order(
+    k: torch.Tensor, v: torch.Tensor, shape: ModelShape, groups: int, sigma: torch.Tensor
+) -> list[int]:
+    """An order of the source KV heads in which each run of r heads is a group of similar heads:
+    greedily, the first free head with its r-1 nearest free heads (Σ-weighted distance of K and V,
+    each side scaled by its energy). A cheap proxy for the grouping that minimises the merge error."""
+    n, r = shape.kv_heads, shape.group_size(groups)
+    dist = torch.zeros(n, n)
+    for w in (k, v):
+        h = _heads(w, n)  # (n, d, hidden+1)
+        gram = torch.einsum("adj,jk,bdk->ab", h, sigma, h)  # (n, n): E<w_a x̃, w_b x̃>
+        diag = gram.diagonal()
+        dist += (diag[:, None] + diag[None, :] - 2 * gram) / diag.sum().clamp_min(1e-30)
+    free, order = list(range(n)), []
+    while free:
+        seed = free.pop(0)
+        nearest = sorted(free, key=lambda j: (float(dist[seed, j]), j))[: r - 1]
+        free = [j for j in free if j not in nearest]
+        order += [seed, *sorted(nearest)]
+    return order
+
+
+def permute_rows(w: torch.Tensor, order: list[int], per: int) -> torch.Tensor:
+    """Reorder blocks of `per` rows: block k of the result is block order[k] of w."""
+    return w.unflatten(0, (len(order), per))[order].flatten(0, 1)
+
+
+def query_order(order: list[int], t: int) -> list[int]:
+    """The query-head order that moves each query head with the KV head it reads."""
+    return [kv * t + j for kv in order for j in range(t)]
+
+
+def _best_rank(cat: torch.Tensor, sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best Σ-weighted rank-k approximation cat ≈ u (uᵀ cat) of stacked head rows (r·k, hidden+1):
+    u (r·k, k) the top-k eigenvectors of cat Σ catᵀ, the shared head uᵀ cat, and the error left."""
+    vals, vecs = torch.linalg.eigh((cat @ sigma @ cat.T).double())
+    u = vecs[:, -k:].flip(1).float()
+    return u, u.T @ cat, float((vals.sum() - vals[-k:].sum()).clamp_min(0))
+
+
+def _readers(kv_head: int, t: int) -> range:
+    """The query heads that read a source KV head (repeat_kv)."""
+    return range(kv_head * t, (kv_head + 1) * t)
+
+
+# --- V side --------------------------------------------------------------------------------------
+
+
+def _mean_pool(w: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A group's mean head (d, hidden+1) and its Σ-weighted error over the group's heads w (r, d, hidden+1)."""
+    mean = w.mean(0)
+    return mean, float(_energy((w - mean).flatten(0, 1), sigma))
+
+
+def merge_v(
+    v: torch.Tensor, o: torch.Tensor, shape: ModelShape, groups: int, sigma: torch.Tensor, method: str = "svd"
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Merge V heads and fold the per-head maps into o_proj.
+
+    v: (n·d, hidden+1) augmented; o: (hidden, H·d). Returns (v_new (G·d, hidden+1), o_new,
+    relative error of this merge, relative error of mean pooling)."""
+    n, g, r, d, t = shape.kv_heads, groups, shape.group_size(groups), shape.head_dim, shape.queries_per_kv_head
+    heads = _heads(v, n)
+    total = float(_energy(v, sigma).clamp_min(1e-30))
+    mean_err, err = 0.0, 0.0
+    shared, o_new = [], o.clone()
+    for grp in range(g):
+        w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
+        mean, e_mean = _mean_pool(w, sigma)
+        mean_err += e_mean
+        if method != "svd":
+            shared.append(mean)
+            continue
+        u, head, e = _best_rank(w.flatten(0, 1), sigma, d)  # u: (r·d, d)
+        shared.append(head)
+        err += e
+        for i in range(r):
+            m = u[i * d : (i + 1) * d]  # (d, d): head i ≈ m @ shared
+            for q in _readers(grp * r + i, t):
+                o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ m
+    if method != "svd":
+        err = mean_err
+    return torch.cat(shared), o_new, err / total, mean_err / total
+
+
+# --- K side --------------------------------------------------------------------------------------
+
+
+def merge_k(
+    k: torch.Tensor,
+    q: torch.Tensor,
+    shape: ModelShape,
+    groups: int,
+    pairs: RotaryPairs,
+    sigma: torch.Tensor,
+    method: str = "svd",
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Merge K heads with maps that commute with RoPE, folded into the query rows.
+
+    k: (n·d, hidden+1), q: (H·d, hidden+1), both augmented. Returns (k_new (G·d, hidden+1),
+    q_new, relative error, relative error of mean pooling)."""
+    n, g, r, d, t = shape.kv_heads, groups, shape.group_size(groups), shape.head_dim, shape.queries_per_kv_head
+    heads = _heads(k, n)
+    qh = _heads(q, shape.heads).clone()  # (H, d, hidden+1)
+    total = float(_energy(k, sigma).clamp_min(1e-30))
+    re, im = pair_index(shape.rotary_dim, pairs)
+    rest = torch.arange(shape.rotary_dim, d)
+    csigma = sigma.to(torch.complex128)
+    shared, err, mean_err = [], 0.0, 0.0
+    for grp in range(g):
+        w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
+        mean, e_mean = _mean_pool(w, sigma)
+        mean_err += e_mean
+        if method != "svd":
+            shared.append(mean)
+            continue
+        new = torch.empty_like(mean)
+        # rotary pairs: complex rank-1 per pair, c_i folded as conj(c_i) into the query pair
+        z = torch.complex(w[:, re].double(), w[:, im].double())  # (r, P, hidden+1)
+        for p in range(len(re)):
+            c = z[:, p]  # (r, hidden+1)
+            gram = c @ csigma @ c.conj().T  # (r, r) Hermitian
+            vals, vecs = torch.linalg.eigh(gram)
+            u = vecs[:, -1]  # (r,), unit norm
+            kg = u.conj() @ c  # (hidden+1,)
+            new[re[p]], new[im[p]] = kg.real.float(), kg.imag.float()
+            err += float((vals.real.sum() - vals.real[-1]).clamp_min(0))
+            for i in range(r):
+                cr, ci = float(u[i].real), float(u[i].imag)
+                for qi in _readers(grp * r + i, t):
+                    a, b = qh[qi, re[p]].clone(), qh[qi, im[p]].clone()
+                    qh[qi, re[p]], qh[qi, im[p]] = cr * a + ci * b, cr * b - ci * a
+        # dims the rotary embedding leaves alone: a full map, folded into the queries as with V
+        if len(rest):
+            dr = len(rest)
+            u, new[rest], e = _best_rank(w[:, rest].flatten(0, 1), sigma, dr)  # u: (r·d', d')
+            err += e
+            for i in range(r):
+                m = u[i * dr : (i + 1) * dr]  # (d', d'): head i ≈ m @ shared
+                for qi in _readers(grp * r + i, t):
+                    qh[qi, rest] = m.T @ qh[qi, rest]
+        shared.append(new)
+    if method != "svd":
+        err = mean_err
+    return torch.cat(shared), qh.flatten(0, 1), err / total, mean_err / total

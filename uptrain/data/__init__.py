@@ -1,0 +1,1 @@
+"""Text for training, calibration and evaluation: documents, token streams, packed blocks."""

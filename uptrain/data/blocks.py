@@ -1,0 +1,241 @@
+"""Training data: documents -> tokens -> fixed-length blocks, and which blocks each process reads.
+
+Documents (`uptrain.data.documents`) are tokenized, an EOS is put
+after each, and the token stream is cut into blocks of `seq_len`. With `datasets` this runs
+in several processes and is cached (keyed by the data, the tokenizer and `seq_len`); one
+process prepares while the others wait, then every process opens the same memory-mapped
+blocks.
+
+Order: the blocks form one global sequence — a seeded permutation per epoch — that does not
+depend on the number of processes. Global micro-batch i is positions [i·P·b, (i+1)·P·b) of it
+(P processes, b sequences each), and process r reads only its own slice of b. So an optimizer
+step sees the same blocks whether it runs on 1 process or 8, and the position in the data is a
+function of the step: resuming needs no data state.
+
+Streaming: each process reads its own part of the stream (`split_dataset_by_node`), shuffles
+with a buffer and packs on the fly; held-out documents are picked by a hash of their text, and
+the stream's position is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from uptrain.data.config import DataConfig
+from uptrain.data.documents import load_documents
+from uptrain.errors import UptrainError
+
+HOLDOUT_PERCENT = 1  # streaming: documents whose text hashes into this percentage are held out
+
+
+def _token_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def packer(tokenizer: Any, text_column: str, seq_len: int) -> Callable[[dict[str, list]], dict[str, list]]:
+    """A batched map function: documents -> tokens (+EOS after each) -> whole blocks of seq_len.
+    The tail that does not fill a block is dropped (at most seq_len - 1 tokens per map batch)."""
+    eos = tokenizer.eos_token_id
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        docs = tokenizer(batch[text_column], add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        stream = list(itertools.chain.from_iterable(d if d and d[-1] == eos else [*d, eos] for d in docs))
+        usable = len(stream) // seq_len * seq_len
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    return pack
+
+
+def _column_check(ds: Any, column: str) -> None:
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise UptrainError(f"the data has no column '{column}' (columns: {', '.join(names)}); set data.text_column")
+
+
+def pack_dataset(ds: Any, tokenizer: Any, cfg: DataConfig) -> Any:
+    """A map-style Dataset of documents -> a Dataset of int32 blocks (cached, multi-process)."""
+    from datasets import Features, Sequence, Value
+
+    _column_check(ds, cfg.text_column)
+    procs = cfg.num_proc or min(16, os.cpu_count() or 1)
+    procs = max(1, min(procs, len(ds) // 1000))  # forking costs more than it saves on small data
+    if procs > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    key = f"{ds._fingerprint}-{_token_fingerprint(tokenizer)}-{cfg.text_column}-{cfg.seq_len}-uptrain1"
+    blocks = ds.map(
+        packer(tokenizer, cfg.text_column, cfg.seq_len),
+        batched=True,
+        batch_size=1000,
+        remove_columns=ds.column_names,
+        num_proc=procs if procs > 1 else None,
+        features=Features({"input_ids": Sequence(Value("int32"), length=cfg.seq_len)}),
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+        desc="tokenizing and packing",
+    )
+    if len(blocks) == 0:
+        raise UptrainError(f"the data holds fewer than {cfg.seq_len} tokens: not one block of data.seq_len")
+    return blocks.with_format("numpy")
+
+
+class BlockOrder:
+    """Global block order: epoch e is a permutation of the training blocks seeded by (seed, e)."""
+
+    def __init__(self, num_blocks: int, seed: int) -> None:
+        self.num_blocks, self.seed = num_blocks, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block ids at global positions [start, start + count)."""
+        out = np.empty(count, dtype=np.int64)
+        for i, pos in enumerate(range(start, start + count)):
+            epoch, offset = divmod(pos, self.num_blocks)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+            out[i] = self._perm[offset]
+        return out
+
+
+class BlockData:
+    """Packed blocks on disk; each process reads only the blocks of its own slice."""
+
+    streaming = False
+
+    def __init__(self, train: Any, validation: Any, seed: int, micro_batch_size: int, rank: int, world: int) -> None:
+        self.train, self.validation = train, validation
+        self.order = BlockOrder(len(train), seed)
+        self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
+
+    def ids(self, micro_index: int) -> np.ndarray:
+        b = self.micro_batch_size
+        return self.order.blocks(micro_index * self.world * b + self.rank * b, b)
+
+    def micro_batch(self, micro_index: int) -> torch.Tensor:
+        """This process's sequences of global micro-batch `micro_index`: (b, seq_len) int64."""
+        return torch.from_numpy(self.train[self.ids(micro_index)]["input_ids"].astype(np.int64))
+
+    def validation_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """This process's share of the validation blocks."""
+        n = len(self.validation)
+        share = range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        for start in range(share.start, share.stop, batch_size):
+            rows = list(range(start, min(start + batch_size, share.stop)))
+            yield torch.from_numpy(self.validation[rows]["input_ids"].astype(np.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the position in the data is a function of the step
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _held_out(text: str) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 100 < HOLDOUT_PERCENT
+
+
+class StreamData:
+    """A stream split by process (`split_dataset_by_node`), shuffled with a buffer, packed on the fly."""
+
+    streaming = True
+
+    def __init__(self, stream: Any, validation: torch.Tensor, micro_batch_size: int) -> None:
+        self.stream, self.validation = stream, validation
+        self.micro_batch_size = micro_batch_size
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def micro_batch(self, micro_index: int) -> torch.Tensor:
+        if self._iterator is None:
+            self._iterator = iter(self.stream)
+        rows = []
+        for _ in range(self.micro_batch_size):
+            try:
+                rows.append(next(self._iterator)["input_ids"])
+            except StopIteration:  # next epoch over the stream
+                self.stream.set_epoch(getattr(self.stream, "epoch", 0) + 1)
+                self._iterator = iter(self.stream)
+                rows.append(next(self._iterator)["input_ids"])
+        return torch.tensor(np.asarray(rows), dtype=torch.int64)
+
+    def validation_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.validation), batch_size):
+            yield self.validation[start : start + batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._iterator = None
+
+
+def _stream_blocks(stream: Any, tokenizer: Any, cfg: DataConfig) -> Any:
+    stream = stream.select_columns([cfg.text_column])
+    return stream.map(
+        packer(tokenizer, cfg.text_column, cfg.seq_len), batched=True, batch_size=256, remove_columns=[cfg.text_column]
+    )
+
+
+def prepare(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> BlockData | StreamData:
+    """Load, tokenize and pack the data; split off validation; set up this process's reading."""
+    if tokenizer.eos_token_id is None:
+        raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
+    if cfg.streaming:
+        return _prepare_stream(cfg, tokenizer, seed, micro_batch_size, rank, world)
+    with main_process_first():  # one process tokenizes; the others then load the cache
+        train = pack_dataset(load_documents(cfg), tokenizer, cfg)
+        held = load_documents(cfg, validation=True)
+        validation = pack_dataset(held, tokenizer, cfg) if held is not None else None
+    if validation is None:  # the first blocks, in data order, are held out
+        if len(train) <= cfg.validation_blocks:
+            raise UptrainError(
+                f"the data packs into {len(train)} blocks of {cfg.seq_len} tokens, not more than "
+                f"data.validation_blocks={cfg.validation_blocks}; add data or hold out fewer blocks"
+            )
+        validation = train.select(range(cfg.validation_blocks))
+        train = train.select(range(cfg.validation_blocks, len(train)))
+    else:
+        validation = validation.select(range(min(cfg.validation_blocks, len(validation))))
+    return BlockData(train, validation, seed, micro_batch_size, rank, world)
+
+
+def _prepare_stream(
+    cfg: DataConfig, tokenizer: Any, seed: int, micro_batch_size: int, rank: int, world: int
+) -> StreamData:
+    from datasets.distributed import split_dataset_by_node
+
+    raw = split_dataset_by_node(load_documents(cfg), rank, world)
+    held = load_documents(cfg, validation=True)
+    column = cfg.text_column
+    if held is None:
+        held = raw.filter(lambda ex: _held_out(ex[column]))
+        raw = raw.filter(lambda ex: not _held_out(ex[column]))
+    else:
+        held = split_dataset_by_node(held, rank, world)
+    want = cfg.validation_blocks // world + (rank < cfg.validation_blocks % world)
+    val_rows = [row["input_ids"] for row in itertools.islice(_stream_blocks(held, tokenizer, cfg), want)]
+    if not val_rows:
+        raise UptrainError("found no held-out validation documents in the stream; set data.validation_split")
+    validation = torch.tensor(np.asarray(val_rows), dtype=torch.int64)
+    train = _stream_blocks(raw.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer), tokenizer, cfg)
+    return StreamData(train, validation, micro_batch_size)

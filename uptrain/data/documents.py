@@ -1,0 +1,94 @@
+"""Documents: a Hub dataset or local .txt/.jsonl/.parquet files, through `datasets`; and one token stream of them."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain.data.config import DataConfig
+from uptrain.errors import UptrainError
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def expand_files(patterns: list[str], what: str = "data.files") -> list[str]:
+    """Every file the patterns name, sorted; a pattern that matches nothing is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise UptrainError(f"{what}: no file matches '{pattern}'")
+        files += matches
+    return files
+
+
+def _builder(files: list[str], what: str) -> str:
+    kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
+        raise UptrainError(f"{what}: cannot read {bad}; use .txt, .jsonl/.json or .parquet files")
+    if len(kinds) > 1:
+        raise UptrainError(f"{what} mixes formats ({', '.join(sorted(kinds))}); use one format per list")  # type: ignore[arg-type]
+    return kinds.pop()  # type: ignore[return-value]
+
+
+def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | None = None) -> Any:
+    """The raw documents (train or validation) as a datasets Dataset / IterableDataset, or None
+    when no validation source is configured."""
+    import datasets
+
+    streaming = cfg.streaming if streaming is None else streaming
+    files = cfg.validation_files if validation else cfg.files
+    try:
+        if cfg.dataset is None or files:
+            if not files:
+                return None
+            what = "data.validation_files" if validation else "data.files"
+            paths = expand_files(files, what)
+            builder = _builder(paths, what)
+            kwargs: dict[str, Any] = {"sample_by": cfg.txt_documents.replace("file", "document")}
+            return datasets.load_dataset(
+                builder,
+                data_files=paths,
+                split="train",
+                streaming=streaming,
+                cache_dir=cfg.cache_dir,
+                **(kwargs if builder == "text" else {}),
+            )
+        split = cfg.validation_split if validation else cfg.split
+        if split is None:
+            return None
+        return datasets.load_dataset(cfg.dataset, cfg.name, split=split, streaming=streaming, cache_dir=cfg.cache_dir)
+    except UptrainError:
+        raise
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        source = cfg.dataset or ", ".join(files)
+        raise UptrainError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, hub errors, ...)
+        source = cfg.dataset or ", ".join(files)
+        raise UptrainError(f"cannot load {source}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def token_stream(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> tuple[torch.Tensor, str]:
+    """Documents -> one stream of at most max_tokens tokens (EOS after each document)."""
+    docs = load_documents(cfg, validation=bool(cfg.validation_split or cfg.validation_files))
+    if docs is None:
+        raise UptrainError("no evaluation text: give --data.files=..., --data.dataset=... or --config RUN.yaml")
+    eos, stream, batch = tokenizer.eos_token_id, [], []
+    for doc in docs:
+        batch.append(doc[cfg.text_column])
+        if len(batch) == 256:
+            stream += [t for ids in tokenizer(batch)["input_ids"] for t in (*ids, eos)]
+            batch = []
+            if len(stream) >= max_tokens:
+                break
+    if batch and len(stream) < max_tokens:
+        stream += [t for ids in tokenizer(batch)["input_ids"] for t in (*ids, eos)]
+    source = f"Hub dataset {cfg.dataset}" + (f" ({cfg.name})" if cfg.name else "") if cfg.dataset else "files"
+    split = cfg.validation_split or cfg.split if cfg.dataset else ", ".join(cfg.validation_files or cfg.files)
+    return torch.tensor(stream[:max_tokens], dtype=torch.long), f"{source}: {split}"

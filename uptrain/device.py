@@ -1,0 +1,59 @@
+"""Where uptrain computes and in which precision: the one place that decides it.
+
+Every room asks here instead of testing `torch.cuda.is_available()` itself: calibration and
+evaluation run on the first GPU in bfloat16 when there is one (float32 on a CPU), training
+autocasts to bf16 where the accelerator supports it, and several processes on a machine without
+GPUs join one gloo group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def compute_device() -> torch.device:
+    """The current CUDA device when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def inference_dtype(device: torch.device, requested: str = "auto", cpu: torch.dtype = torch.float32) -> torch.dtype:
+    """dtype to run a model in without training it: `requested`, or for 'auto' bfloat16 on CUDA and `cpu` elsewhere."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.bfloat16 if device.type == "cuda" else cpu
+
+
+def autocast_precision(setting: str) -> str:
+    """accelerate's mixed_precision for training: 'auto' is bf16 where the accelerator supports it, else 'no'."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def launched_processes() -> int:
+    """Processes in this job, as the launcher (torchrun, accelerate, mpirun) announced them."""
+    return max(int(os.environ.get(k, "1")) for k in WORLD_SIZE_VARIABLES)
+
+
+def multi_process_cpu() -> bool:
+    """Several processes on a machine without GPUs: accelerate needs cpu=True to join them into one
+    gloo group instead of running each alone."""
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def device_name(device: torch.device) -> str:
+    """'cuda (NVIDIA H100 80GB HBM3)' or 'cpu (16 cores)', as recorded next to every measurement."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores)"

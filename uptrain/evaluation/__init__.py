@@ -1,0 +1,1 @@
+"""The evaluation stage: quality against the source, KV cache, decode speed, lm-eval tasks."""

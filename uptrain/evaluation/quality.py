@@ -1,0 +1,73 @@
+"""Perplexity of held-out text, and KL and top-1 agreement against a reference model on the same tokens.
+
+The held-out text is one token stream (documents with EOS between them, as in training) scored in
+windows of `window` tokens that start every `stride` tokens; each token is scored once, in the
+window where it has the most context (the standard strided evaluation). A run's own held-out
+blocks can be scored instead, each on its own, which reproduces the run's validation loss. With a
+reference, both models see the same windows and the per-token KL(reference ‖ model) and top-1
+agreement are averaged over the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from uptrain.evaluation.result import Quality
+
+Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
+
+
+def strided(tokens: torch.Tensor, window: int, stride: int) -> list[Window]:
+    """Windows over a stream; every token but the first is scored exactly once (if stride < window)."""
+    n, out, prev_end = len(tokens), [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            out.append((tokens[begin:end], first - begin))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def score(model: Any, windows: list[Window], batch_size: int, reference: Any = None) -> dict[str, float]:
+    """Sum of NLL (and of the reference's NLL, KL and agreement) over the scored positions."""
+    device = next(model.parameters()).device
+    totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0)
+    by_length: dict[int, list[Window]] = {}
+    for w in windows:
+        by_length.setdefault(len(w[0]), []).append(w)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            ids = torch.stack([w[0] for w in chunk]).to(device)  # (B, L)
+            mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
+            for i, (_, first) in enumerate(chunk):
+                mask[i, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
+            target = ids[:, 1:]
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, L-1, V)
+            totals["nll"] -= logp.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
+            totals["count"] += mask.sum().item()
+            if reference is not None:
+                ref = torch.log_softmax(reference(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+                totals["ref_nll"] -= ref.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
+                totals["kl"] += (ref.exp() * (ref - logp)).sum(-1)[mask].sum().item()
+                totals["agree"] += (ref.argmax(-1) == logp.argmax(-1))[mask].sum().item()
+    return totals
+
+
+def quality(totals: dict[str, float], with_reference: bool) -> Quality:
+    n = totals["count"]
+    nll = totals["nll"] / n
+    q = Quality(perplexity=math.exp(nll), nll=nll)
+    if with_reference:
+        q.reference_nll = totals["ref_nll"] / n
+        q.reference_perplexity = math.exp(q.reference_nll)
+        q.kl = totals["kl"] / n
+        q.top1_agreement = totals["agree"] / n
+    return q

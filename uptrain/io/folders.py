@@ -1,0 +1,95 @@
+"""Folders uptrain reads and writes: config and record files, side files, and atomic output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from uptrain.errors import UptrainError
+from uptrain.io.tensors import PICKLE_INDEX, SAFE_INDEX, WEIGHT_SUFFIXES
+
+CONVERSION_RECORD = "uptrain_conversion.json"
+"""What `uptrain convert` did, written into every converted folder (and carried into trained models)."""
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; `missing` is the message when the file is absent."""
+    if not Path(path).is_file():
+        raise UptrainError(missing)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UptrainError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UptrainError(f"{path} does not hold a JSON object")
+    return data
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Non-weight files to carry over (tokenizer, generation config, model card, ...)."""
+    skip = {SAFE_INDEX, PICKLE_INDEX, "config.json"}
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES)
+    )
+
+
+def _check_writable(folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UptrainError(f"cannot write into {folder} (permission denied); choose another output folder")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
+
+    A failed, interrupted or killed run leaves no `out` (a killed one may leave a hidden
+    `.NAME.uptrain-*` folder beside it, safe to delete). Missing parent folders are created and
+    removed again on failure.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UptrainError(f"{out} exists and is not a folder; choose another output path")
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    base = created[-1].parent if created else out.parent  # the deepest folder that exists
+    if not base.is_dir():
+        raise UptrainError(f"cannot create {out}: {base} is not a folder")
+    _check_writable(base)
+    if created:
+        out.parent.mkdir(parents=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-", dir=out.parent))
+    except OSError as e:
+        raise UptrainError(f"cannot write into {out.parent} ({e.strerror}); choose another output folder") from e
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; OUT gets the usual permissions
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-old-", dir=out.parent))
+            os.replace(out, old / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, as a dict."""
+    missing = f"no config.json in {folder}; SRC must be a Hugging Face checkpoint folder"
+    return read_json_object(Path(folder) / "config.json", missing)

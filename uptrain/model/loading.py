@@ -1,0 +1,41 @@
+"""transformers configs and tokenizers, read from a folder, a config.json or a Hub id with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from uptrain.errors import UptrainError
+
+
+def read_model_config(where: str, revision: str | None = None) -> Any:
+    """A transformers config from a folder, a config.json file or a Hub id, with clear errors."""
+    from transformers import AutoConfig
+
+    path = Path(where)
+    try:
+        if path.is_file():
+            return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _from_json(path)
+        return AutoConfig.from_pretrained(where, revision=revision)
+    except (OSError, ValueError) as e:
+        raise UptrainError(f"cannot read the model config at {where}: {str(e).splitlines()[0]}") from e
+
+
+def _from_json(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    data = json.loads(path.read_text())
+    if "model_type" not in data:
+        raise UptrainError(f"{path} has no model_type; it is not a transformers config")
+    return AutoConfig.for_model(**data)
+
+
+def load_tokenizer(where: str, revision: str | None = None, setting: str = "model.tokenizer") -> Any:
+    """The tokenizer of a folder or Hub id; `setting` names the option that chooses another one."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, revision=revision)
+    except (OSError, ValueError, TypeError) as e:
+        raise UptrainError(f"cannot load a tokenizer from {where} ({str(e).splitlines()[0]}); set {setting}") from e

@@ -1,0 +1,1 @@
+"""The training stage: uptraining a converted checkpoint with accelerate, from 1 CPU to many GPU nodes."""

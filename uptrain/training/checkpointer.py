@@ -1,0 +1,119 @@
+"""Resumable step checkpoints: written aside and renamed, rotated, found again on `--resume`.
+
+A checkpoint is accelerate's saved state (model, optimizer, schedule, RNG states, and the
+`TrainState` registered with it), the resolved config, and train_state.json (step, tokens, time)
+in OUT/checkpoints/step-N. The data position is a function of the step (uptrain.data.blocks), so
+this is all a run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uptrain import config as configlib
+from uptrain.errors import UptrainError
+from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
+
+CONFIG_NAME = "uptrain_train.yaml"
+"""The resolved config: in the run folder, in every checkpoint, and in the final model."""
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint adds to the accelerate state: the step, tokens seen, stream positions."""
+
+    step: int = 0
+    tokens: int = 0
+    data: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "data": self.data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.data = state["step"], state["tokens"], state.get("data")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (incomplete ones are hidden temp folders)."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob("step-*")) if folder.is_dir() else []
+
+
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """None (start), the latest checkpoint ('latest', or 'auto' when there is one), or a given one."""
+    if resume is None:
+        return None
+    if resume not in ("latest", "auto"):
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UptrainError(f"--resume {resume}: not an uptrain checkpoint (no {STATE_FILE})")
+        return path
+    found = checkpoints(run_dir)
+    if not found and resume == "auto":
+        return None  # nothing to resume yet: a first start (e.g. of a requeued batch job)
+    if not found:
+        raise UptrainError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    return found[-1]
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume with settings that would change what the remaining steps compute."""
+    saved = yaml.safe_load((checkpoint / CONFIG_NAME).read_text())
+    now = configlib.to_dict(cfg)
+    diffs = [
+        f"{section}.{key}"
+        for section in now
+        if section not in RESUMABLE_CHANGES
+        for key in (now[section] if isinstance(now[section], dict) else {"": None})
+        if (now[section].get(key) if isinstance(now[section], dict) else now[section])
+        != ((saved.get(section) or {}).get(key) if isinstance(now[section], dict) else saved.get(section))
+    ]
+    if diffs:
+        raise UptrainError(
+            f"the config differs from the checkpoint's in {', '.join(d.rstrip('.') for d in diffs)}; "
+            "resuming would not continue the same run (only budget, checkpoint, logging and out may change)"
+        )
+
+
+class Checkpointer:
+    """Saves a run's checkpoints from every process (accelerate writes each process's part), then the
+    main process adds the config and the state file, renames the folder into place and rotates."""
+
+    def __init__(self, acc: Any, run_dir: Path, cfg: TrainConfig) -> None:
+        self.acc, self.run_dir, self.cfg = acc, run_dir, cfg
+
+    def save(self, state: TrainState, data: Any) -> Path:
+        """accelerate state + train state into checkpoints/step-N (written aside, then renamed)."""
+        acc = self.acc
+        folder = self.run_dir / "checkpoints"
+        final = folder / f"step-{state.step:08d}"
+        tmp = folder / f".step-{state.step:08d}.partial"
+        if data.streaming:  # every process's stream position goes into the (main-process) file
+            state.data = acc.gather_for_metrics([data.state_dict()], use_gather_object=True)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            configlib.dump(self.cfg, tmp / CONFIG_NAME)
+            info = {"step": state.step, "tokens": state.tokens, "time": time.time()}
+            (tmp / STATE_FILE).write_text(json.dumps(info) + "\n")
+            tmp.rename(final)
+            for old in checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def latest(self) -> Path | None:
+        found = checkpoints(self.run_dir)
+        return found[-1] if found else None

@@ -1,0 +1,238 @@
+"""The training loop: continued pretraining ("uptraining") with accelerate, on 1 CPU to many GPUs.
+
+One optimizer step = every process runs `grad_accum` micro-batches under
+`accelerator.accumulate`, then the optimizer and the LR schedule step once. The state of a run
+is the step and the tokens seen; the data position is a function of the step (see
+`uptrain.data.blocks`), so a checkpoint resumes the run exactly. SIGTERM/SIGINT ask for a
+checkpoint at the end of the current step and a clean exit; a non-finite loss stops the run
+before it can overwrite a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain import config as configlib
+from uptrain.data.blocks import BlockData, StreamData, prepare
+from uptrain.device import autocast_precision, multi_process_cpu
+from uptrain.errors import Stopped
+from uptrain.training.budget import TrainBudget, mfu
+from uptrain.training.checkpointer import CONFIG_NAME, Checkpointer, TrainState, checkpoints
+from uptrain.training.config import TrainConfig
+from uptrain.training.losses import training_loss
+from uptrain.training.metrics import MetricsLog, available_trackers, flat
+from uptrain.training.model import (
+    RunModel,
+    build_optimizer,
+    build_scheduler,
+    load_model,
+    load_teacher,
+    save_final_model,
+)
+
+
+class StopSignals:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _sharding_requested() -> bool:
+    import os
+
+    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+class Trainer:
+    """One training run. Its parts: the accelerator (processes, device, precision), this process's
+    data, the model (and teacher), optimizer and schedule, the train state, the checkpointer and the
+    metrics log."""
+
+    def __init__(
+        self, cfg: TrainConfig, budget: TrainBudget, models: RunModel, tokenizer: Any, resume: Path | None
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+
+        self.cfg, self.budget, self.tokenizer = cfg, budget, tokenizer
+        self.run_dir = Path(cfg.out)
+        self.acc = acc = Accelerator(
+            cpu=multi_process_cpu(),
+            mixed_precision=autocast_precision(cfg.mixed_precision),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=budget.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+            ),
+            log_with=available_trackers(cfg.logging.trackers) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        )
+        self.metrics = MetricsLog(acc, self.run_dir)
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
+        if acc.distributed_type.name == "MULTI_CPU" and _sharding_requested():
+            self.metrics.log(
+                "note: FSDP and DeepSpeed need GPUs; on this CPU-only machine the run is plain data parallel"
+            )
+        set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
+        with acc.main_process_first():  # one process downloads / loads into the cache first
+            model = load_model(cfg.model, models)
+            teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
+        self.data: BlockData | StreamData = prepare(
+            cfg.data,
+            tokenizer,
+            seed=cfg.seed,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            main_process_first=acc.main_process_first,
+        )
+        optimizer = build_optimizer(model, cfg.optim, acc.device)
+        scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.teacher = acc.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        if resume is not None:
+            acc.load_state(str(resume))
+            if self.state.data is not None:
+                self.data.load_state_dict(self.state.data[acc.process_index])
+            self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
+
+    def record(self, metrics: dict[str, float]) -> None:
+        self.metrics.record(self.state.step, self.state.tokens, metrics)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self) -> tuple[float, float, float]:
+        """One optimizer step over every process's micro-batches: (mean loss, mean CE, grad norm)."""
+        acc, cfg = self.acc, self.cfg
+        losses, ces = [], []
+        grad_norm = torch.tensor(float("nan"))
+        for micro in range(self.budget.grad_accum):
+            ids = self.data.micro_batch(self.state.step * self.budget.grad_accum + micro).to(acc.device)
+            with acc.accumulate(self.model):
+                loss, ce = training_loss(self.model, ids, self.teacher, cfg.distill.weight, cfg.distill.temperature)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+            ces.append(ce.float())
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens += self.budget.global_batch_tokens
+        return float(torch.stack(losses).mean()), float(torch.stack(ces).mean()), float(grad_norm)
+
+    def agree(self, loss: float, ce: float, stop: bool) -> tuple[float, float, bool]:
+        """One collective per step: mean loss and CE over processes, and whether any wants to stop."""
+        t = torch.tensor([loss, ce, float(stop)], device=self.acc.device, dtype=torch.float64)
+        t = self.acc.reduce(t, "sum") if self.acc.num_processes > 1 else t
+        n = self.acc.num_processes
+        return float(t[0]) / n, float(t[1]) / n, bool(t[2] > 0)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and perplexity on the held-out blocks, over every process's share."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)  # (loss sum, tokens)
+        for ids in self.data.validation_batches(self.cfg.batch.micro_batch_size):
+            ids = ids.to(self.acc.device)
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=total.device)])
+        total = self.acc.reduce(total, "sum") if self.acc.num_processes > 1 else total
+        self.model.train()
+        val = float(total[0] / total[1])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        acc, cfg, budget = self.acc, self.cfg, self.budget
+        acc.init_trackers(cfg.logging.project, config=flat(configlib.to_dict(cfg)))
+        from tqdm.auto import tqdm
+
+        signals = StopSignals()
+        bar = tqdm(total=budget.steps, initial=self.state.step, unit="step", disable=not acc.is_main_process)
+        self.model.train()
+        last: dict[str, float] = {}
+        try:
+            if self.state.step == 0:
+                last |= self.validate()
+                self.record(last)
+            window_start, window_steps = time.perf_counter(), 0
+            while self.state.step < budget.steps:
+                loss, ce, grad_norm = self.step()
+                loss, ce, stop = self.agree(loss, ce, signals.received is not None)
+                window_steps += 1
+                if not math.isfinite(loss):
+                    kept = checkpoints(self.run_dir)
+                    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+                    raise Stopped(
+                        f"the loss became {loss} at step {self.state.step}; stopped without saving ({where}). "
+                        "Lower optim.lr, check the data, or resume from that checkpoint",
+                        exit_code=1,
+                    )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                step = self.state.step
+                if step % cfg.logging.every == 0 or step == budget.steps:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * budget.global_batch_tokens / max(elapsed, 1e-9)
+                    last = {
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tps,
+                        "mfu": mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes),
+                    }
+                    if self.teacher is not None:  # the loss mixes in the KL term: show the CE alone too
+                        last["ce"] = ce
+                    self.record(last)
+                    window_start, window_steps = time.perf_counter(), 0
+                if step == budget.steps or (cfg.logging.eval_every and step % cfg.logging.eval_every == 0):
+                    metrics = self.validate()
+                    last |= metrics
+                    self.record(metrics)
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{metrics['val_loss']:.4f}")
+                saving = step == budget.steps or stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                if saving:
+                    path = self.checkpointer.save(self.state, self.data)
+                if stop:
+                    name = signal.Signals(signals.received or signal.SIGTERM).name
+                    raise Stopped(
+                        f"stopped by {name} at step {step}: checkpoint saved to {path}; "
+                        f"continue with `uptrain train ... --resume`",
+                        exit_code=128 + int(signals.received or signal.SIGTERM),
+                    )
+                if window_steps == 0:  # logging/eval/checkpoint time is not training time
+                    window_start = time.perf_counter()
+        except BaseException:
+            acc.end_training()
+            raise
+        finally:
+            bar.close()
+            signals.restore()
+        save_final_model(acc, self.model, self.tokenizer, cfg, self.run_dir / "model", CONFIG_NAME)
+        acc.end_training()  # closes the trackers and the process group: after the last collective
+        self.metrics.log(f"model saved to {self.run_dir / 'model'}")
+        return {"step": self.state.step, "tokens": self.state.tokens, **last}

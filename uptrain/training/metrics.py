@@ -1,0 +1,51 @@
+"""What a run reports, from the main process only: progress lines, OUT/metrics.jsonl, and trackers.
+
+metrics.jsonl has one JSON object per record: the step, the tokens seen, and the metrics of that
+moment (loss, lr, grad norm, tokens/s, MFU every `logging.every` steps; validation loss and
+perplexity every `logging.eval_every` steps).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+def available_trackers(names: list[str]) -> list[str]:
+    """The configured accelerate trackers that can run here (tensorboard is skipped when not installed)."""
+    from accelerate.utils import is_tensorboard_available
+
+    return [n for n in names if n != "tensorboard" or is_tensorboard_available()]
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys with scalar values (what trackers accept)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class MetricsLog:
+    """Progress lines on stderr and metric records, written by the main process; trackers via accelerate."""
+
+    def __init__(self, acc: Any, run_dir: Path) -> None:
+        self.acc, self.path = acc, Path(run_dir) / METRICS
+
+    def log(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(text, file=sys.stderr, flush=True)
+
+    def record(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        self.acc.log(metrics, step=step)
+        if self.acc.is_main_process:
+            row = {"step": step, "tokens": tokens, **metrics}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")

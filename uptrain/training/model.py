@@ -1,0 +1,179 @@
+"""The model side of training: checks before any work, loading, optimizer, schedule, final save."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain import config as configlib
+from uptrain.data.documents import expand_files
+from uptrain.device import compute_device, inference_dtype
+from uptrain.errors import UptrainError
+from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir
+from uptrain.io.reader import CheckpointReader
+from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
+from uptrain.model.loading import load_tokenizer, read_model_config
+from uptrain.model.shape import count_parameters
+from uptrain.training.config import DistillConfig, ModelConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class RunModel:
+    """What preflight learned about the model without loading its weights."""
+
+    config: Any
+    """The transformers config of the model to train."""
+    source: str | None
+    """Folder or Hub id of the pretrained weights (None from scratch)."""
+    stored_dtype: torch.dtype
+    """The dtype the source weights were stored in."""
+    matmul_params: int
+    """N for 6·N·D: all parameters except an untied input embedding table."""
+
+
+def _stored_dtype(source: str | None, config: Any) -> torch.dtype:
+    if source is not None and ((Path(source) / SAFE_INDEX).is_file() or (Path(source) / SAFE_SINGLE).is_file()):
+        sizes: dict[torch.dtype, int] = {}
+        for t in CheckpointReader(Path(source)).tensors.values():
+            if t.dtype.is_floating_point:
+                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
+        if sizes:
+            return max(sizes, key=sizes.__getitem__)
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and source is not None else torch.float32
+
+
+def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
+    """Every check that needs files, before any work: data, model, positions, tokenizer, teacher."""
+    expand_files(cfg.data.files)
+    expand_files(cfg.data.validation_files, "data.validation_files")
+    m = cfg.model
+    if m.init == "pretrained":
+        assert m.path is not None
+        if Path(m.path).exists() and not (Path(m.path) / "config.json").is_file():
+            raise UptrainError(f"model.path {m.path} has no config.json; is it a Hugging Face checkpoint folder?")
+        config, source = read_model_config(m.path, m.revision), m.path
+    else:
+        assert m.config is not None
+        if not Path(m.config).exists():
+            raise UptrainError(f"model.config {m.config} not found")
+        config, source = read_model_config(m.config), None
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and cfg.data.seq_len > max_positions:
+        raise UptrainError(
+            f"data.seq_len {cfg.data.seq_len} is above the model's max_position_embeddings {max_positions}; "
+            "lower data.seq_len"
+        )
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UptrainError("model.attn_implementation flash_attention_2 needs the flash-attn package; or use sdpa")
+    if m.tokenizer or m.path:
+        tokenizer = load_tokenizer(m.tokenizer or m.path, None if m.tokenizer else m.revision)  # type: ignore[arg-type]
+    else:  # from scratch: the folder of the config
+        where = Path(m.config)  # type: ignore[arg-type]
+        tokenizer = load_tokenizer(str(where.parent if where.is_file() else where))
+    if len(tokenizer) > config.vocab_size:
+        raise UptrainError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    if cfg.distill.teacher:
+        teacher_cfg = read_model_config(cfg.distill.teacher)
+        teacher_tok = load_tokenizer(cfg.distill.teacher)
+        if teacher_cfg.vocab_size != config.vocab_size or teacher_tok.get_vocab() != tokenizer.get_vocab():
+            raise UptrainError(
+                f"the teacher {cfg.distill.teacher} has another vocabulary (vocab_size {teacher_cfg.vocab_size} "
+                f"vs {config.vocab_size}, or different tokens); distillation needs the same tokenizer"
+            )
+    return RunModel(
+        config, source, _stored_dtype(source, config), count_parameters(config, matmul_only=True)
+    ), tokenizer
+
+
+def load_model(m: ModelConfig, info: RunModel) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, m.dtype)
+    if info.source is None:
+        model = AutoModelForCausalLM.from_config(info.config, dtype=dtype, attn_implementation=m.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            info.source, revision=m.revision, dtype=dtype, attn_implementation=m.attn_implementation
+        )
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if m.compile:
+        model.compile()  # in place: module tree and state-dict keys stay as they are (no _orig_mod.)
+    return model
+
+
+def load_teacher(d: DistillConfig, m: ModelConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = inference_dtype(compute_device(), cpu=getattr(torch, m.dtype))
+    teacher = AutoModelForCausalLM.from_pretrained(d.teacher, dtype=dtype, attn_implementation=m.attn_implementation)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only: norms, biases and embedding tables are not decayed."""
+    embeddings = {id(mod.weight) for mod in model.modules() if isinstance(mod, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu") and all(p.dtype.is_floating_point for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+
+
+def lr_factor(step: int, total: int, o: OptimConfig) -> float:
+    """Multiplier of optim.lr at optimizer step `step` (0-based): linear warmup, then decay to the floor."""
+    warmup = round(o.warmup * total) if o.warmup < 1 else int(o.warmup)
+    if step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, steps: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, o))
+
+
+def save_final_model(acc: Any, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, out: Path, name: str) -> None:
+    """The trained model as a Hugging Face folder (gathered from every process under FSDP/ZeRO)."""
+    acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        dtype = _save_dtype(cfg)
+        cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
+        state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
+        unwrapped.config.dtype = dtype
+        unwrapped.config.use_cache = True
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            configlib.dump(cfg, tmp / name)
+            if cfg.model.path and (Path(cfg.model.path) / CONVERSION_RECORD).is_file():
+                shutil.copy2(Path(cfg.model.path) / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+    acc.wait_for_everyone()
+
+
+def _save_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.model.save_dtype != "auto":
+        return getattr(torch, cfg.model.save_dtype)
+    if cfg.model.init == "scratch":
+        return torch.float32
+    return _stored_dtype(cfg.model.path, read_model_config(cfg.model.path or "", cfg.model.revision))

@@ -1,0 +1,62 @@
+"""A training run from its config: checks, the budget, the run folder, then the loop.
+
+Everything that can fail on a bad input (config, data files, model, tokenizer, teacher, batch
+geometry, a run folder that already holds a run) fails here before any work starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from uptrain import config as configlib
+from uptrain.device import multi_process_cpu
+from uptrain.errors import UptrainError
+from uptrain.training.budget import train_budget
+from uptrain.training.checkpointer import CONFIG_NAME, check_resumable, checkpoints, resume_path
+from uptrain.training.config import TrainConfig
+from uptrain.training.loop import Trainer
+from uptrain.training.model import preflight
+
+
+def run_training(
+    cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
+) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
+    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
+    from accelerate import PartialState
+
+    run_dir = Path(cfg.out)
+    checkpoint = resume_path(run_dir, resume)
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint)
+    elif not dry_run and (checkpoints(run_dir) or (run_dir / "model").exists()) and not overwrite:
+        raise UptrainError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    models, tokenizer = preflight(cfg)
+    state = PartialState(cpu=multi_process_cpu())
+    budget = train_budget(
+        tokens=cfg.budget.tokens,
+        fraction=cfg.budget.fraction,
+        original_tokens=cfg.budget.original_tokens,
+        steps=cfg.budget.steps,
+        seq_len=cfg.data.seq_len,
+        global_batch_size=cfg.batch.global_batch_size,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        num_processes=state.num_processes,
+        params=models.matmul_params,
+        gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
+        assumed_mfu=cfg.budget.assumed_mfu,
+    )
+    if state.is_main_process:
+        print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
+    if dry_run:
+        return {"budget": budget}
+    if state.is_main_process:
+        if overwrite and checkpoint is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configlib.dump(cfg, run_dir / CONFIG_NAME)
+    state.wait_for_everyone()
+    return Trainer(cfg, budget, models, tokenizer, checkpoint).run()
