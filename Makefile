@@ -28,14 +28,15 @@ test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: $(VENV)/.installed
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m uptrain.demo
 
 bench: setup
-	$(BIN)/python scripts/bench_convert.py
+	$(BIN)/python -m scripts.bench_convert
 
 lint: setup
 	$(BIN)/ruff check uptrain tests scripts
 	$(BIN)/ruff format --check uptrain tests scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
