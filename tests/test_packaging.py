@@ -1,0 +1,59 @@
+"""uptrain installed from its wheel (not the source tree): every command's help, the demo's entry point and data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import ROOT
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict[str, str]:
+    """The wheel built from this tree, installed without dependencies into a folder of its own; an
+    environment whose `python` imports uptrain from there (the dependencies come from this venv)."""
+    work = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    build = [*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(work)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    (wheel,) = work.glob("uptrain-*.whl")
+    site = work / "site"
+    install = [*pip, "install", str(wheel), "--no-deps", "-q", "--target", str(site)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    return {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PYTHONSAFEPATH": "1"}
+
+
+def run(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_the_installed_package_is_the_wheel(installed, tmp_path) -> None:
+    proc = run(installed, "-c", "import uptrain; print(uptrain.__file__)", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(installed["PYTHONPATH"]), proc.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "train", "eval", "plan"])
+def test_every_command_has_help(installed, tmp_path, command: str) -> None:
+    proc = run(installed, "-m", "uptrain", command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: uptrain {command}")
+
+
+def test_the_demo_runs_from_the_installed_package(installed, tmp_path) -> None:
+    proc = run(installed, "-m", "uptrain.demo", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "python -m uptrain.demo" in proc.stdout
+    code = (
+        "from uptrain.demo.pipeline import CONFIGS, Pipeline\n"
+        "p = Pipeline(out=None)\n"
+        "print(CONFIGS)\n"
+        "for f in (p.pretrain, p.uptrain, p.architecture): assert f.is_file() and f.read_text(), f\n"
+    )
+    proc = run(installed, "-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(installed["PYTHONPATH"])  # package data, not the repo's files
