@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,13 @@ def installed(tmp_path_factory) -> dict[str, str]:
     """The wheel built from this tree, installed without dependencies into a folder of its own; an
     environment whose `python` imports uptrain from there (the dependencies come from this venv)."""
     work = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools' build/ folder in the tree would keep files that were deleted since
+    source = work / "source"
+    shutil.copytree(ROOT / "uptrain", source / "uptrain", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip"]
-    build = [*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(work)]
+    build = [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(work)]
     subprocess.run(build, check=True, capture_output=True, timeout=300)
     (wheel,) = work.glob("uptrain-*.whl")
     site = work / "site"
