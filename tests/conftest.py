@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers.utils.logging import disable_progress_bar
 
-from tests import ROOT
-from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+from tests import make_tiny_run
+from uptrain.synthetic import save_tiny_llama
 
 torch.set_num_threads(2)
 disable_progress_bar()
@@ -48,14 +47,4 @@ def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
 def tiny_run(tmp_path: Path) -> dict:
     """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and configs/tiny-cpu.yaml
     pointed at them."""
-    from uptrain import convert
-
-    src = save_tiny_llama(tmp_path / "mha", shard=None)
-    save_word_tokenizer(src)
-    convert(str(src), str(tmp_path / "gqa"), num_kv_heads=2, quiet=True)
-    corpus = write_corpus(tmp_path / "corpus", docs=400)
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
-    cfg["model"]["path"] = str(tmp_path / "gqa")
-    cfg["data"]["files"] = [str(corpus / "*.txt")]
-    cfg["out"] = str(tmp_path / "run")
-    return {"root": tmp_path, "source": src, "model": tmp_path / "gqa", "corpus": corpus, "config": cfg}
+    return make_tiny_run(tmp_path)

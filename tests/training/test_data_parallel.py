@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests import free_port
 from tests.families import tensors
 
 # Runs the real CLI; records which training blocks this process read.
@@ -34,12 +34,6 @@ DRIVER = textwrap.dedent(
     """
 )
 TOLERANCE = 1e-5  # |Δ| between the runs (seen here: 1.2e-7 on the loss, weights bitwise equal)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(processes: int, driver: Path, out: Path, config: Path) -> None:

@@ -20,6 +20,7 @@ import yaml
 from uptrain import config as configlib
 from uptrain.errors import UptrainError
 from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
+from uptrain.training.sharding import ShardedState
 
 CONFIG_NAME = "uptrain_train.yaml"
 """The resolved config: in the run folder, in every checkpoint, and in the final model."""
@@ -84,11 +85,12 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
 
 
 class Checkpointer:
-    """Saves a run's checkpoints from every process (accelerate writes each process's part), then the
+    """Saves a run's checkpoints from every process (accelerate writes each process's part; under
+    FSDP2 the sharded model and optimizer go into a DCP folder beside it, one file per rank), then the
     main process adds the config and the state file, renames the folder into place and rotates."""
 
-    def __init__(self, acc: Any, run_dir: Path, cfg: TrainConfig) -> None:
-        self.acc, self.run_dir, self.cfg = acc, run_dir, cfg
+    def __init__(self, acc: Any, run_dir: Path, cfg: TrainConfig, sharded: ShardedState | None = None) -> None:
+        self.acc, self.run_dir, self.cfg, self.sharded = acc, run_dir, cfg, sharded
 
     def save(self, state: TrainState, data: Any) -> Path:
         """accelerate state + train state into checkpoints/step-N (written aside, then renamed)."""
@@ -103,6 +105,8 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.sharded is not None:
+            self.sharded.save(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
             configlib.dump(self.cfg, tmp / CONFIG_NAME)
@@ -113,6 +117,12 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def load(self, checkpoint: Path) -> None:
+        """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""
+        self.acc.load_state(str(checkpoint))
+        if self.sharded is not None:
+            self.sharded.load(checkpoint)
 
     def latest(self) -> Path | None:
         found = checkpoints(self.run_dir)

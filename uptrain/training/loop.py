@@ -35,6 +35,14 @@ from uptrain.training.model import (
     load_teacher,
     save_final_model,
 )
+from uptrain.training.sharding import (
+    ShardedState,
+    ShardingPlan,
+    clip_grad_norm,
+    full_state_dict,
+    local_fraction,
+    shard_model,
+)
 
 
 class StopSignals:
@@ -56,28 +64,30 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _sharding_requested() -> bool:
-    import os
-
-    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-
-
 class Trainer:
     """One training run. Its parts: the accelerator (processes, device, precision), this process's
     data, the model (and teacher), optimizer and schedule, the train state, the checkpointer and the
     metrics log."""
 
     def __init__(
-        self, cfg: TrainConfig, budget: TrainBudget, models: RunModel, tokenizer: Any, resume: Path | None
+        self,
+        cfg: TrainConfig,
+        budget: TrainBudget,
+        models: RunModel,
+        tokenizer: Any,
+        resume: Path | None,
+        sharding: ShardingPlan | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
-        self.cfg, self.budget, self.tokenizer = cfg, budget, tokenizer
+        self.cfg, self.budget, self.tokenizer, self.sharding = cfg, budget, tokenizer, sharding
         self.run_dir = Path(cfg.out)
+        precision = autocast_precision(cfg.mixed_precision)
         self.acc = acc = Accelerator(
             cpu=multi_process_cpu(),
-            mixed_precision=autocast_precision(cfg.mixed_precision),
+            # under FSDP2 the precision is the sharding's policy (bf16 compute, fp32 reduce and master weights)
+            mixed_precision="no" if sharding else precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=budget.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
             ),
@@ -86,14 +96,10 @@ class Trainer:
             step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         )
         self.metrics = MetricsLog(acc, self.run_dir)
-        self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
-        if acc.distributed_type.name == "MULTI_CPU" and _sharding_requested():
-            self.metrics.log(
-                "note: FSDP and DeepSpeed need GPUs; on this CPU-only machine the run is plain data parallel"
-            )
         set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
         with acc.main_process_first():  # one process downloads / loads into the cache first
-            model = load_model(cfg.model, models)
+            on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
+            model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
             teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
         self.data: BlockData | StreamData = prepare(
             cfg.data,
@@ -104,14 +110,34 @@ class Trainer:
             world=acc.num_processes,
             main_process_first=acc.main_process_first,
         )
-        optimizer = build_optimizer(model, cfg.optim, acc.device)
-        scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.teacher = acc.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
+        sharded_state = None
+        if sharding is not None:
+            if sharding.activation_checkpointing and not cfg.model.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model = shard_model(
+                model, sharding, device=acc.device, precision=precision, main_process=acc.is_main_process
+            )
+            if cfg.model.compile:
+                self.model.compile()
+            self.optimizer = build_optimizer(self.model, cfg.optim, acc.device)
+            self.scheduler = build_scheduler(self.optimizer, cfg.optim, budget.steps)
+            acc.register_for_checkpointing(self.scheduler)
+            sharded_state = ShardedState(self.model, self.optimizer)
+            local, total = local_fraction(self.model)
+            self.metrics.log(
+                f"FSDP2 over {acc.num_processes} processes ({acc.device.type}, precision {precision}): "
+                f"this process holds {local:,} of {total:,} parameters"
+            )
+        else:
+            optimizer = build_optimizer(model, cfg.optim, acc.device)
+            scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.teacher = acc.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state)
         if resume is not None:
-            acc.load_state(str(resume))
+            self.checkpointer.load(resume)
             if self.state.data is not None:
                 self.data.load_state_dict(self.state.data[acc.process_index])
             self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
@@ -129,18 +155,25 @@ class Trainer:
         for micro in range(self.budget.grad_accum):
             ids = self.data.micro_batch(self.state.step * self.budget.grad_accum + micro).to(acc.device)
             with acc.accumulate(self.model):
+                if self.sharding is not None:  # reduce-scatter the gradients once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(acc.sync_gradients)
                 loss, ce = training_loss(self.model, ids, self.teacher, cfg.distill.weight, cfg.distill.temperature)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    grad_norm = self.clip_grad_norm(cfg.optim.grad_clip or math.inf)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
             ces.append(ce.float())
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens += self.budget.global_batch_tokens
         return float(torch.stack(losses).mean()), float(torch.stack(ces).mean()), float(grad_norm)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.sharding is not None:
+            return clip_grad_norm(self.model.parameters(), max_norm)
+        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def agree(self, loss: float, ce: float, stop: bool) -> tuple[float, float, bool]:
         """One collective per step: mean loss and CE over processes, and whether any wants to stop."""
@@ -232,7 +265,12 @@ class Trainer:
         finally:
             bar.close()
             signals.restore()
-        save_final_model(acc, self.model, self.tokenizer, cfg, self.run_dir / "model", CONFIG_NAME)
+        acc.wait_for_everyone()
+        if self.sharding is not None:
+            weights = full_state_dict(self.model, acc.is_main_process)
+        else:
+            weights = acc.get_state_dict(self.model)
+        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", CONFIG_NAME)
         acc.end_training()  # closes the trackers and the process group: after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}

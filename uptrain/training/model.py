@@ -96,11 +96,17 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
     ), tokenizer
 
 
-def load_model(m: ModelConfig, info: RunModel) -> torch.nn.Module:
+def load_model(m: ModelConfig, info: RunModel, *, meta: bool = False, compile: bool = True) -> torch.nn.Module:
+    """The model to train, on the CPU; with `meta`, only its structure (no memory; the weights come later)."""
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, m.dtype)
-    if info.source is None:
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                info.config, dtype=dtype, attn_implementation=m.attn_implementation
+            )
+    elif info.source is None:
         model = AutoModelForCausalLM.from_config(info.config, dtype=dtype, attn_implementation=m.attn_implementation)
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -109,7 +115,7 @@ def load_model(m: ModelConfig, info: RunModel) -> torch.nn.Module:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if m.compile:
+    if m.compile and compile:
         model.compile()  # in place: module tree and state-dict keys stay as they are (no _orig_mod.)
     return model
 
@@ -151,10 +157,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, o))
 
 
-def save_final_model(acc: Any, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, out: Path, name: str) -> None:
-    """The trained model as a Hugging Face folder (gathered from every process under FSDP/ZeRO)."""
-    acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(model)
+def save_final_model(
+    acc: Any,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    name: str,
+) -> None:
+    """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process)."""
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         dtype = _save_dtype(cfg)

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from uptrain import config as configlib
-from uptrain.device import multi_process_cpu
+from uptrain.device import autocast_precision, multi_process_cpu
 from uptrain.errors import UptrainError
 from uptrain.training.budget import train_budget
 from uptrain.training.checkpointer import CONFIG_NAME, check_resumable, checkpoints, resume_path
 from uptrain.training.config import TrainConfig
 from uptrain.training.loop import Trainer
 from uptrain.training.model import preflight
+from uptrain.training.sharding import claim_sharding, mixed_precision_policy
 
 
 def run_training(
@@ -34,6 +35,9 @@ def run_training(
         check_resumable(cfg, checkpoint)
     elif not dry_run and (checkpoints(run_dir) or (run_dir / "model").exists()) and not overwrite:
         raise UptrainError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
+    if sharding is not None:
+        mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
     models, tokenizer = preflight(cfg)
     state = PartialState(cpu=multi_process_cpu())
     budget = train_budget(
@@ -59,4 +63,4 @@ def run_training(
         run_dir.mkdir(parents=True, exist_ok=True)
         configlib.dump(cfg, run_dir / CONFIG_NAME)
     state.wait_for_everyone()
-    return Trainer(cfg, budget, models, tokenizer, checkpoint).run()
+    return Trainer(cfg, budget, models, tokenizer, checkpoint, sharding).run()

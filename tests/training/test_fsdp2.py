@@ -1,0 +1,199 @@
+"""FSDP2 on CPU over gloo, through the launch line users type on GPUs:
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m uptrain train RUN.yaml`.
+
+Two sharded processes follow the one-process run with the same global batch, write DCP checkpoints
+from both ranks, stop on SIGTERM to the launcher and resume to the uninterrupted weights, and gather
+a final model that transformers loads; two "nodes" on one machine (c10d rendezvous) agree too.
+The tiny model ties its input and output embeddings, the case sharding most easily gets wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests import ROOT, free_port, make_tiny_run
+from tests.families import tensors
+from uptrain.errors import UptrainError
+from uptrain.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_sharding
+
+TOLERANCE = 1e-5  # |Δ| against the one-process run (seen here: 1.8e-7 on the weights, 1e-6 on the loss)
+STOP_AT = 17
+
+# The real CLI; rank 0 sends SIGTERM to the launcher during optimizer step STOP_AT_STEP, as Slurm would.
+STOPPER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import uptrain.training.loop as loop
+
+    stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
+    def step(self):
+        if self.state.step == stop_at - 1 and self.acc.is_main_process:
+            os.kill(os.getppid(), signal.SIGTERM)
+        return original(self)
+    loop.Trainer.step = step
+    from uptrain.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def accelerate(*launch: str, program: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), *launch, *program]  # fmt: skip
+    return subprocess.Popen(cmd, env=env or environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def train(config: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "uptrain", "train", str(config), f"--out={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fsdp2")
+    tiny = make_tiny_run(root, tie_word_embeddings=True)
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({**tiny["config"], "checkpoint": {"every": 10, "keep": 3}}))
+    stopper = root / "stopper.py"
+    stopper.write_text(STOPPER)
+    logs = {}
+
+    one = subprocess.run(
+        [sys.executable, *train(config, root / "one")], env=environment(), capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    code, logs["two"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                                          program=train(config, root / "two")))  # fmt: skip
+    assert code == 0, logs["two"][-3000:]
+
+    stop = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                      program=[str(stopper), *train(config, root / "stopped")[2:]],
+                      env=environment(STOP_AT_STEP=str(STOP_AT)))  # fmt: skip
+    logs["stop_code"], logs["stop"] = finish(stop)
+    code, logs["resume"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                                             program=train(config, root / "stopped", "--resume")))  # fmt: skip
+    assert code == 0, logs["resume"][-3000:]
+
+    port = str(free_port())  # two machines of one process each, c10d rendezvous on this one
+    node = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", port, "--rdzv_backend", "c10d"]  # fmt: skip
+    first = accelerate(*node, "--machine_rank", "0", program=train(config, root / "nodes"))
+    second = accelerate(*node, "--machine_rank", "1", "--rdzv_conf", "is_host=0", program=train(config, root / "nodes"))
+    for name, proc in (("node0", first), ("node1", second)):
+        code, logs[name] = finish(proc)
+        assert code == 0, logs[name][-3000:]
+    return {"root": root, "tiny": tiny, "logs": logs}
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    a, b = rows(reference), rows(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "val_loss", "grad_norm", "lr", "tokens"):
+            if key in x:
+                assert abs(x[key] - y[key]) <= TOLERANCE * max(1.0, abs(x[key])), (x["step"], key, x[key], y[key])
+    w1, w2 = tensors(reference / "model"), tensors(run / "model")
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= TOLERANCE
+
+
+def test_two_sharded_processes_follow_the_one_process_run(runs: dict) -> None:
+    root, log = runs["root"], runs["logs"]["two"]
+    assert "plain data parallel" not in log
+    holds = [line for line in log.splitlines() if "FSDP2 over 2 processes" in line]
+    assert len(holds) == 1 and "this process holds" in holds[0]  # logged by rank 0
+    local, total = (int(n.replace(",", "")) for n in holds[0].split("holds ")[1].split(" parameters")[0].split(" of "))
+    assert local < 0.6 * total, "rank 0 holds about half the parameters"
+    assert rows(root / "one")[-1]["val_loss"] < 0.6 * rows(root / "one")[0]["val_loss"]  # it learned
+    assert_same_run(root / "one", root / "two")
+
+
+def test_checkpoints_hold_one_shard_file_per_rank(runs: dict) -> None:
+    steps = sorted((runs["root"] / "two" / "checkpoints").glob("step-*"))
+    assert [s.name for s in steps] == ["step-00000010", "step-00000020", "step-00000030"]
+    for step in steps:
+        files = sorted(p.name for p in (step / SHARDED_FOLDER).iterdir())
+        assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], files
+        assert (step / "random_states_0.pkl").is_file() and (step / "random_states_1.pkl").is_file()
+
+
+def test_sigterm_to_the_launcher_saves_then_resume_ends_at_the_uninterrupted_weights(runs: dict) -> None:
+    root, logs = runs["root"], runs["logs"]
+    assert logs["stop_code"] != 0, "the launcher reports the stop as a failure (1), whatever the workers did"
+    assert f"stopped by SIGTERM at step {STOP_AT}: checkpoint saved" in logs["stop"]
+    assert (
+        f"resumed from {root / 'stopped' / 'checkpoints' / f'step-{STOP_AT:08d}'} at step {STOP_AT}" in logs["resume"]
+    )
+    reference, resumed = tensors(root / "two" / "model"), tensors(root / "stopped" / "model")
+    for name, t in reference.items():
+        assert torch.equal(t, resumed[name]), name  # bitwise: the DCP round trip is exact
+    losses = {run: [r["loss"] for r in rows(root / run) if "loss" in r] for run in ("two", "stopped")}
+    assert losses["two"] == losses["stopped"]
+
+
+def test_the_gathered_model_loads_in_transformers_and_generates(runs: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = runs["root"] / "two" / "model"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("the cat sat on the mat", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 8)
+    one = AutoModelForCausalLM.from_pretrained(runs["root"] / "one" / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, one(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_two_nodes_on_one_machine_agree_with_one_node(runs: dict) -> None:
+    assert_same_run(runs["root"] / "one", runs["root"] / "nodes")
+    shards = runs["root"] / "nodes" / "checkpoints" / "step-00000030" / SHARDED_FOLDER
+    assert (shards / "__0_0.distcp").is_file() and (shards / "__1_0.distcp").is_file()
+
+
+def test_the_launcher_settings_become_the_sharding_plan() -> None:
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+           "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}  # fmt: skip
+    plan = claim_sharding(env)
+    assert plan == ShardingPlan(
+        reshard_after_forward=False, activation_checkpointing=True, layer_classes=("LlamaDecoderLayer",)
+    )
+    assert "ACCELERATE_USE_FSDP" not in env, "accelerate only starts the processes"
+    assert claim_sharding({}) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "FULL_SHARD"),
+    ],
+)
+def test_unsupported_launches_are_refused_clearly(env: dict, message: str) -> None:
+    with pytest.raises(UptrainError, match=message):
+        claim_sharding(env)
