@@ -173,9 +173,14 @@ def test_existing_out_needs_overwrite(run_cli, llama: Path) -> None:
     code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2")
     assert code == 1 and "already exists; pass --overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what uptrain wrote: a user's folder is refused, a converted one replaced
+    code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--overwrite", "--quiet")
+    assert code == 1 and "was not written by uptrain" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli("convert", llama, out, "--num-kv-heads", "4", "--overwrite", "--quiet")[0] == 0  # empty: fine
     code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--overwrite", "--quiet")
     assert code == 0, err
-    assert not (out / "keep.txt").exists()
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 2
 
 

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from uptrain.errors import UptrainError
+from uptrain.io.ownership import OutputLock, check_replaceable, clean_stale_temporaries
 from uptrain.io.tensors import PICKLE_INDEX, SAFE_INDEX, WEIGHT_SUFFIXES
 
 CONVERSION_RECORD = "uptrain_conversion.json"
 """What `uptrain convert` did, written into every converted folder (and carried into trained models)."""
+TRAIN_CONFIG = "uptrain_train.yaml"
+"""A training run's resolved config: in the run folder, in every checkpoint, and in the final model."""
+MARKERS = (CONVERSION_RECORD, TRAIN_CONFIG)
+"""Files that say uptrain wrote a folder, so that `--overwrite` may replace it."""
 
 
 def read_json_object(path: Path, missing: str) -> dict[str, Any]:
@@ -47,11 +52,13 @@ def _check_writable(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
-    A failed, interrupted or killed run leaves no `out` (a killed one may leave a hidden
-    `.NAME.uptrain-*` folder beside it, safe to delete). Missing parent folders are created and
+    Holds `out`'s lock throughout, so a concurrent writer refuses instead of racing. A failed or
+    interrupted run leaves no `out`; a killed one may leave a hidden `.NAME.uptrain-*` folder beside
+    it, which the next write to `out` names (and removes with `overwrite`). `overwrite` replaces only
+    a folder uptrain wrote, never one that holds `inputs`. Missing parent folders are created and
     removed again on failure.
     """
     out = Path(out).absolute()
@@ -59,6 +66,8 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UptrainError(f"{out} exists and is not a folder; choose another output path")
+    if overwrite:
+        check_replaceable(out, MARKERS, inputs)
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     base = created[-1].parent if created else out.parent  # the deepest folder that exists
     if not base.is_dir():
@@ -66,10 +75,21 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     _check_writable(base)
     if created:
         out.parent.mkdir(parents=True)
+    lock = OutputLock(out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-", dir=out.parent))
-    except OSError as e:
-        raise UptrainError(f"cannot write into {out.parent} ({e.strerror}); choose another output folder") from e
+        lock.acquire()
+        if out.exists() and not overwrite:  # written by another process since the check above
+            raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
+        clean_stale_temporaries(out, remove=overwrite)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-", dir=out.parent))
+        except OSError as e:
+            raise UptrainError(f"cannot write into {out.parent} ({e.strerror}); choose another output folder") from e
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        lock.release()
+        raise
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -87,6 +107,8 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def read_config(folder: Path) -> dict[str, Any]:
