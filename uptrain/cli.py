@@ -22,7 +22,7 @@ from typing import Any
 
 from uptrain.config import Overrides
 from uptrain.device import is_main_process
-from uptrain.errors import Stopped, UptrainError
+from uptrain.errors import Interrupted, Stopped, UptrainError, signal_exit_code
 from uptrain.version import __version__
 
 COMMANDS: dict[str, str] = {
@@ -149,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What ends a terminal's work (Ctrl-C, kill, a closed terminal or ssh session): all clean up alike."""
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the atomic writers, which remove their temp folders
+    raise Interrupted(signum)  # unwinds through the atomic writers, which remove their temp folders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_libraries()
-    signal.signal(signal.SIGTERM, _interrupt)
+    for s in STOP_SIGNALS:
+        signal.signal(s, _interrupt)
     try:
         fn(**args)
     except Stopped as e:  # on purpose, after saving what could be saved: not an error of the input
@@ -182,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"uptrain {command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"uptrain {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = signal_exit_code(e)
+        print(f"uptrain {command}: interrupted by {signal.Signals(code - 128).name}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -20,3 +20,17 @@ class Stopped(UptrainError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends a terminal's work (SIGINT, SIGTERM, SIGHUP) raised where the program is, so
+    that every atomic writer unwinds and removes its temporary files; the exit status is 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def signal_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal number (130 for a plain Ctrl-C)."""
+    return 128 + getattr(interrupt, "signum", 2)

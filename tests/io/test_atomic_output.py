@@ -51,12 +51,27 @@ def test_sigkill_midway_leaves_no_out(llama: Path) -> None:
     assert list(tmp.glob("model-*.safetensors")), "the kill happened after shards were written"
 
 
-def test_sigterm_midway_cleans_up(llama: Path) -> None:
+def test_the_next_run_names_a_killed_runs_leftovers_and_overwrite_removes_them(llama: Path, run_cli) -> None:
     out = llama.parent / "out"
-    proc = run_driver("SIGTERM", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")
-    assert proc.returncode == 130, proc.stderr
+    assert run_driver("SIGKILL", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB").returncode < 0
+    (tmp,) = leftovers(llama.parent, out)
+    code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet")
+    assert code == 0, err
+    assert f"{tmp} was left by an interrupted run" in err and "ended without releasing its lock" in err
+    assert tmp.exists(), "named, not deleted, without --overwrite"
+    code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet", "--overwrite")
+    assert code == 0 and f"removed {tmp}" in err
+    assert not leftovers(llama.parent, out)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_midway_cleans_up(llama: Path, sig: str) -> None:
+    out = llama.parent / "out"
+    proc = run_driver(sig, llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr
     assert "interrupted; nothing was written" in proc.stderr
     assert not out.exists() and not leftovers(llama.parent, out)
+    assert not list(llama.parent.glob(".out.uptrain.lock")), "the lock is released"
 
 
 def test_sigint_midway_keeps_the_old_out(llama: Path, run_cli) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from uptrain.conversion.convert import convert_checkpoint
 from uptrain.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
-from uptrain.errors import Stopped, UptrainError
+from uptrain.errors import Stopped, UptrainError, signal_exit_code
 from uptrain.units import format_bytes, format_count, parse_size
 
 DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
@@ -93,8 +93,8 @@ def convert(
             allow_pickle=allow_pickle,
             quiet=quiet,
         )
-    except KeyboardInterrupt:
-        raise Stopped("interrupted; nothing was written", 130) from None
+    except KeyboardInterrupt as e:
+        raise Stopped("interrupted; nothing was written", signal_exit_code(e)) from None
     if not quiet:
         _print_summary(record, out_path, nbytes)
     return record
