@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.families import tensors
 from uptrain.training import loop as trainlib
-from uptrain.training.checkpointer import CONFIG_NAME, checkpoints
+from uptrain.training.checkpointer import TRAIN_CONFIG, checkpoints
 from uptrain.training.metrics import METRICS
 
 
@@ -43,9 +43,9 @@ def test_converted_model_trains_and_validation_loss_falls(run_cli, tiny_run: dic
     assert model.config.num_key_value_heads == 2
     assert AutoTokenizer.from_pretrained(run / "model")("the cat sees the moon .")["input_ids"][0] == 1
     assert (run / "model" / "uptrain_conversion.json").is_file()
-    assert yaml.safe_load((run / CONFIG_NAME).read_text())["optim"]["lr"] == 3e-3
+    assert yaml.safe_load((run / TRAIN_CONFIG).read_text())["optim"]["lr"] == 3e-3
     assert [p.name for p in checkpoints(run)] == ["step-00000020", "step-00000030"]  # keep: 2
-    assert (checkpoints(run)[-1] / CONFIG_NAME).is_file()
+    assert (checkpoints(run)[-1] / TRAIN_CONFIG).is_file()
     assert oct((run / "model").stat().st_mode & 0o777) != oct(0o700)
 
 
@@ -53,7 +53,7 @@ def test_overrides_and_the_saved_config(run_cli, tiny_run: dict) -> None:
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
     code, _, err = run_cli("train", cfg, "--budget.steps=4", "--optim.lr", "1e-3", "--logging.every=2")
     assert code == 0, err
-    saved = yaml.safe_load((Path(tiny_run["config"]["out"]) / CONFIG_NAME).read_text())
+    saved = yaml.safe_load((Path(tiny_run["config"]["out"]) / TRAIN_CONFIG).read_text())
     assert (saved["budget"]["steps"], saved["optim"]["lr"], saved["logging"]["every"]) == (4, 1e-3, 2)
     assert saved["optim"]["schedule"] == "cosine"  # defaults are written out too
 

@@ -19,11 +19,10 @@ import yaml
 
 from uptrain import config as configlib
 from uptrain.errors import UptrainError
+from uptrain.io.folders import TRAIN_CONFIG
 from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
 from uptrain.training.sharding import ShardedState
 
-CONFIG_NAME = "uptrain_train.yaml"
-"""The resolved config: in the run folder, in every checkpoint, and in the final model."""
 STATE_FILE = "train_state.json"
 
 
@@ -67,7 +66,7 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume with settings that would change what the remaining steps compute."""
-    saved = yaml.safe_load((checkpoint / CONFIG_NAME).read_text())
+    saved = yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())
     now = configlib.to_dict(cfg)
     diffs = [
         f"{section}.{key}"
@@ -109,7 +108,7 @@ class Checkpointer:
             self.sharded.save(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            configlib.dump(self.cfg, tmp / CONFIG_NAME)
+            configlib.dump(self.cfg, tmp / TRAIN_CONFIG)
             info = {"step": state.step, "tokens": state.tokens, "time": time.time()}
             (tmp / STATE_FILE).write_text(json.dumps(info) + "\n")
             tmp.rename(final)

@@ -23,7 +23,7 @@ from uptrain.data.blocks import BlockData, StreamData, prepare
 from uptrain.device import autocast_precision, multi_process_cpu
 from uptrain.errors import Stopped
 from uptrain.training.budget import TrainBudget, mfu
-from uptrain.training.checkpointer import CONFIG_NAME, Checkpointer, TrainState, checkpoints
+from uptrain.training.checkpointer import TRAIN_CONFIG, Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
 from uptrain.training.losses import training_loss
 from uptrain.training.metrics import MetricsLog, available_trackers, flat
@@ -46,11 +46,11 @@ from uptrain.training.sharding import (
 
 
 class StopSignals:
-    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
+    """First SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         for s in self._previous:
             signal.signal(s, self._handle)
 
@@ -141,6 +141,7 @@ class Trainer:
             if self.state.data is not None:
                 self.data.load_state_dict(self.state.data[acc.process_index])
             self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
+        self.metrics.start(self.state.step)
 
     def record(self, metrics: dict[str, float]) -> None:
         self.metrics.record(self.state.step, self.state.tokens, metrics)
@@ -270,7 +271,7 @@ class Trainer:
             weights = full_state_dict(self.model, acc.is_main_process)
         else:
             weights = acc.get_state_dict(self.model)
-        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", CONFIG_NAME)
+        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", TRAIN_CONFIG)
         acc.end_training()  # closes the trackers and the process group: after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}

@@ -33,6 +33,13 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _step_of(row: str) -> int:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line of a killed run: dropped
+
+
 class MetricsLog:
     """Progress lines on stderr and metric records, written by the main process; trackers via accelerate."""
 
@@ -42,6 +49,18 @@ class MetricsLog:
     def log(self, text: str) -> None:
         if self.acc.is_main_process:
             print(text, file=sys.stderr, flush=True)
+
+    def start(self, step: int) -> None:
+        """Keep only the records of steps up to `step` (where this run starts or resumes): records a
+        killed run wrote after its last checkpoint, or an earlier run's, would otherwise repeat."""
+        if not self.acc.is_main_process or not self.path.is_file():
+            return
+        rows = self.path.read_text().splitlines(keepends=True)
+        kept = [r for r in rows if step > 0 and _step_of(r) <= step]
+        if kept != rows:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def record(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         self.acc.log(metrics, step=step)

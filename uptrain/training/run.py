@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from uptrain import config as configlib
-from uptrain.device import autocast_precision, multi_process_cpu
+from uptrain.device import autocast_precision, is_main_process, multi_process_cpu
 from uptrain.errors import UptrainError
+from uptrain.io.folders import MARKERS
+from uptrain.io.ownership import OutputLock, check_replaceable
 from uptrain.training.budget import train_budget
-from uptrain.training.checkpointer import CONFIG_NAME, check_resumable, checkpoints, resume_path
+from uptrain.training.checkpointer import TRAIN_CONFIG, check_resumable, checkpoints, resume_path
 from uptrain.training.config import TrainConfig
 from uptrain.training.loop import Trainer
 from uptrain.training.model import preflight
@@ -27,14 +29,45 @@ def run_training(
 ) -> dict[str, Any]:
     """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
     Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
+    run_dir = Path(cfg.out)
+    # rank 0 owns the run folder for the whole run: a second train on it refuses at once
+    lock = OutputLock(run_dir) if is_main_process() and not dry_run else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _run(cfg, run_dir, resume, overwrite, dry_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _inputs(cfg: TrainConfig) -> tuple[str | None, ...]:
+    return (cfg.model.path, cfg.model.config, cfg.model.tokenizer, cfg.distill.teacher)
+
+
+def check_run_folder(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool) -> None:
+    """The run folder may hold this run (to resume or, with --overwrite, replace), or be new or empty."""
+    if checkpoint is not None or not run_dir.exists():
+        return
+    if overwrite:
+        check_replaceable(run_dir, MARKERS, _inputs(cfg))
+        return
+    if not run_dir.is_dir():
+        raise UptrainError(f"out {run_dir} exists and is not a folder; choose another out")
+    if checkpoints(run_dir) or (run_dir / "model").exists():
+        raise UptrainError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if any(run_dir.iterdir()) and not (run_dir / TRAIN_CONFIG).is_file():
+        raise UptrainError(f"out {run_dir} is a folder uptrain did not make (no {TRAIN_CONFIG}); choose another out")
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, dry_run: bool) -> dict[str, Any]:
     from accelerate import PartialState
 
-    run_dir = Path(cfg.out)
     checkpoint = resume_path(run_dir, resume)
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)
-    elif not dry_run and (checkpoints(run_dir) or (run_dir / "model").exists()) and not overwrite:
-        raise UptrainError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    elif not dry_run:
+        check_run_folder(cfg, run_dir, checkpoint, overwrite)
     sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
     if sharding is not None:
         mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
@@ -57,10 +90,18 @@ def run_training(
         print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
     if dry_run:
         return {"budget": budget}
+    created = not run_dir.exists()
     if state.is_main_process:
         if overwrite and checkpoint is None and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        configlib.dump(cfg, run_dir / CONFIG_NAME)
+        configlib.dump(cfg, run_dir / TRAIN_CONFIG)
     state.wait_for_everyone()
-    return Trainer(cfg, budget, models, tokenizer, checkpoint, sharding).run()
+    try:
+        trainer = Trainer(cfg, budget, models, tokenizer, checkpoint, sharding)
+    except BaseException:
+        # nothing was trained: a folder this run created (holding only its config) goes again
+        if created and state.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return trainer.run()

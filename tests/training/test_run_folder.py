@@ -1,0 +1,102 @@
+"""The run folder is the run's own: --overwrite never deletes an input or a user's folder, a
+folder uptrain did not make is refused, a run that fails before training leaves nothing, and
+metrics.jsonl holds each step once, whatever killed the run before."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import yaml
+
+from tests.families import tensors
+from uptrain.training import loop as trainlib
+from uptrain.training.checkpointer import checkpoints
+from uptrain.training.metrics import METRICS
+
+
+def config(tiny_run: dict, **changes: object) -> Path:
+    path = tiny_run["root"] / "run.yaml"
+    path.write_text(yaml.safe_dump({**tiny_run["config"], **changes}))
+    return path
+
+
+def steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]  # training records (validation ones have val_loss)
+
+
+def test_overwrite_never_deletes_the_model_being_trained(run_cli, tiny_run: dict) -> None:
+    model = tiny_run["model"]
+    before = sorted(p.name for p in model.iterdir())
+    code, _, err = run_cli("train", config(tiny_run), f"--out={model}", "--overwrite", "--budget.steps=2")
+    assert code == 1 and "holds an input of this command" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_overwrite_never_empties_a_users_folder(run_cli, tiny_run: dict) -> None:
+    mine = tiny_run["root"] / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli("train", config(tiny_run), f"--out={mine}", "--overwrite", "--budget.steps=2")
+    assert code == 1 and "was not written by uptrain" in err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_folder_uptrain_did_not_make_is_not_written_into(run_cli, tiny_run: dict) -> None:
+    model = tiny_run["model"]
+    before = sorted(p.name for p in model.iterdir())
+    code, _, err = run_cli("train", config(tiny_run), f"--out={model}", "--budget.steps=2")
+    assert code == 1 and "is a folder uptrain did not make" in err
+    assert sorted(p.name for p in model.iterdir()) == before
+    empty = tiny_run["root"] / "empty"
+    empty.mkdir()
+    assert run_cli("train", config(tiny_run), f"--out={empty}", "--budget.steps=2")[0] == 0  # empty is fine
+
+
+def test_a_run_that_fails_on_bad_data_leaves_no_folder(run_cli, tiny_run: dict) -> None:
+    data = tiny_run["root"] / "blank"
+    data.mkdir()
+    (data / "a.txt").write_text("   \n\n")
+    out = tiny_run["root"] / "failed"
+    code, _, err = run_cli("train", config(tiny_run), f"--out={out}", f"--data.files=[{data}/*.txt]")
+    assert code == 1, err
+    assert not out.exists()
+
+
+def test_a_resume_after_a_kill_keeps_each_step_once(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = config(tiny_run, checkpoint={"every": 10, "keep": 2}, logging={"every": 1, "eval_every": 10, "trackers": []})
+    run = Path(tiny_run["config"]["out"])
+    original = trainlib.Trainer.step
+
+    def killed_at_14(self):  # as if SIGKILLed during step 14: records 11-13 are past the last checkpoint
+        if self.state.step == 13:
+            raise SystemExit(-signal.SIGKILL)
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainlib.Trainer, "step", killed_at_14)
+        assert run_cli("train", cfg)[0] == -signal.SIGKILL
+    assert steps(run)[-1] == 13 and checkpoints(run)[-1].name == "step-00000010"
+    assert run_cli("train", cfg, "--resume")[0] == 0
+    assert steps(run) == list(range(1, 31)), "each step once"
+
+
+def test_a_fresh_start_in_a_run_folder_replaces_its_old_records(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = config(tiny_run, checkpoint={"every": 0, "keep": 1}, logging={"every": 1, "eval_every": 0, "trackers": []})
+    run = Path(tiny_run["config"]["out"])
+    original = trainlib.Trainer.step
+
+    def killed_at_5(self):
+        if self.state.step == 4:
+            raise SystemExit(-signal.SIGKILL)
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainlib.Trainer, "step", killed_at_5)
+        assert run_cli("train", cfg)[0] == -signal.SIGKILL
+    assert steps(run) == [1, 2, 3, 4] and not checkpoints(run)
+    assert run_cli("train", cfg, "--resume", "auto")[0] == 0  # nothing to resume: starts again
+    assert steps(run) == list(range(1, 31))
+    assert tensors(run / "model")
