@@ -141,3 +141,32 @@ def test_plot(run_cli, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run_cli("plan", *numbers, "--plot", tmp_path / "again.png")
     assert code == 1 and "pip install 'uptrain[plot]'" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layers", "0"], "--layers must be at least 1, got 0"),
+        (["--head-dim", "0"], "--head-dim must be at least 1, got 0"),
+        (["--kv-heads", "0"], "--kv-heads must be at least 1, got 0"),
+        (["--hidden", "0"], "--hidden must be at least 1, got 0"),
+        (["--context", "0"], "--context must be at least 1, got 0"),
+        (["--params", "inf"], "--params must be a parameter count like 7e9, got inf"),
+        (["--params", "nan"], "--params must be a parameter count like 7e9, got nan"),
+        (["--params", "0"], "--params must be a parameter count"),
+        (["--layers", "1000000000"], "--layers 1,000,000,000 is not a real model's"),
+        (["--memory", "80"], "--memory 80: give a unit, e.g. 80GB"),
+    ],
+)
+def test_impossible_numbers_get_one_line_before_any_work(run_cli, extra: list[str], message: str) -> None:
+    numbers = {"--layers": "40", "--heads": "40", "--head-dim": "128", "--params": "13e9"}
+    numbers |= dict(zip(extra[::2], extra[1::2], strict=True))
+    code, _, err = run_cli("plan", *[x for kv in numbers.items() for x in kv])
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_numbers_beside_a_model_are_refused_not_ignored(run_cli, llama) -> None:
+    code, _, err = run_cli("plan", llama, "--kv-heads", "0")
+    assert code == 1 and "--kv-heads must be at least 1" in err
+    code, _, err = run_cli("plan", llama, "--hidden", "512")
+    assert code == 1 and "--hidden describe a model not on disk; with MODEL they would be ignored" in err

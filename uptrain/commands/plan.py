@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json as jsonlib
+import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +62,8 @@ def plan(
         plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
         json: Print the plan as JSON.
     """
+    _check_numbers(model, memory, context=context, batch=batch, tp=tp, num_kv_heads=num_kv_heads, layers=layers,
+                   heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, params=params)  # fmt: skip
     m = served_model(model, layers, heads, kv_heads, head_dim, hidden, params, weights_dtype)
     mem = parse_size(memory)
     rows, best = serving_rows(m, mem, context, batch, DTYPE_BYTES[kv_dtype], tp)
@@ -84,3 +88,26 @@ def plan(
     else:
         print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units)
     return result
+
+
+LIMITS = {"layers": 10_000, "heads": 10_000, "kv_heads": 10_000, "head_dim": 65_536, "hidden": 10**7}
+"""Far above any real model: larger values are typos (and would only make the table slow)."""
+
+
+def _check_numbers(model: str | None, memory: str, *, params: float | None, **counts: int | None) -> None:
+    """One clear line for every impossible number, before any work."""
+    for name, value in counts.items():
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value < 1:
+            raise UptrainError(f"{flag} must be at least 1, got {value}")
+        if value is not None and value > LIMITS.get(name, value):
+            raise UptrainError(f"{flag} {value:,} is not a real model's (at most {LIMITS[name]:,}); check the number")
+    if params is not None and not (math.isfinite(params) and params >= 1):
+        raise UptrainError(f"--params must be a parameter count like 7e9, got {params}")
+    given = [n for n in ("layers", "heads", "kv_heads", "head_dim", "hidden") if counts.get(n) is not None]
+    if model is not None and (given or params is not None):
+        flags = ", ".join("--" + n.replace("_", "-") for n in [*given, *(["params"] if params is not None else [])])
+        raise UptrainError(f"{flags} describe a model not on disk; with MODEL they would be ignored: leave them out")
+    if re.fullmatch(r"\s*[\d.]+\s*", memory):
+        n = memory.strip()
+        raise UptrainError(f"--memory {n}: give a unit, e.g. {n}GB (10^9 bytes) or {n}GiB (2^30 bytes)")
