@@ -241,3 +241,45 @@ def test_the_schema_document_is_current() -> None:
         "open('docs/eval-schema.md', 'w').write(schema_markdown())\""
     )
     assert "|  |" not in doc.read_text(), "every field needs a docstring"
+
+
+def test_inputs_refused_before_any_work(run_cli, models, tmp_path: Path) -> None:
+    data = f"--data.files=[{models['corpus']}/*.txt]"
+    cases = [
+        (["--stride", "0"], "--stride must be at least 1, got 0"),
+        (["--window", "0"], "--window must be at least 1, got 0"),
+        (["--tasks", ","], "names no task"),
+        (["--json", str(tmp_path)], "is a folder"),
+        (["--json", "/proc/nowhere/e.json"], "cannot write there"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_eval(run_cli, models["gqa"], data, "--no-speed", *extra)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_a_missing_local_folder_is_not_reported_as_a_network_problem(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_eval(run_cli, tmp_path / "runs" / "model", "--no-speed")
+    assert code == 1 and "no such model folder" in err and "huggingface.co" not in err.split("(")[0]
+    code, _, err = run_eval(run_cli, "runs/model", "--no-speed")  # also reads as a Hub id: both are named
+    assert code == 1 and err.startswith("uptrain eval: error: runs/model: no such model folder here, and no Hub repo")
+
+
+def test_compare_with_a_damaged_result_says_which_file(run_cli, models, tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    data = f"--data.files=[{models['corpus']}/*.txt]"
+    assert run_eval(run_cli, models["gqa"], data, "--data.seq_len=24", "--no-speed", "--json", good)[0] == 0
+    whole = json.loads(good.read_text())
+    for name, damage in (("nomodel", lambda r: r.pop("model")), ("badtype", lambda r: r["quality"].update(kl="x"))):
+        r = json.loads(good.read_text())
+        damage(r)
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        code, _, err = run_eval(run_cli, "--compare", good, tmp_path / f"{name}.json")
+        assert code == 1 and f"{tmp_path / name}.json lacks or garbles a field" in err, err
+    assert whole["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_tiny_held_out_text_is_scored_with_a_warning(run_cli, models, tmp_path: Path) -> None:
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "a.txt").write_text("the cat sat on the mat")
+    code, _, err = run_eval(run_cli, models["gqa"], f"--data.files=[{tmp_path}/few/*.txt]", "--no-speed")
+    assert code == 0 and "warning: only" in err and "is noise" in err

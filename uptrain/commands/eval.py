@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -88,6 +89,15 @@ def evaluate(
         raise UptrainError("give MODEL to evaluate (or --compare A.json B.json ...)")
     if not no_speed and (new_tokens < 2 or prompt_tokens < 1):
         raise UptrainError("decode speed needs --prompt-tokens >= 1 and --new-tokens >= 2 (or pass --no-speed)")
+    counts = {"--window": window, "--stride": stride, "--max-tokens": max_tokens, "--batch-size": batch_size,
+              "--decode-batch": decode_batch, "--tasks-limit": tasks_limit}  # fmt: skip
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise UptrainError(f"{flag} must be at least 1, got {value}")
+    if tasks is not None and not [t for t in tasks.split(",") if t.strip()]:
+        raise UptrainError(f"--tasks {tasks!r} names no task; list them like --tasks hellaswag,arc_easy")
+    if json:
+        _check_writable_file(Path(json))  # before the evaluation, not after it
     text = _held_out_text(config, overrides or [])
     result = evaluate_model(
         model,
@@ -109,6 +119,26 @@ def evaluate(
     out = asdict(result)
     print_result(out)
     if json:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        Path(json).write_text(jsonlib.dumps(out, indent=2) + "\n")
+        target = Path(json)
+        tmp = target.with_name(f".{target.name}.uptrain-tmp")
+        tmp.write_text(jsonlib.dumps(out, indent=2) + "\n")
+        tmp.replace(target)  # a whole file or none
     return out
+
+
+def _check_writable_file(path: Path) -> None:
+    if path.is_dir():
+        raise UptrainError(f"--json {path} is a folder; give a file name like {path / 'result.json'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if (
+        not parent.is_dir()
+        or not os.access(parent, os.W_OK | os.X_OK)
+        or (path.exists() and not os.access(path, os.W_OK))
+    ):
+        raise UptrainError(f"--json {path}: cannot write there (permission denied); choose another file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UptrainError(f"--json {path}: cannot write there ({e.strerror}); choose another file") from e

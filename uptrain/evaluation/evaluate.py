@@ -6,6 +6,7 @@ result.py (docs/eval-schema.md).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,26 @@ class HeldOutText:
     seed: int = 0
 
 
+FEW_TOKENS = 1000
+"""Below this many scored tokens, eval warns that perplexity and KL are too noisy to compare."""
+
+
 def load_model(path: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
     """A model in eval mode on `device` (dtype 'auto': bfloat16 on GPUs, float32 on CPUs), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).exists() and not looks_like_repo_id(path):
+    local = Path(path).exists()
+    if not local and not looks_like_repo_id(path):
         raise UptrainError(f"{path}: no such model folder (and not a Hub repo id like org/name)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(device, dtype)).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if not local:  # both readings failed: say the likely one first
+            raise UptrainError(
+                f"{path}: no such model folder here, and no Hub repo of that name could be loaded "
+                f"({str(e).splitlines()[0]})"
+            ) from e
         raise UptrainError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
     return model, tokenizer
 
@@ -76,10 +87,10 @@ def text_windows(
         source = f"held-out blocks of {text.run_config}"
         return windows, DataInfo(source, "blocks", tokens, len(windows), cfg.seq_len, cfg.seq_len)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.seq_len
-    window = window or min(cfg.seq_len, limit)
+    window = window if window is not None else min(cfg.seq_len, limit)
     if window > limit:
         raise UptrainError(f"--window {window} is above the model's max_position_embeddings {limit}")
-    stride = stride or max(1, window // 2)
+    stride = stride if stride is not None else max(1, window // 2)
     if not 0 < stride <= window:
         raise UptrainError(f"--stride must be between 1 and the window ({window}), got {stride}")
     stream, source = token_stream(cfg, tokenizer, max_tokens)
@@ -87,6 +98,12 @@ def text_windows(
         raise UptrainError("the evaluation text holds fewer than 2 tokens")
     windows = strided(stream, window, stride)
     tokens = sum(len(w) - first for w, first in windows)
+    if tokens < FEW_TOKENS:
+        print(
+            f"uptrain eval: warning: only {tokens:,} held-out tokens are scored; a perplexity over so few "
+            f"is noise (give at least {FEW_TOKENS:,})",
+            file=sys.stderr,
+        )
     return windows, DataInfo(source, "strided", tokens, len(windows), window, stride)
 
 

@@ -205,7 +205,15 @@ def _reference_rows(r: dict[str, Any]) -> dict[str, str]:
 def print_compare(paths: list[str]) -> list[dict[str, Any]]:
     """Several results side by side, one column each."""
     results = [load(p) for p in paths]
-    tables = [dict(rows_of(r)) for r in results]
+    tables = []
+    for path, r in zip(paths, results, strict=True):
+        try:
+            tables.append(dict(rows_of(r)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UptrainError(
+                f"{path} lacks or garbles a field ({type(e).__name__}: {e}); "
+                "is it a whole `uptrain eval --json` result?"
+            ) from e
     labels = list(dict.fromkeys(label for t in tables for label in t))
     print("| | " + " | ".join(Path(p).stem for p in paths) + " |")
     print("|---|" + "---|" * len(paths))
