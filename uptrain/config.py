@@ -155,11 +155,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in names:
             raise _unknown(key, where, names)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        missing = [n for n in names if n not in kwargs]
-        raise UptrainError(f"config section '{where or 'top level'}' is incomplete ({e}); missing: {missing}") from e
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
+    ]
+    if required:
+        keys = ", ".join(f"{where}.{n}" if where else n for n in required)
+        raise UptrainError(f"the config needs {keys} (`--help` lists every key)")
+    return cls(**kwargs)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -202,7 +206,10 @@ def load(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UptrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UptrainError(f"{path} is not valid YAML{where}: {problem}") from e
         if not isinstance(data, dict):
             raise UptrainError(f"{path} must hold a mapping of config sections")
     for key, value in (overrides or {}).items():

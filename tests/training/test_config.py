@@ -225,3 +225,19 @@ def test_batch_not_divisible(run_cli, tiny_run: dict) -> None:
 def test_missing_config_file(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("train", tmp_path / "none.yaml")
     assert code == 1 and "config file" in err and "not found" in err
+
+
+def test_weak_inputs_get_messages_that_point_at_the_fix(run_cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\n")
+    code, _, err = run_cli("train", bad)
+    assert code == 1 and f"{bad} is not valid YAML at line 3, column 1" in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    code, _, err = run_cli("train", empty)
+    assert code == 1 and "the config needs model, data, budget" in err and "__init__" not in err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"model:\n  path: {tmp_path}/no/such/model\ndata:\n  files: [{bad}]\nbudget:\n  steps: 1\n")
+    code, _, err = run_cli("train", missing, f"--out={tmp_path / 'run'}")
+    assert code == 1 and f"{tmp_path}/no/such/model: no such folder" in err and "Repo id" not in err
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain.errors import UptrainError
+from uptrain.io.hub import looks_like_repo_id
 
 
 def read_model_config(where: str, revision: str | None = None) -> Any:
@@ -14,11 +15,17 @@ def read_model_config(where: str, revision: str | None = None) -> Any:
     from transformers import AutoConfig
 
     path = Path(where)
+    if not path.exists() and not looks_like_repo_id(where):
+        raise UptrainError(f"{where}: no such folder or file (and not a Hub repo id like org/name)")
     try:
         if path.is_file():
             return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _from_json(path)
         return AutoConfig.from_pretrained(where, revision=revision)
     except (OSError, ValueError) as e:
+        if not path.exists():  # read as a Hub id, and that failed too: name both readings
+            raise UptrainError(
+                f"{where}: no such folder here, and no Hub repo of that name could be loaded ({str(e).splitlines()[0]})"
+            ) from e
         raise UptrainError(f"cannot read the model config at {where}: {str(e).splitlines()[0]}") from e
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain import config as configlib
-from uptrain.device import autocast_precision, is_main_process, multi_process_cpu
+from uptrain.device import autocast_precision, multi_process_cpu
 from uptrain.errors import UptrainError
 from uptrain.io.folders import MARKERS
 from uptrain.io.ownership import OutputLock, check_replaceable
@@ -29,16 +29,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
     Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
-    run_dir = Path(cfg.out)
-    # rank 0 owns the run folder for the whole run: a second train on it refuses at once
-    lock = OutputLock(run_dir) if is_main_process() and not dry_run else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        return _run(cfg, run_dir, resume, overwrite, dry_run)
-    finally:
-        if lock is not None:
-            lock.release()
+    return _run(cfg, Path(cfg.out), resume, overwrite, dry_run)
 
 
 def _inputs(cfg: TrainConfig) -> tuple[str | None, ...]:
@@ -73,23 +64,41 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, d
         mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
     models, tokenizer = preflight(cfg)
     state = PartialState(cpu=multi_process_cpu())
-    budget = train_budget(
-        tokens=cfg.budget.tokens,
-        fraction=cfg.budget.fraction,
-        original_tokens=cfg.budget.original_tokens,
-        steps=cfg.budget.steps,
-        seq_len=cfg.data.seq_len,
-        global_batch_size=cfg.batch.global_batch_size,
-        micro_batch_size=cfg.batch.micro_batch_size,
-        num_processes=state.num_processes,
-        params=models.matmul_params,
-        gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
-        assumed_mfu=cfg.budget.assumed_mfu,
-    )
-    if state.is_main_process:
-        print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
-    if dry_run:
-        return {"budget": budget}
+    # rank 0 owns the run folder for the whole run: a second train on it refuses at once
+    lock = OutputLock(run_dir) if state.is_main_process and not dry_run else None
+    if lock is not None:
+        run_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        if lock is not None and checkpoint is None:
+            check_run_folder(cfg, run_dir, checkpoint, overwrite)  # again: another run may have started since
+        budget = train_budget(
+            tokens=cfg.budget.tokens,
+            fraction=cfg.budget.fraction,
+            original_tokens=cfg.budget.original_tokens,
+            steps=cfg.budget.steps,
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.batch.global_batch_size,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            num_processes=state.num_processes,
+            params=models.matmul_params,
+            gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
+            assumed_mfu=cfg.budget.assumed_mfu,
+        )
+        if state.is_main_process:
+            print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
+        if dry_run:
+            return {"budget": budget}
+        return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool, state: Any, parts: tuple
+) -> dict[str, Any]:
+    budget, models, tokenizer, sharding = parts
     created = not run_dir.exists()
     if state.is_main_process:
         if overwrite and checkpoint is None and run_dir.exists():
