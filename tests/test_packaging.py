@@ -26,7 +26,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
     pip = [sys.executable, "-m", "pip"]
     build = [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(work)]
     subprocess.run(build, check=True, capture_output=True, timeout=300)
-    (wheel,) = work.glob("uptrain-*.whl")
+    (wheel,) = work.glob("uptrain_gqa-*.whl")
     site = work / "site"
     install = [*pip, "install", str(wheel), "--no-deps", "-q", "--target", str(site)]
     subprocess.run(install, check=True, capture_output=True, timeout=300)
@@ -63,3 +63,16 @@ def test_the_demo_runs_from_the_installed_package(installed, tmp_path) -> None:
     proc = run(installed, "-c", code, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(installed["PYTHONPATH"])  # package data, not the repo's files
+
+
+def test_the_distribution_has_a_name_of_its_own(installed) -> None:
+    """`uptrain` on PyPI is another project: the distribution is uptrain-gqa, typed, with its extras."""
+    from email.parser import Parser
+
+    site = Path(installed["PYTHONPATH"])
+    (info,) = site.glob("uptrain_gqa-*.dist-info")
+    meta = Parser().parsestr((info / "METADATA").read_text())
+    assert meta["Name"] == "uptrain-gqa"
+    assert {"eval", "plot"} <= set(meta.get_all("Provides-Extra"))
+    assert (site / "uptrain" / "py.typed").is_file()
+    assert not list(site.glob("uptrain-*.dist-info")), "never the unrelated `uptrain` distribution"

@@ -140,7 +140,7 @@ def test_plot(run_cli, tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run_cli("plan", *numbers, "--plot", tmp_path / "again.png")
-    assert code == 1 and "pip install 'uptrain[plot]'" in err
+    assert code == 1 and "pip install 'uptrain-gqa[plot]'" in err
 
 
 @pytest.mark.parametrize(

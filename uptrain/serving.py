@@ -17,6 +17,7 @@ from uptrain.errors import UptrainError
 from uptrain.model.facts import checkpoint_facts
 from uptrain.model.loading import read_model_config
 from uptrain.model.shape import ModelShape, attention_kind, count_parameters
+from uptrain.version import install_hint
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 TORCH_TO_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -210,7 +211,7 @@ def draw(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise UptrainError("--plot needs matplotlib: pip install 'uptrain[plot]'") from e
+        raise UptrainError(f"--plot needs matplotlib: {install_hint('plot')}") from e
     scale = 2**30 if units == "GiB" else 1e9
     xs = sorted({max(1, int(context * f)) for f in (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4)})
     fig, ax = plt.subplots(figsize=(7, 4.5))

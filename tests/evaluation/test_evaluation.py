@@ -229,7 +229,7 @@ def test_tasks_without_lm_eval_installed(run_cli, models, monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--tasks", "hellaswag")
-    assert code == 1 and "pip install 'uptrain[eval]'" in err
+    assert code == 1 and "pip install 'uptrain-gqa[eval]'" in err
 
 
 def test_the_schema_document_is_current() -> None:

@@ -77,7 +77,7 @@ def evaluate(
         decode_batch: Sequences generated at once for the cache and speed measurement.
         dtype: dtype to evaluate in (auto: bfloat16 on GPU, float32 on CPU).
         no_speed: Skip the generation (cache and decode speed) measurement.
-        tasks: lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install 'uptrain[eval]').
+        tasks: lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install 'uptrain-gqa[eval]').
         tasks_limit: Examples per task at most (quick checks).
         tasks_include: A folder of extra lm-eval task definitions.
         overrides: --data.key=value settings for the held-out text.

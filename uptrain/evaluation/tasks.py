@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from uptrain.errors import UptrainError
+from uptrain.version import install_hint
 
 
 def run_tasks(
@@ -15,7 +16,7 @@ def run_tasks(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise UptrainError("--tasks needs lm-evaluation-harness: pip install 'uptrain[eval]'") from e
+        raise UptrainError(f"--tasks needs lm-evaluation-harness: {install_hint('eval')}") from e
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     manager = TaskManager(include_path=include, include_defaults=False) if include else None
     if manager is None or not set(names) <= set(manager.all_tasks):  # indexing every built-in task takes a while
