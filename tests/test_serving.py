@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import Gemma2Config, LlamaConfig
 
 from uptrain.errors import UptrainError
 from uptrain.model.shape import ModelShape
-from uptrain.serving import ServedModel, serving_rows
+from uptrain.serving import ServedModel, serving_rows, why_none_fits
 from uptrain.synthetic import save_tiny_llama
 
 LLAMA2_70B = dict(layers=80, heads=64, kv_heads=8, head_dim=128, hidden=8192, params=68_976_648_192)
@@ -75,10 +76,14 @@ def test_sliding_window_layers_cap_the_cache() -> None:
 
 def test_impossible_budgets_and_bad_options(run_cli) -> None:
     m = ServedModel("llama-2-13b", ModelShape(**LLAMA2_13B), dtype="fp16")
-    with pytest.raises(UptrainError, match=r"the weights alone need 2[12].* GB per GPU, more than the 16\.00 GB"):
-        serving_rows(m, memory=16 * 10**9, context=4096, batch=1, kv_itemsize=2)
-    with pytest.raises(UptrainError, match="not even one request of 2,000,000 tokens fits"):
-        serving_rows(m, memory=40 * 10**9, context=2_000_000, batch=1, kv_itemsize=2)
+    rows, best = serving_rows(m, memory=16 * 10**9, context=4096, batch=1, kv_itemsize=2)
+    assert best is None and not any(r.fits for r in rows) and len(rows) == 8  # the table is still there
+    reason = why_none_fits(rows, 16 * 10**9, 4096, 1)
+    assert re.search(r"the weights alone need 2[12].* GB per GPU, more than the 16\.00 GB", reason)
+    rows, best = serving_rows(m, memory=40 * 10**9, context=2_000_000, batch=1, kv_itemsize=2)
+    assert best is None and "not even one request of 2,000,000 tokens fits" in why_none_fits(
+        rows, 40 * 10**9, 2_000_000, 1
+    )
     with pytest.raises(UptrainError, match="--tp 3 does not divide the 40 query heads"):
         serving_rows(m, memory=80 * 10**9, context=4096, batch=1, kv_itemsize=2, tp=3)
     numbers = ["--layers", "40", "--heads", "40", "--head-dim", "128", "--params", "13e9"]
@@ -170,3 +175,13 @@ def test_model_numbers_beside_a_model_are_refused_not_ignored(run_cli, llama) ->
     assert code == 1 and "--kv-heads must be at least 1" in err
     code, _, err = run_cli("plan", llama, "--hidden", "512")
     assert code == 1 and "--hidden describe a model not on disk; with MODEL they would be ignored" in err
+
+
+def test_the_table_prints_even_when_nothing_fits_and_today_needs_no_conversion(run_cli) -> None:
+    numbers = ["--layers", "80", "--heads", "64", "--kv-heads", "8", "--head-dim", "128", "--params", "69e9"]
+    code, out, err = run_cli("plan", *numbers, "--weights-dtype", "fp16", "--memory", "80GB")
+    assert code == 0, err
+    assert out.count("\n| ") == 1 + 7 and "the weights alone need" in out  # header, G = 64 ... 1, then why
+    code, out, _ = run_cli("plan", *numbers, "--memory", "80GB", "--tp", "8", "--batch", "1")
+    assert code == 0 and "what the model has today (GQA-8): it fits as it is, nothing to convert" in out
+    assert "uptrain convert MODEL OUT --num-kv-heads 8" not in out

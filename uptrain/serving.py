@@ -102,17 +102,6 @@ def serving_rows(
                 current=g == m.kv_heads,
             )
         )
-    weights = rows[-1].weights_per_gpu
-    if weights > memory:
-        raise UptrainError(
-            f"the weights alone need {weights / 1e9:.2f} GB per GPU, more than the {memory / 1e9:.2f} GB of memory; "
-            "add GPUs (--tp) or store the weights in fewer bits (--weights-dtype)"
-        )
-    if rows[-1].max_requests < 1:
-        raise UptrainError(
-            f"not even one request of {context:,} tokens fits next to the weights, even with MQA; "
-            "shorten --context, add GPUs (--tp) or use --kv-dtype fp8"
-        )
     fitting = [r.num_kv_heads for r in rows if r.fits and r.tp_divisible and r.reachable]
     return rows, (max(fitting) if fitting else None)
 
@@ -148,6 +137,22 @@ def _stored_dtype(config: Any) -> str:
     stored = getattr(config, "dtype", None)
     stored = str(stored).removeprefix("torch.") if stored is not None else None
     return TORCH_TO_SHORT.get(stored or "", "bf16")
+
+
+def why_none_fits(rows: list[ServingRow], memory: int, context: int, batch: int) -> str:
+    """The reason no G serves the batch, and what to change."""
+    mqa = rows[-1]
+    if mqa.weights_per_gpu > memory:
+        return (
+            f"the weights alone need {mqa.weights_per_gpu / 1e9:.2f} GB per GPU, more than the {memory / 1e9:.2f} GB "
+            "of memory; add GPUs (--tp) or store the weights in fewer bits (--weights-dtype)"
+        )
+    if mqa.max_requests < 1:
+        return (
+            f"not even one request of {context:,} tokens fits next to the weights, even with MQA; "
+            "shorten --context, add GPUs (--tp) or use --kv-dtype fp8"
+        )
+    return f"no G fits {batch} requests of {context:,} tokens; with MQA at most {mqa.max_requests:,} fit"
 
 
 def _size(n: float, units: str) -> str:
@@ -189,10 +194,14 @@ def print_plan(
         )
     print()
     if best is None:
-        mqa = rows[-1]
-        print(f"no G fits {batch} requests of {context:,} tokens; with MQA at most {mqa.max_requests:,} fit")
+        print(why_none_fits(rows, memory, context, batch))
+        return
+    row = next(r for r in rows if r.num_kv_heads == best)
+    if row.current:
+        print(
+            f"recommended: G = {best}, what the model has today ({row.attention}): it fits as it is, nothing to convert"
+        )
     else:
-        row = next(r for r in rows if r.num_kv_heads == best)
         print(
             f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): "
             f"uptrain convert MODEL OUT --num-kv-heads {best}"

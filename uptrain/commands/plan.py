@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from uptrain.errors import UptrainError
-from uptrain.serving import DTYPE_BYTES, draw, print_plan, served_model, serving_rows
+from uptrain.serving import DTYPE_BYTES, draw, print_plan, served_model, serving_rows, why_none_fits
 from uptrain.units import parse_size
 
 
@@ -80,6 +80,8 @@ def plan(
         "units": units,
         "rows": [asdict(r) for r in rows],
         "recommended_num_kv_heads": best,
+        "reason": why_none_fits(rows, mem, context, batch) if best is None else None,
+        "convert": best is not None and best != m.shape.kv_heads,
     }
     if plot:
         draw(m, rows, num_kv_heads or best or 1, mem, context, batch, DTYPE_BYTES[kv_dtype], tp, units, Path(plot))
