@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import ROOT
+from uptrain.cli import COMMANDS
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_the_installed_package_is_the_wheel(installed, tmp_path) -> None:
     assert proc.stdout.strip().startswith(installed["PYTHONPATH"]), proc.stdout
 
 
-@pytest.mark.parametrize("command", ["convert", "inspect", "train", "eval", "plan"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_has_help(installed, tmp_path, command: str) -> None:
     proc = run(installed, "-m", "uptrain", command, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "train": "uptrain.commands.train:train",
     "eval": "uptrain.commands.eval:evaluate",
     "plan": "uptrain.commands.plan:plan",
+    "export": "uptrain.commands.export:export",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests import free_port
+from tests import free_port, make_tiny_run
 from tests.families import tensors
 
 # Runs the real CLI; records which training blocks this process read.
@@ -46,9 +46,11 @@ def launch(processes: int, driver: Path, out: Path, config: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.fixture
-def runs(tiny_run: dict) -> dict[int, Path]:
-    root = tiny_run["root"]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, Path]:
+    """The same run in 1 and in 2 processes (run once for every test of this file)."""
+    root = tmp_path_factory.mktemp("ddp")
+    tiny_run = make_tiny_run(root)
     cfg = {**tiny_run["config"], "checkpoint": {"every": 0, "keep": 1}}
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -88,3 +90,12 @@ def test_each_process_read_its_own_part(runs: dict[int, Path]) -> None:
     interleaved = [x for i in range(30) for x in rank0[4 * i : 4 * i + 4] + rank1[4 * i : 4 * i + 4]]
     assert interleaved == one, "step by step, the same global batches"
     assert torch.tensor(one).unique().numel() == len(one)  # one epoch: no block twice
+
+
+def test_a_ddp_step_checkpoint_exports_to_the_final_model(runs: dict[int, Path], run_cli) -> None:
+    run = runs[2] / "run"
+    code, _, err = run_cli("export", run / "checkpoints" / "step-00000030", runs[2] / "exported")
+    assert code == 0 and "of a replicated checkpoint" in err, err
+    exported, final = tensors(runs[2] / "exported"), tensors(run / "model")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(t, exported[k]) for k, t in final.items())

@@ -199,3 +199,22 @@ def test_the_launcher_settings_become_the_sharding_plan() -> None:
 def test_unsupported_launches_are_refused_clearly(env: dict, message: str) -> None:
     with pytest.raises(UptrainError, match=message):
         claim_sharding(env)
+
+
+def test_a_sharded_step_checkpoint_exports_to_the_same_model(run_cli, runs: dict) -> None:
+    root = runs["root"]
+    code, _, err = run_cli("export", root / "two" / "checkpoints" / "step-00000030", root / "exported")
+    assert code == 0 and "step 30 (7,680 tokens) of a sharded checkpoint" in err, err
+    exported, final = tensors(root / "exported"), tensors(root / "two" / "model")
+    assert exported.keys() == final.keys()
+    for name, t in final.items():
+        assert torch.equal(t, exported[name]), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "exported")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # an earlier step is a different model, and a folder that is not a checkpoint is refused
+    assert run_cli("export", root / "two" / "checkpoints" / "step-00000010", root / "step10")[0] == 0
+    assert not torch.equal(tensors(root / "step10")["model.norm.weight"], final["model.norm.weight"])
+    code, _, err = run_cli("export", root / "two", root / "nothing")
+    assert code == 1 and "is not an uptrain step checkpoint" in err and not (root / "nothing").exists()

@@ -23,7 +23,7 @@ from uptrain.data.blocks import BlockData, StreamData, prepare
 from uptrain.device import autocast_precision, multi_process_cpu
 from uptrain.errors import Stopped
 from uptrain.training.budget import TrainBudget, mfu
-from uptrain.training.checkpointer import TRAIN_CONFIG, Checkpointer, TrainState, checkpoints
+from uptrain.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
 from uptrain.training.losses import training_loss
 from uptrain.training.metrics import MetricsLog, available_trackers, flat
@@ -271,7 +271,7 @@ class Trainer:
             weights = full_state_dict(self.model, acc.is_main_process)
         else:
             weights = acc.get_state_dict(self.model)
-        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", TRAIN_CONFIG)
+        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model")
         acc.end_training()  # closes the trackers and the process group: after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}

@@ -15,7 +15,7 @@ from uptrain import config as configlib
 from uptrain.data.documents import expand_files
 from uptrain.device import compute_device, inference_dtype
 from uptrain.errors import UptrainError
-from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir
+from uptrain.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir
 from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
 from uptrain.model.loading import load_tokenizer, read_model_config
@@ -164,23 +164,39 @@ def save_final_model(
     tokenizer: Any,
     cfg: TrainConfig,
     out: Path,
-    name: str,
 ) -> None:
     """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process)."""
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        dtype = _save_dtype(cfg)
-        cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
-        state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
-        unwrapped.config.dtype = dtype
-        unwrapped.config.use_cache = True
-        with atomic_output_dir(out, overwrite=True) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            configlib.dump(cfg, tmp / name)
-            if cfg.model.path and (Path(cfg.model.path) / CONVERSION_RECORD).is_file():
-                shutil.copy2(Path(cfg.model.path) / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+        write_model_folder(acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True)
     acc.wait_for_everyone()
+
+
+def write_model_folder(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    overwrite: bool,
+    extra: dict[str, str] | None = None,
+    inputs: tuple[str | Path | None, ...] = (),
+) -> None:
+    """`state_dict` of `model` saved as a Hugging Face folder in the run's save dtype, with the
+    tokenizer, the run config, the conversion record of the source, and `extra` files."""
+    dtype = _save_dtype(cfg)
+    cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
+    state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
+    model.config.dtype = dtype
+    model.config.use_cache = True
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        configlib.dump(cfg, tmp / TRAIN_CONFIG)
+        if cfg.model.path and (Path(cfg.model.path) / CONVERSION_RECORD).is_file():
+            shutil.copy2(Path(cfg.model.path) / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
 
 
 def _save_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -1,0 +1,96 @@
+"""Step checkpoints as models: `uptrain export` turns any checkpoint of a run into a Hugging Face folder.
+
+A step checkpoint holds what resuming needs (optimizer, RNG, schedule), not a model others can load.
+Two kinds exist: a replicated run (one process or DDP) saves the whole model as
+`model.safetensors` through accelerate; an FSDP2 run saves it as DCP shards, one file per rank
+(`sharded/`). Both are read here in one process, on the CPU, with no process group: DCP reassembles
+the shards into whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain import config as configlib
+from uptrain.errors import UptrainError
+from uptrain.io.folders import TRAIN_CONFIG
+from uptrain.model.loading import load_tokenizer, read_model_config
+from uptrain.training.checkpointer import STATE_FILE
+from uptrain.training.config import TrainConfig
+from uptrain.training.model import write_model_folder
+from uptrain.training.sharding import SHARDED_FOLDER
+
+REPLICATED_FILE = "model.safetensors"
+"""accelerate's name for the (first) model of a saved state."""
+
+
+def checkpoint_kind(checkpoint: Path) -> str:
+    """'sharded' (FSDP2, DCP) or 'replicated' (one process or DDP); raises for anything else."""
+    if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / TRAIN_CONFIG).is_file():
+        raise UptrainError(
+            f"{checkpoint} is not an uptrain step checkpoint (no {STATE_FILE} / {TRAIN_CONFIG}); "
+            "give a folder like OUT/checkpoints/step-00001000"
+        )
+    if (checkpoint / SHARDED_FOLDER / ".metadata").is_file():
+        return "sharded"
+    if (checkpoint / REPLICATED_FILE).is_file():
+        return "replicated"
+    raise UptrainError(f"{checkpoint} holds neither {REPLICATED_FILE} nor {SHARDED_FOLDER}/; is it complete?")
+
+
+def _structure(cfg: TrainConfig) -> torch.nn.Module:
+    """The run's model without weights (meta device): its modules, names and shapes."""
+    from transformers import AutoModelForCausalLM
+
+    where = cfg.model.path if cfg.model.init == "pretrained" else cfg.model.config
+    config = read_model_config(str(where), cfg.model.revision)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+        )
+
+
+def _weights(checkpoint: Path, kind: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model` as a whole CPU tensor, read from the checkpoint."""
+    if kind == "replicated":
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / REPLICATED_FILE)
+    import torch.distributed.checkpoint as dcp
+
+    template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    state = {"model": template}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_FOLDER))  # the shards, reassembled
+    return state["model"]
+
+
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write the model of step checkpoint `checkpoint` as a Hugging Face folder `out`; returns what was exported."""
+    checkpoint = Path(checkpoint)
+    kind = checkpoint_kind(checkpoint)
+    cfg = configlib.load(TrainConfig, checkpoint / TRAIN_CONFIG)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    tokenizer_from = cfg.model.tokenizer or cfg.model.path
+    if tokenizer_from is None:  # from scratch: the folder of the config
+        where = Path(str(cfg.model.config))
+        tokenizer_from = str(where.parent if where.is_file() else where)
+    tokenizer = load_tokenizer(tokenizer_from, None if cfg.model.tokenizer else cfg.model.revision)
+    model = _structure(cfg)
+    weights = _weights(checkpoint, kind, model)
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()  # a replicated checkpoint stores a tied head once
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UptrainError(f"{checkpoint} lacks weights for {', '.join(missing[:3])}; it does not match its config")
+    full = dict(model.state_dict())
+    record = {"checkpoint": str(checkpoint.absolute()), "kind": kind, "step": state["step"], "tokens": state["tokens"]}
+    extra = {STATE_FILE: json.dumps(state) + "\n"}
+    write_model_folder(model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,))
+    return record
