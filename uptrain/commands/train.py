@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 from uptrain import config as configlib
 from uptrain.config import Overrides
+from uptrain.device import is_main_process
+from uptrain.io.hub import check_push, push_folder
 from uptrain.training.config import TrainConfig
 from uptrain.training.run import run_training
 
@@ -16,6 +20,8 @@ def train(
     dry_run: bool = False,
     resume: Annotated[str | None, {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT"}] = None,
     overwrite: bool = False,
+    push_to_hub: str | None = None,
+    public: bool = False,
     overrides: Annotated[list[str] | None, Overrides(TrainConfig)] = None,
 ) -> dict[str, Any]:
     """Continue pretraining a (converted) checkpoint for a token budget, with accelerate.
@@ -33,7 +39,14 @@ def train(
         resume: Continue from the latest checkpoint in OUT/checkpoints, or from CHECKPOINT;
             `--resume auto` resumes if there is a checkpoint and starts afresh otherwise.
         overwrite: Delete an existing run folder (checkpoints, metrics, model) and start over.
+        push_to_hub: Upload the final model (OUT/model, with its model card) to this Hub repo, e.g. you/llama-gqa8.
+        public: Create the --push-to-hub repo public (default: private).
         overrides: --section.key=value settings applied on top of CONFIG.
     """
     cfg = configlib.load(TrainConfig, config, configlib.parse_overrides(overrides or []))
-    return run_training(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    check_push(push_to_hub)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if push_to_hub and not dry_run and is_main_process():
+        url = push_folder(Path(cfg.out) / "model", push_to_hub, private=not public, message="uptrain train")
+        print(f"uptrain train: pushed {Path(cfg.out) / 'model'} to {url}", file=sys.stderr)
+    return result

@@ -16,6 +16,8 @@ from typing import Any
 from uptrain.errors import UptrainError
 from uptrain.io.tensors import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
 
+LICENSE_PATTERNS = ["LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"]
+"""Licence files a model's terms may require to travel with it (Llama-2's do)."""
 SMALL_FILES = [
     "config.json",
     "generation_config.json",
@@ -26,6 +28,8 @@ SMALL_FILES = [
     "merges.txt",
     "*.tiktoken",
     "chat_template*",
+    "README.md",
+    *LICENSE_PATTERNS,
     SAFE_INDEX,
     PICKLE_INDEX,
 ]
@@ -135,3 +139,35 @@ def hub_tensor_headers(repo_id: str, revision: str | None) -> dict[str, tuple[st
         for file in meta.files_metadata.values()
         for name, info in file.tensors.items()
     }
+
+
+def check_push(repo_id: str | None) -> None:
+    """Refuse a --push-to-hub that cannot work, before any work: a malformed repo id, or offline mode."""
+    import os
+
+    if repo_id is None:
+        return
+    if not looks_like_repo_id(repo_id) or "/" not in repo_id:
+        raise UptrainError(f"--push-to-hub {repo_id}: give a repo id like your-name/model-gqa8")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise UptrainError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it, or push the folder later")
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: str = "uptrain") -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created private unless it exists); returns its URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_push(repo_id)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
+    except HfHubHTTPError as e:
+        raise UptrainError(f"the Hub refused --push-to-hub {repo_id}: {str(e).splitlines()[0]}") from e
+    except OSError as e:  # no network: connection errors are OSErrors
+        raise UptrainError(
+            f"cannot reach the Hugging Face Hub to push {repo_id} ({str(e).splitlines()[0]}); {folder} is complete "
+            "locally: upload it later with `hf upload`"
+        ) from e
+    return f"https://huggingface.co/{repo_id}"

@@ -92,5 +92,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     full = dict(model.state_dict())
     record = {"checkpoint": str(checkpoint.absolute()), "kind": kind, "step": state["step"], "tokens": state["tokens"]}
     extra = {STATE_FILE: json.dumps(state) + "\n"}
-    write_model_folder(model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,))
+    write_model_folder(
+        model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,), progress=state
+    )
     return record

@@ -271,7 +271,8 @@ class Trainer:
             weights = full_state_dict(self.model, acc.is_main_process)
         else:
             weights = acc.get_state_dict(self.model)
-        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model")
+        progress = {"step": self.state.step, "tokens": self.state.tokens, **last}
+        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress)
         acc.end_training()  # closes the trackers and the process group: after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}

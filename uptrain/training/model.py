@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from uptrain import config as configlib
 from uptrain.data.documents import expand_files
 from uptrain.device import compute_device, inference_dtype
 from uptrain.errors import UptrainError
+from uptrain.io.cards import licence_files, source_licence, write_card
 from uptrain.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir
 from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
@@ -164,10 +166,11 @@ def save_final_model(
     tokenizer: Any,
     cfg: TrainConfig,
     out: Path,
+    progress: dict[str, Any] | None = None,
 ) -> None:
     """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process)."""
     if acc.is_main_process:
-        write_model_folder(acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True)
+        write_model_folder(acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True, progress=progress)
     acc.wait_for_everyone()
 
 
@@ -181,9 +184,11 @@ def write_model_folder(
     overwrite: bool,
     extra: dict[str, str] | None = None,
     inputs: tuple[str | Path | None, ...] = (),
+    progress: dict[str, Any] | None = None,
 ) -> None:
     """`state_dict` of `model` saved as a Hugging Face folder in the run's save dtype, with the
-    tokenizer, the run config, the conversion record of the source, and `extra` files."""
+    tokenizer, the run config, the conversion record of the source, a model card (with `progress`:
+    step, tokens, validation loss), the source's licence files, and `extra` files."""
     dtype = _save_dtype(cfg)
     cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
     state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
@@ -193,10 +198,41 @@ def write_model_folder(
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         configlib.dump(cfg, tmp / TRAIN_CONFIG)
-        if cfg.model.path and (Path(cfg.model.path) / CONVERSION_RECORD).is_file():
-            shutil.copy2(Path(cfg.model.path) / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+        conversion = None
+        source = Path(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() else None
+        if source is not None and (source / CONVERSION_RECORD).is_file():
+            shutil.copy2(source / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+            conversion = json.loads((source / CONVERSION_RECORD).read_text())
+        if source is not None:
+            licence_files(source, tmp)
+        write_card(
+            tmp,
+            title=f"{Path(out).parent.name if Path(out).name == 'model' else Path(out).name} (uptrained)",
+            conversion=conversion,
+            training=training_summary(cfg, progress or {}),
+            base_model=None if conversion else cfg.model.path,
+            licence=source_licence(source) if source is not None else None,
+        )
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+
+
+def training_summary(cfg: TrainConfig, progress: dict[str, Any]) -> dict[str, str]:
+    """What a model card says about the uptraining: tokens, α, steps, data, validation loss."""
+    out: dict[str, str] = {}
+    tokens = progress.get("tokens")
+    if tokens is not None:
+        out["tokens"] = f"{tokens:,}"
+        if cfg.budget.original_tokens:
+            out["α (fraction of the original pretraining tokens)"] = f"{tokens / cfg.budget.original_tokens:.4g}"
+    if progress.get("step") is not None:
+        out["optimizer steps"] = f"{progress['step']:,}"
+    out["data"] = cfg.data.dataset or ", ".join(cfg.data.files)
+    out["sequence length"] = str(cfg.data.seq_len)
+    out["learning rate"] = f"{cfg.optim.lr:g} ({cfg.optim.schedule})"
+    if progress.get("val_loss") is not None:
+        out["validation loss"] = f"{progress['val_loss']:.4f} (perplexity {progress.get('val_ppl', 0):.2f})"
+    return out
 
 
 def _save_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -1,0 +1,84 @@
+"""Model cards name the source, G, method, α and tokens; licences travel; --push-to-hub uploads the
+folder to a private repo (against a stand-in for the Hub API: the tests never reach the network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from uptrain.io.hub import push_folder
+
+
+class FakeHub:
+    """Records what uptrain asks of huggingface_hub.HfApi, and keeps a copy of what it uploads."""
+
+    calls: ClassVar[list[tuple[str, dict]]] = []
+
+    def create_repo(self, repo_id: str, **kwargs) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, folder_path: str, repo_id: str, **kwargs) -> None:
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        self.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
+
+
+@pytest.fixture
+def hub(monkeypatch) -> type[FakeHub]:
+    import huggingface_hub
+
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return FakeHub
+
+
+def test_the_trained_models_card_names_source_g_method_alpha_and_tokens(run_cli, tiny_run: dict, hub) -> None:
+    (tiny_run["model"] / "LICENSE").write_text("the source's terms")
+    config = tiny_run["root"] / "run.yaml"
+    cfg = {**tiny_run["config"], "budget": {"fraction": 0.05, "original_tokens": 100_000}}
+    config.write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("train", config, "--push-to-hub", "someone/tiny-gqa2")
+    assert code == 0, err
+    model = Path(cfg["out"]) / "model"
+    card = ModelCard.load(model / "README.md")
+    assert card.data.base_model == "mha" and "uptrain" in card.data.tags
+    for fact in ("8 KV heads", "Converted to:** 2 KV heads by `mean`", "tokens:** 5,120", "fraction of the original"):
+        assert fact in card.text, fact
+    assert "0.0512" in card.text  # α = 5,120 / 100,000
+    assert (model / "LICENSE").read_text() == "the source's terms"
+    create, upload = hub.calls
+    assert create == ("create_repo", {"repo_id": "someone/tiny-gqa2", "private": True, "exist_ok": True,
+                                      "repo_type": "model"})  # fmt: skip
+    assert upload[1]["repo_id"] == "someone/tiny-gqa2" and "README.md" in upload[1]["files"]
+    assert "model.safetensors" in upload[1]["files"] and f"pushed {model}" in err
+
+
+def test_push_is_refused_before_any_work_when_it_cannot_work(run_cli, tiny_run: dict, monkeypatch) -> None:
+    config = tiny_run["root"] / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run["config"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli("train", config, "--push-to-hub", "someone/x")
+    assert code == 1 and "HF_HUB_OFFLINE is set" in err
+    assert not Path(tiny_run["config"]["out"]).exists(), "refused before training"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    code, _, err = run_cli("train", config, "--push-to-hub", "not a repo")
+    assert code == 1 and "give a repo id like your-name/model-gqa8" in err
+
+
+def test_an_unreachable_hub_says_the_folder_is_complete(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    class Offline(FakeHub):
+        def create_repo(self, repo_id: str, **kwargs) -> None:
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from uptrain.errors import UptrainError
+
+    with pytest.raises(UptrainError, match=r"cannot reach the Hugging Face Hub .* is complete locally"):
+        push_folder(tmp_path, "someone/x")
