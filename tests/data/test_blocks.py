@@ -135,3 +135,45 @@ def test_streaming_holds_out_documents_by_hash() -> None:
     held = [t for t in texts if datalib._held_out(t)]
     assert 0.005 < len(held) / len(texts) < 0.015  # about 1 %
     assert held == [t for t in texts if datalib._held_out(t)]  # deterministic
+
+
+def mixture_config(tmp_path: Path, **data) -> DataConfig:
+    """Two local sources 70/30 (different seeds: different documents)."""
+    a, b = write_corpus(tmp_path / "a", docs=120, seed=1), write_corpus(tmp_path / "b", docs=120, seed=2)
+    mixture = [
+        {"label": "web", "weight": 0.7, "files": [str(a / "*.txt")]},
+        {"label": "code", "weight": 0.3, "files": [str(b / "*.txt")]},
+    ]
+    from uptrain import config as configlib
+
+    return configlib.from_dict(DataConfig, {"mixture": mixture, "seq_len": 16, "validation_blocks": 4, **data})
+
+
+def test_a_mixture_interleaves_sources_by_weight_reproducibly(tmp_path: Path, tokenizer) -> None:
+    cfg = mixture_config(tmp_path)
+    data = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=4)
+    sources = data.train[:]["source"]
+    first = sources[: len(sources) // 2]  # before the smaller source runs out and is resampled
+    assert 0.6 < (first == 0).mean() < 0.8, (first == 0).mean()
+    again = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=4)
+    assert np.array_equal(again.train[:]["input_ids"], data.train[:]["input_ids"]), "the same order every time"
+    assert [(label, len(r)) for label, r in data.parts] == [("web", 4), ("code", 4)]
+    # every block of a source's validation range is held out of that source's training blocks
+    held = {tuple(r) for r in data.validation[:]["input_ids"].tolist()}
+    assert not held & {tuple(r) for r in data.train[:]["input_ids"].tolist()}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"files": ["x.txt"]}, "data.mixture replaces data.dataset/files"),
+        ({"streaming": True}, "does not stream yet"),
+        ({"mixture": [{"label": "a", "weight": 0, "files": ["x"]}]}, "weight must be a positive number"),
+        ({"mixture": [{"label": "a b", "weight": 1, "files": ["x"]}]}, "label must be a short name"),
+        ({"mixture": [{"label": "a", "weight": 1}]}, "needs exactly one of dataset"),
+        ({"mixture": [{"label": "a", "weight": 1, "files": ["x"]}] * 2}, "labels must differ"),
+    ],
+)
+def test_bad_mixtures_are_refused(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(UptrainError, match=message):
+        mixture_config(tmp_path, **change)

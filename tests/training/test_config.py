@@ -156,6 +156,8 @@ def test_learning_rate_schedule() -> None:
                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=151936)),
         ("olmo-1b-gqa4", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
                               num_attention_heads=16, num_key_value_heads=4, vocab_size=50304)),
+        ("olmo-1b-gqa4-mixture", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                                      num_attention_heads=16, num_key_value_heads=4, vocab_size=50304)),
     ],
 )  # fmt: skip
 def test_run_configs_parse_and_plan_on_8_gpus(name: str, arch: dict) -> None:

@@ -13,6 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.families import tensors
+from uptrain.synthetic import write_corpus
 from uptrain.training import loop as trainlib
 from uptrain.training.checkpointer import TRAIN_CONFIG, checkpoints
 from uptrain.training.metrics import METRICS
@@ -278,3 +279,25 @@ def test_compiled_model_saves_loadable_weights(run_cli, tiny_run: dict) -> None:
     _, info = AutoModelForCausalLM.from_pretrained(Path(tiny_run["config"]["out"]) / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not any(k.startswith("_orig_mod") for k in tensors(Path(tiny_run["config"]["out"]) / "model"))
+
+
+def test_a_70_30_mixture_trains_and_reports_validation_loss_per_source(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    other = write_corpus(root / "other", docs=300, seed=7)
+    cfg = {**tiny_run["config"], "data": {**tiny_run["config"]["data"], "files": []}}
+    cfg["data"]["mixture"] = [
+        {"label": "main", "weight": 0.7, "files": tiny_run["config"]["data"]["files"]},
+        {"label": "other", "weight": 0.3, "files": [str(other / "*.txt")]},
+    ]
+    code, _, err = run_cli("train", write(cfg, root / "mix.yaml"), "--budget.steps=10", "--logging.eval_every=5")
+    assert code == 0, err
+    rows = [r for r in metrics(Path(cfg["out"])) if "val_loss" in r]
+    assert [r["step"] for r in rows] == [0, 5, 10]
+    for r in rows:
+        assert {"val_loss/main", "val_loss/other"} <= r.keys()
+        assert (
+            min(r["val_loss/main"], r["val_loss/other"])
+            <= r["val_loss"]
+            <= max(r["val_loss/main"], r["val_loss/other"])
+        )
+    assert rows[-1]["val_loss/other"] < rows[0]["val_loss/other"]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uptrain.data.config import DataConfig
+from uptrain.data.config import DataConfig, mixture_parts
 from uptrain.data.documents import load_documents
 from uptrain.errors import UptrainError
 
@@ -108,14 +108,25 @@ class BlockOrder:
 
 
 class BlockData:
-    """Packed blocks on disk; each process reads only the blocks of its own slice."""
+    """Packed blocks on disk; each process reads only the blocks of its own slice. For a mixture the
+    validation blocks are the sources' one after another, `parts` naming each source's range."""
 
     streaming = False
 
-    def __init__(self, train: Any, validation: Any, seed: int, micro_batch_size: int, rank: int, world: int) -> None:
+    def __init__(
+        self,
+        train: Any,
+        validation: Any,
+        seed: int,
+        micro_batch_size: int,
+        rank: int,
+        world: int,
+        parts: list[tuple[str, range]] | None = None,
+    ) -> None:
         self.train, self.validation = train, validation
         self.order = BlockOrder(len(train), seed)
         self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
+        self.parts = parts or []
 
     def ids(self, micro_index: int) -> np.ndarray:
         b = self.micro_batch_size
@@ -127,11 +138,16 @@ class BlockData:
 
     def validation_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """This process's share of the validation blocks."""
+        for _, ids in self.validation_rows(batch_size):
+            yield ids
+
+    def validation_rows(self, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """This process's share of the validation blocks, with their row numbers (see `parts`)."""
         n = len(self.validation)
         share = range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
         for start in range(share.start, share.stop, batch_size):
             rows = list(range(start, min(start + batch_size, share.stop)))
-            yield torch.from_numpy(self.validation[rows]["input_ids"].astype(np.int64))
+            yield rows, torch.from_numpy(self.validation[rows]["input_ids"].astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the position in the data is a function of the step
@@ -202,6 +218,16 @@ def prepare(
         raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
     if cfg.streaming:
         return _prepare_stream(cfg, tokenizer, seed, micro_batch_size, rank, world)
+    if cfg.mixture:
+        return _prepare_mixture(cfg, tokenizer, seed, micro_batch_size, rank, world, main_process_first)
+    train, validation = _packed(cfg, tokenizer, main_process_first)
+    return BlockData(train, validation, seed, micro_batch_size, rank, world)
+
+
+def _packed(
+    cfg: DataConfig, tokenizer: Any, main_process_first: Callable[[], contextlib.AbstractContextManager]
+) -> tuple[Any, Any]:
+    """One source's training and validation blocks."""
     with main_process_first():  # one process tokenizes; the others then load the cache
         train = pack_dataset(load_documents(cfg), tokenizer, cfg)
         held = load_documents(cfg, validation=True)
@@ -216,7 +242,39 @@ def prepare(
         train = train.select(range(cfg.validation_blocks, len(train)))
     else:
         validation = validation.select(range(min(cfg.validation_blocks, len(validation))))
-    return BlockData(train, validation, seed, micro_batch_size, rank, world)
+    return train, validation
+
+
+def _prepare_mixture(
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    micro_batch_size: int,
+    rank: int,
+    world: int,
+    main_process_first: Callable[[], contextlib.AbstractContextManager],
+) -> BlockData:
+    """Each source packed on its own; training blocks interleaved by weight with a fixed seed (the
+    same on every process), so the global block order, per-process reading and resume work as for
+    one source. A `source` column records where each block came from."""
+    from datasets import concatenate_datasets, interleave_datasets
+
+    trains, validations, parts, weights, start = [], [], [], [], 0
+    for index, (label, weight, single) in enumerate(mixture_parts(cfg)):
+        try:
+            train, validation = _packed(single, tokenizer, main_process_first)
+        except UptrainError as e:
+            raise UptrainError(f"data.mixture[{label}]: {e}") from e
+        trains.append(train.with_format(None).add_column("source", [index] * len(train)))
+        validations.append(validation.with_format(None))
+        parts.append((label, range(start, start + len(validation))))
+        start += len(validation)
+        weights.append(weight)
+    mixed = interleave_datasets(trains, probabilities=weights, seed=seed, stopping_strategy="all_exhausted")
+    validation = concatenate_datasets(validations)
+    return BlockData(
+        mixed.with_format("numpy"), validation.with_format("numpy"), seed, micro_batch_size, rank, world, parts
+    )
 
 
 def _prepare_stream(

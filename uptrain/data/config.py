@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from uptrain.config import positive
 from uptrain.errors import UptrainError
+
+
+@dataclass
+class MixtureSource:
+    """One source of a data mixture: a Hub dataset or local files, and its share of the training blocks."""
+
+    label: str
+    """Short name of the source, used in metrics (val_loss/LABEL)."""
+    weight: float
+    """Share of the training blocks drawn from this source (weights are normalised to sum to 1)."""
+    dataset: str | None = None
+    """A Hugging Face Hub dataset, e.g. HuggingFaceFW/fineweb-edu."""
+    name: str | None = None
+    """The Hub dataset's configuration (subset)."""
+    split: str = "train"
+    """Split of the Hub dataset."""
+    revision: str | None = None
+    """Hub dataset revision (a commit pins the data)."""
+    files: list[str] = field(default_factory=list)
+    """Local files instead of a Hub dataset; globs allowed."""
+    text_column: str = "text"
+    """Column holding the documents' text."""
+    validation_split: str | None = None
+    """A Hub split held out for validation; default: the first data.validation_blocks blocks of this source."""
+    validation_files: list[str] = field(default_factory=list)
+    """Local files held out for validation; default: the first data.validation_blocks blocks of this source."""
+
+    def __post_init__(self) -> None:
+        where = f"data.mixture[{self.label}]"
+        if not re.fullmatch(r"[\w.-]+", self.label):
+            raise UptrainError(f"{where}.label must be a short name (letters, digits, _ . -), got {self.label!r}")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise UptrainError(f"{where}.weight must be a positive number, got {self.weight}")
+        if bool(self.dataset) == bool(self.files):
+            raise UptrainError(f"{where} needs exactly one of dataset (a Hub dataset) or files (local files)")
 
 
 @dataclass
@@ -17,6 +55,12 @@ class DataConfig:
     """The Hub dataset's configuration (subset), e.g. sample-10BT."""
     split: str = "train"
     """Split of the Hub dataset to train on."""
+    revision: str | None = None
+    """Hub dataset revision (a commit hash pins the data exactly)."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Several weighted sources instead of dataset/files, e.g. [{label: web, weight: 0.7, dataset: ...},
+    {label: code, weight: 0.3, files: [...]}]; blocks are interleaved reproducibly by weight, and the
+    validation loss is reported per source."""
     files: list[str] = field(default_factory=list)
     """Local data instead of a Hub dataset: .txt, .jsonl/.json or .parquet files; globs allowed."""
     text_column: str = "text"
@@ -42,10 +86,41 @@ class DataConfig:
     """Cache for downloads and tokenized blocks; default: the datasets cache (HF_DATASETS_CACHE)."""
 
     def __post_init__(self) -> None:
-        if bool(self.dataset) == bool(self.files):
-            raise UptrainError("data needs exactly one of data.dataset (a Hub dataset) or data.files (local files)")
+        if self.mixture:
+            if self.dataset or self.files or self.validation_files or self.validation_split:
+                raise UptrainError("data.mixture replaces data.dataset/files/validation_*: give those per source")
+            if self.streaming:
+                raise UptrainError("data.mixture does not stream yet; set data.streaming: false")
+            labels = [s.label for s in self.mixture]
+            if len(set(labels)) != len(labels):
+                raise UptrainError(f"data.mixture labels must differ, got {', '.join(labels)}")
+        elif bool(self.dataset) == bool(self.files):
+            raise UptrainError(
+                "data needs exactly one of data.dataset (a Hub dataset), data.files (local files) or data.mixture"
+            )
         if self.seq_len < 2:
             raise UptrainError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if self.validation_blocks < 1:
             raise UptrainError(f"data.validation_blocks must be at least 1, got {self.validation_blocks}")
         positive("data", shuffle_buffer=self.shuffle_buffer, num_proc=self.num_proc)
+
+
+def mixture_parts(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:
+    """(label, normalised weight, single-source DataConfig) for each source of a mixture."""
+    total = sum(src.weight for src in cfg.mixture)
+    parts = []
+    for src in cfg.mixture:
+        single = dataclasses.replace(
+            cfg,
+            mixture=[],
+            dataset=src.dataset,
+            name=src.name,
+            split=src.split,
+            revision=src.revision,
+            files=list(src.files),
+            text_column=src.text_column,
+            validation_split=src.validation_split,
+            validation_files=list(src.validation_files),
+        )
+        parts.append((src.label, src.weight / total, single))
+    return parts

@@ -42,6 +42,8 @@ def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | 
     when no validation source is configured."""
     import datasets
 
+    if cfg.mixture:
+        raise UptrainError("data.mixture is read source by source; here give one source (data.dataset or data.files)")
     streaming = cfg.streaming if streaming is None else streaming
     files = cfg.validation_files if validation else cfg.files
     try:
@@ -63,7 +65,9 @@ def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | 
         split = cfg.validation_split if validation else cfg.split
         if split is None:
             return None
-        return datasets.load_dataset(cfg.dataset, cfg.name, split=split, streaming=streaming, cache_dir=cfg.cache_dir)
+        return datasets.load_dataset(
+            cfg.dataset, cfg.name, split=split, revision=cfg.revision, streaming=streaming, cache_dir=cfg.cache_dir
+        )
     except UptrainError:
         raise
     except (ConnectionError, FileNotFoundError, ValueError) as e:

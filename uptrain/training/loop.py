@@ -185,18 +185,34 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and perplexity on the held-out blocks, over every process's share."""
+        """Loss and perplexity on the held-out blocks, over every process's share (and per source of a mixture)."""
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)  # (loss sum, tokens)
-        for ids in self.data.validation_batches(self.cfg.batch.micro_batch_size):
+        parts = getattr(self.data, "parts", [])
+        # rows: one per source (or one for all), columns: (loss sum, tokens)
+        total = torch.zeros(max(1, len(parts)), 2, dtype=torch.float64, device=self.acc.device)
+        for rows, ids in self._validation_rows():
             ids = ids.to(self.acc.device)
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=total.device)])
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+            ).view(ids.shape[0], -1)  # (B, T-1)
+            for row, block_nll in zip(rows or [None] * len(ids), nll.sum(1).double(), strict=True):
+                part = next((i for i, (_, r) in enumerate(parts) if row in r), 0)
+                total[part, 0] += block_nll
+                total[part, 1] += ids.shape[1] - 1
         total = self.acc.reduce(total, "sum") if self.acc.num_processes > 1 else total
         self.model.train()
-        val = float(total[0] / total[1])
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        val = float(total[:, 0].sum() / total[:, 1].sum())
+        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        for i, (label, _) in enumerate(parts):
+            out[f"val_loss/{label}"] = float(total[i, 0] / total[i, 1])
+        return out
+
+    def _validation_rows(self) -> Any:
+        b = self.cfg.batch.micro_batch_size
+        if hasattr(self.data, "validation_rows"):
+            return self.data.validation_rows(b)
+        return ((None, ids) for ids in self.data.validation_batches(b))
 
     # --- the run -------------------------------------------------------------------------------
 
