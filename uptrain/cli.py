@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "eval": "uptrain.commands.eval:evaluate",
     "plan": "uptrain.commands.plan:plan",
     "export": "uptrain.commands.export:export",
+    "env": "uptrain.commands.env:env",
 }
 
 

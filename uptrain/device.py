@@ -57,3 +57,31 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({os.cpu_count()} cores)"
+
+
+LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors", "lm_eval")
+
+
+def environment() -> dict[str, object]:
+    """What this process runs on, for run records and `uptrain env`: versions, devices, processes."""
+    import importlib.metadata
+    import platform
+
+    from uptrain.version import DISTRIBUTION, __version__
+
+    versions: dict[str, str | None] = {DISTRIBUTION: __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if cuda else None,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cpu_count": os.cpu_count(),
+        "processes": launched_processes(),
+        "machines": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1),
+    }

@@ -5,9 +5,11 @@ metrics.jsonl holds each step once, whatever killed the run before."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
+import torch
 import yaml
 
 from tests.families import tensors
@@ -100,3 +102,51 @@ def test_a_fresh_start_in_a_run_folder_replaces_its_old_records(run_cli, tiny_ru
     assert run_cli("train", cfg, "--resume", "auto")[0] == 0  # nothing to resume: starts again
     assert steps(run) == list(range(1, 31))
     assert tensors(run / "model")
+
+
+def test_every_start_and_resume_is_recorded_with_versions_devices_and_data(
+    run_cli, tiny_run: dict, monkeypatch
+) -> None:
+    cfg = config(tiny_run, checkpoint={"every": 10, "keep": 2})
+    run = Path(tiny_run["config"]["out"])
+    original = trainlib.Trainer.step
+
+    def stopped_at_12(self):
+        if self.state.step == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainlib.Trainer, "step", stopped_at_12)
+        assert run_cli("train", cfg)[0] == 128 + signal.SIGTERM
+    assert run_cli("train", cfg, "--resume")[0] == 0
+    record = json.loads((run / "uptrain_run.json").read_text())
+    first, second = record["sessions"]
+    assert (first["step"], second["step"]) == (0, 12)
+    assert len(record["tracker_run_id"]) == 16  # one tracker run for both sessions
+    for session in record["sessions"]:
+        assert session["versions"]["torch"] == torch.__version__ and session["versions"]["uptrain-gqa"]
+        assert session["world_size"] == 1 and session["devices_by_rank"] == [session["device"]]
+        (data,) = session["data"]
+        assert data["count"] == 400 and data["bytes"] > 0
+
+
+def test_env_prints_what_uptrain_runs_on(run_cli) -> None:
+    code, out, _ = run_cli("env", "--json")
+    facts = json.loads(out)
+    assert code == 0 and facts["versions"]["torch"] == torch.__version__ and facts["processes"] == 1
+
+
+def test_trackers_get_the_run_name_tags_and_one_id_across_resumes(run_cli, tiny_run: dict, monkeypatch) -> None:
+    from accelerate import Accelerator
+
+    seen = []
+    monkeypatch.setattr(
+        Accelerator, "init_trackers", lambda self, project, config=None, init_kwargs=None: seen.append(init_kwargs)
+    )
+    cfg = config(tiny_run, logging={"every": 5, "eval_every": 0, "trackers": [], "run_name": "gqa2", "tags": ["tiny"]})
+    assert run_cli("train", cfg, "--budget.steps=2")[0] == 0
+    assert run_cli("train", cfg, "--budget.steps=4", "--resume")[0] == 0
+    first, second = (s["wandb"] for s in seen)
+    assert first["name"] == "gqa2" and first["tags"] == ["tiny"] and first["resume"] == "allow"
+    assert first["id"] == second["id"], "the resumed run continues the same tracker run"

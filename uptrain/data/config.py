@@ -124,3 +124,25 @@ def mixture_parts(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:
         )
         parts.append((src.label, src.weight / total, single))
     return parts
+
+
+def data_sources(cfg: DataConfig) -> list[dict[str, object]]:
+    """What the data is, for run records: each source's dataset and revision, or its files and their bytes."""
+    import glob
+    import os
+
+    out = []
+    for label, weight, single in mixture_parts(cfg) if cfg.mixture else [("data", 1.0, cfg)]:
+        entry: dict[str, object] = {"label": label, "weight": weight}
+        if single.dataset:
+            entry |= {
+                "dataset": single.dataset,
+                "name": single.name,
+                "split": single.split,
+                "revision": single.revision,
+            }
+        else:
+            files = sorted({f for p in single.files for f in glob.glob(os.path.expanduser(p), recursive=True)})
+            entry |= {"files": single.files, "count": len(files), "bytes": sum(os.path.getsize(f) for f in files)}
+        out.append(entry)
+    return out

@@ -162,6 +162,10 @@ class LoggingConfig:
     """accelerate trackers, e.g. [tensorboard, wandb]; tensorboard is skipped when not installed."""
     project: str = "uptrain"
     """Tracker project name."""
+    run_name: str | None = None
+    """Tracker run name (wandb); default: the run folder's name."""
+    tags: list[str] = field(default_factory=list)
+    """Tracker run tags (wandb), e.g. [gqa8, llama2]."""
 
     def __post_init__(self) -> None:
         positive("logging", every=self.every)

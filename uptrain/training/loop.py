@@ -20,13 +20,14 @@ import torch
 
 from uptrain import config as configlib
 from uptrain.data.blocks import BlockData, StreamData, prepare
-from uptrain.device import autocast_precision, multi_process_cpu
+from uptrain.data.config import data_sources
+from uptrain.device import autocast_precision, device_name, environment, multi_process_cpu
 from uptrain.errors import Stopped
 from uptrain.training.budget import TrainBudget, mfu
 from uptrain.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
 from uptrain.training.losses import training_loss
-from uptrain.training.metrics import MetricsLog, available_trackers, flat
+from uptrain.training.metrics import MetricsLog, available_trackers, flat, record_session
 from uptrain.training.model import (
     RunModel,
     build_optimizer,
@@ -143,6 +144,24 @@ class Trainer:
             self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
         self.metrics.start(self.state.step)
 
+    def record_session(self) -> str | None:
+        """Add this start (or resume) to OUT/uptrain_run.json; returns the tracker run id all sessions share."""
+        entry = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "world_size": self.acc.num_processes,
+            "device": device_name(self.acc.device),
+            "sharding": "fsdp2" if self.sharding is not None else "replicated",
+            "data": data_sources(self.cfg.data),
+            **environment(),
+        }
+        ids = self.acc.gather_for_metrics([device_name(self.acc.device)], use_gather_object=True)
+        entry["devices_by_rank"] = ids
+        if not self.acc.is_main_process:
+            return None
+        return record_session(self.run_dir, entry)["tracker_run_id"]
+
     def record(self, metrics: dict[str, float]) -> None:
         self.metrics.record(self.state.step, self.state.tokens, metrics)
 
@@ -218,7 +237,10 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         acc, cfg, budget = self.acc, self.cfg, self.budget
-        acc.init_trackers(cfg.logging.project, config=flat(configlib.to_dict(cfg)))
+        run_id = self.record_session()
+        wandb = {"name": cfg.logging.run_name or self.run_dir.absolute().name, "tags": cfg.logging.tags,
+                 "id": run_id, "resume": "allow"}  # fmt: skip  # a resumed run continues the same tracker run
+        acc.init_trackers(cfg.logging.project, config=flat(configlib.to_dict(cfg)), init_kwargs={"wandb": wandb})
         from tqdm.auto import tqdm
 
         signals = StopSignals()

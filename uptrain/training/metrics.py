@@ -13,6 +13,23 @@ from pathlib import Path
 from typing import Any
 
 METRICS = "metrics.jsonl"
+RUN_RECORD = "uptrain_run.json"
+"""Every start and resume of a run: when, at which step, on what (versions, devices, processes), on which data."""
+
+
+def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append `entry` to the run record (creating it, with a tracker run id that resumes keep); returns it."""
+    import uuid
+
+    path = Path(run_dir) / RUN_RECORD
+    record = (
+        json.loads(path.read_text()) if path.is_file() else {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
+    )
+    record["sessions"].append(entry)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return record
 
 
 def available_trackers(names: list[str]) -> list[str]:
