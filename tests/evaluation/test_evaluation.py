@@ -213,6 +213,18 @@ def test_lm_eval_tasks_run_on_the_loaded_model(run_cli, models, tmp_path: Path) 
     assert code == 0, err
     assert set(json.loads(out.read_text())["tasks"]["uptrain_tiny_choice"]) == {"acc"}
     assert "uptrain_tiny_choice acc" in stdout
+    # the usual lm-eval knobs: few-shot count, batch size, sample log; n-shot and version kept
+    code, _, err = run_eval(
+        run_cli, models["gqa"], "--no-speed", "--tasks", "uptrain_tiny_choice", "--tasks-include", tmp_path / "tasks",
+        "--num-fewshot", "1", "--tasks-batch-size", "1", "--log-samples", tmp_path / "samples", "--json", out,
+    )  # fmt: skip
+    assert code == 0, err
+    settings = json.loads(out.read_text())["task_settings"]["uptrain_tiny_choice"]
+    assert settings["n_shot"] == 1 and settings["version"] is not None and settings["chat_template"] is False
+    samples = (tmp_path / "samples" / "uptrain_tiny_choice.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and "the cat sees" in samples[0]
+    code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--num-fewshot", "1")
+    assert code == 1 and "need --tasks" in err
 
 
 @pytest.mark.slow  # lm-eval indexes all its built-in tasks (~15 s per run)

@@ -51,6 +51,10 @@ def evaluate(
     tasks: str | None = None,
     tasks_limit: int | None = None,
     tasks_include: str | None = None,
+    num_fewshot: int | None = None,
+    tasks_batch_size: int | None = None,
+    chat_template: bool = False,
+    log_samples: str | None = None,
     overrides: Annotated[list[str] | None, Overrides(DataConfig, section="data")] = None,
 ) -> dict[str, Any]:
     """Evaluate a (converted) model: perplexity, KL and agreement with its source, KV cache, decode speed.
@@ -80,6 +84,10 @@ def evaluate(
         tasks: lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install 'uptrain-gqa[eval]').
         tasks_limit: Examples per task at most (quick checks).
         tasks_include: A folder of extra lm-eval task definitions.
+        num_fewshot: Few-shot examples per task prompt (default: each task's own).
+        tasks_batch_size: Batch size for the lm-eval tasks (default: --batch-size).
+        chat_template: Wrap task prompts in the tokenizer's chat template (instruction-tuned models).
+        log_samples: Write every scored example of each task to this folder (TASK.jsonl).
         overrides: --data.key=value settings for the held-out text.
     """
     if compare:
@@ -90,10 +98,15 @@ def evaluate(
     if not no_speed and (new_tokens < 2 or prompt_tokens < 1):
         raise UptrainError("decode speed needs --prompt-tokens >= 1 and --new-tokens >= 2 (or pass --no-speed)")
     counts = {"--window": window, "--stride": stride, "--max-tokens": max_tokens, "--batch-size": batch_size,
-              "--decode-batch": decode_batch, "--tasks-limit": tasks_limit}  # fmt: skip
+              "--decode-batch": decode_batch, "--tasks-limit": tasks_limit,
+              "--tasks-batch-size": tasks_batch_size}  # fmt: skip
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise UptrainError(f"{flag} must be at least 1, got {value}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UptrainError(f"--num-fewshot must not be negative, got {num_fewshot}")
+    if tasks is None and (num_fewshot is not None or tasks_batch_size or chat_template or log_samples):
+        raise UptrainError("--num-fewshot, --tasks-batch-size, --chat-template and --log-samples need --tasks")
     if tasks is not None and not [t for t in tasks.split(",") if t.strip()]:
         raise UptrainError(f"--tasks {tasks!r} names no task; list them like --tasks hellaswag,arc_easy")
     if json:
@@ -115,6 +128,10 @@ def evaluate(
         tasks=tasks,
         tasks_limit=tasks_limit,
         tasks_include=tasks_include,
+        num_fewshot=num_fewshot,
+        tasks_batch_size=tasks_batch_size,
+        chat_template=chat_template,
+        log_samples=log_samples,
     )
     out = asdict(result)
     print_result(out)

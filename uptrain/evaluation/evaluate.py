@@ -124,6 +124,10 @@ def evaluate_model(
     tasks: str | None = None,
     tasks_limit: int | None = None,
     tasks_include: str | None = None,
+    num_fewshot: int | None = None,
+    tasks_batch_size: int | None = None,
+    chat_template: bool = False,
+    log_samples: str | None = None,
 ) -> EvalResult:
     """Everything `uptrain eval` measures (see its --help), as an EvalResult."""
     device = compute_device()
@@ -146,5 +150,15 @@ def evaluate_model(
             if m is not None:
                 result.kv_cache[name], result.decode[name] = generation(m, prompt_tokens, new_tokens, decode_batch)
     if tasks:
-        result.tasks = run_tasks(net, tokenizer, tasks, tasks_limit, tasks_include, batch_size)
+        result.tasks, result.task_settings = run_tasks(
+            net,
+            tokenizer,
+            tasks,
+            tasks_limit,
+            tasks_include,
+            tasks_batch_size or batch_size,
+            num_fewshot=num_fewshot,
+            chat_template=chat_template,
+            log_samples=Path(log_samples) if log_samples else None,
+        )
     return result

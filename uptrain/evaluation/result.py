@@ -124,6 +124,8 @@ class EvalResult:
     """'model' and, with --reference, 'reference'."""
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     """lm-evaluation-harness results: task -> metric -> value."""
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """How each lm-eval task ran: task -> n_shot, version, limit, chat_template (compare only equal settings)."""
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from uptrain.errors import UptrainError
@@ -9,8 +11,19 @@ from uptrain.version import install_hint
 
 
 def run_tasks(
-    model: Any, tokenizer: Any, tasks: str, limit: int | None, include: str | None, batch_size: int
-) -> dict[str, dict[str, float]]:
+    model: Any,
+    tokenizer: Any,
+    tasks: str,
+    limit: int | None,
+    include: str | None,
+    batch_size: int,
+    *,
+    num_fewshot: int | None = None,
+    chat_template: bool = False,
+    log_samples: Path | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Run lm-eval `tasks` on the loaded model: (metrics per task, settings per task: n-shot, version,
+    limit, chat template). With `log_samples`, every scored example goes to LOG_SAMPLES/TASK.jsonl."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -26,7 +39,15 @@ def run_tasks(
         raise UptrainError(f"unknown lm-eval task(s): {', '.join(unknown)} (`lm-eval ls tasks` lists them)")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            limit=limit,
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            apply_chat_template=chat_template,
+            log_samples=log_samples is not None,
+        )
     except ConnectionError as e:
         raise UptrainError(
             f"the data of the lm-eval tasks cannot be reached ({str(e).splitlines()[0]}); run where the Hugging "
@@ -36,7 +57,22 @@ def run_tasks(
     def is_metric(key: str, value: Any) -> bool:
         return isinstance(value, (int, float)) and "stderr" not in key and not key.startswith("sample_len")
 
-    return {
-        task: {k.split(",")[0]: float(v) for k, v in metrics.items() if is_metric(k, v)}
-        for task, metrics in results["results"].items()
+    metrics = {
+        task: {k.split(",")[0]: float(v) for k, v in values.items() if is_metric(k, v)}
+        for task, values in results["results"].items()
     }
+    settings = {
+        task: {
+            "n_shot": (results.get("n-shot") or {}).get(task),
+            "version": (results.get("versions") or {}).get(task),
+            "limit": limit,
+            "chat_template": chat_template,
+        }
+        for task in metrics
+    }
+    if log_samples is not None:
+        log_samples.mkdir(parents=True, exist_ok=True)
+        for task, samples in (results.get("samples") or {}).items():
+            lines = (json.dumps(sample, default=str) + "\n" for sample in samples)
+            (log_samples / f"{task}.jsonl").write_text("".join(lines))
+    return metrics, settings
