@@ -112,3 +112,13 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert "8 -> 2 KV heads" in proc.stdout and "4.0x smaller" in proc.stdout
     assert "B/s" in proc.stderr or "%" in proc.stderr  # the progress bar goes to stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_key_value_heads == 2
+
+
+def test_config_key_help_shows_the_allowed_values(capsys) -> None:
+    from uptrain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--optim.schedule='cosine' [cosine | linear | constant]" in out
+    assert "--model.save_dtype='auto' [auto | float32 | bfloat16 | float16]" in out

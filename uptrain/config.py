@@ -241,5 +241,16 @@ def key_help(cls: type, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{name}={default!r}  {docs.get(f.name, '')}")
+        choices = _choices(tp)
+        allowed = f" [{' | '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  --{name}={default!r}{allowed}  {docs.get(f.name, '')}")
     return lines
+
+
+def _choices(tp: Any) -> tuple[Any, ...]:
+    """The values a Literal field (or an optional one) allows; empty for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(tp) for c in _choices(a))
+    return ()
