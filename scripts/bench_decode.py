@@ -16,6 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from uptrain.evaluation.attention import NAME as ATTENTION
+from uptrain.evaluation.attention import register as register_attention
+
 PRESETS = {  # hidden, layers, heads, intermediate, vocab
     "tiny": (256, 4, 8, 688, 4096),
     "llama2-7b": (4096, 32, 32, 11008, 32000),
@@ -48,7 +51,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="tokens decoded")
     ap.add_argument("--batch", type=int, default=8, help="sequences decoded together")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
-    ap.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations to compare")
+    ap.add_argument("--attn", nargs="+", default=["sdpa", ATTENTION],
+                    help=f"sdpa: transformers' own; {ATTENTION}: reads shared K/V once")  # fmt: skip
     ap.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic"],
                     help="dynamic: transformers' default cache, eager steps; static: preallocated cache and CUDA "
                     "graphs (torch.compile), as a serving stack decodes (GPU)")  # fmt: skip
@@ -67,6 +71,7 @@ def main() -> None:
     heads = PRESETS[args.preset][2]
     groups = args.groups or sorted({heads, heads // 4, heads // 8, 1}, reverse=True)
     groups = [heads, *[g for g in groups if g != heads]]  # MHA first: the baseline
+    register_attention()
     rows = []
     with tempfile.TemporaryDirectory(prefix="uptrain-bench-decode-") as tmp:
         source = make_source(Path(tmp) / "mha", args.preset, args.prompt + args.new, dtype)

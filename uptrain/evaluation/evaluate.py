@@ -18,6 +18,7 @@ from uptrain.data.config import DataConfig
 from uptrain.data.documents import token_stream
 from uptrain.device import compute_device, device_name, inference_dtype
 from uptrain.errors import UptrainError
+from uptrain.evaluation.attention import register as register_attention
 from uptrain.evaluation.generation import generation
 from uptrain.evaluation.quality import Window, quality, score, strided
 from uptrain.evaluation.result import SCHEMA_VERSION, DataInfo, EvalResult, ModelInfo
@@ -49,7 +50,14 @@ def load_model(path: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
     if not local and not looks_like_repo_id(path):
         raise UptrainError(f"{path}: no such model folder (and not a Hub repo id like org/name)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(device, dtype)).to(device).eval()
+        kwargs = {"dtype": inference_dtype(device, dtype)}
+        try:  # decode that reads shared K/V heads once (see uptrain.evaluation.attention)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register_attention(), **kwargs)
+        except ValueError as e:  # a family without transformers' attention interface: its default attention
+            if "attn_implementation" not in str(e) and "attention" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         if not local:  # both readings failed: say the likely one first
@@ -72,6 +80,7 @@ def model_info(path: str, model: Any) -> ModelInfo:
         head_dim=shape.head_dim,
         parameters=model.num_parameters(),
         dtype=str(model.dtype).removeprefix("torch."),
+        attention=str(getattr(model.config, "_attn_implementation", None) or "default"),
     )
 
 

@@ -34,6 +34,8 @@ class ModelInfo:
     """Parameters (tied weights counted once)."""
     dtype: str
     """dtype the model was evaluated in."""
+    attention: str = "default"
+    """Attention implementation: uptrain_sdpa (decode reads shared K/V heads once), or the family's default."""
 
 
 @dataclass
