@@ -301,3 +301,21 @@ def test_a_70_30_mixture_trains_and_reports_validation_loss_per_source(run_cli, 
             <= max(r["val_loss/main"], r["val_loss/other"])
         )
     assert rows[-1]["val_loss/other"] < rows[0]["val_loss/other"]
+
+
+def test_values_are_read_back_only_at_logging_validation_and_checkpoint_steps(
+    run_cli, tiny_run: dict, monkeypatch
+) -> None:
+    """No host sync inside the step: loss and grad norm stay on the device until a step needs them."""
+    read_at = []
+    original = trainlib.Trainer.agree
+
+    def agree(self, loss, ce, stop):
+        assert isinstance(loss, torch.Tensor) and isinstance(ce, torch.Tensor)
+        read_at.append(self.state.step)
+        return original(self, loss, ce, stop)
+
+    monkeypatch.setattr(trainlib.Trainer, "agree", agree)
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")  # logging.every 5, eval/checkpoint every 10
+    assert run_cli("train", cfg)[0] == 0
+    assert read_at == [5, 10, 15, 20, 25, 30]

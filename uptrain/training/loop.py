@@ -167,8 +167,9 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
 
-    def step(self) -> tuple[float, float, float]:
-        """One optimizer step over every process's micro-batches: (mean loss, mean CE, grad norm)."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over every process's micro-batches: (mean loss, mean CE, grad norm), left on
+        the device: reading them back would stall the host until the GPU is done, every step."""
         acc, cfg = self.acc, self.cfg
         losses, ces = [], []
         grad_norm = torch.tensor(float("nan"))
@@ -188,16 +189,17 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens += self.budget.global_batch_tokens
-        return float(torch.stack(losses).mean()), float(torch.stack(ces).mean()), float(grad_norm)
+        return torch.stack(losses).mean(), torch.stack(ces).mean(), grad_norm
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if self.sharding is not None:
             return clip_grad_norm(self.model.parameters(), max_norm)
         return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def agree(self, loss: float, ce: float, stop: bool) -> tuple[float, float, bool]:
-        """One collective per step: mean loss and CE over processes, and whether any wants to stop."""
-        t = torch.tensor([loss, ce, float(stop)], device=self.acc.device, dtype=torch.float64)
+    def agree(self, loss: torch.Tensor, ce: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
+        """One collective and one read-back: mean loss and CE over processes, and whether any wants to stop."""
+        flag = torch.tensor(float(stop), device=self.acc.device, dtype=torch.float64)
+        t = torch.stack([loss.detach().double(), ce.detach().double(), flag])
         t = self.acc.reduce(t, "sum") if self.acc.num_processes > 1 else t
         n = self.acc.num_processes
         return float(t[0]) / n, float(t[1]) / n, bool(t[2] > 0)
@@ -253,9 +255,21 @@ class Trainer:
                 self.record(last)
             window_start, window_steps = time.perf_counter(), 0
             while self.state.step < budget.steps:
-                loss, ce, grad_norm = self.step()
-                loss, ce, stop = self.agree(loss, ce, signals.received is not None)
+                loss_t, ce_t, norm_t = self.step()
                 window_steps += 1
+                bar.update(1)
+                step = self.state.step
+                log_due = step % cfg.logging.every == 0 or step == budget.steps
+                eval_due = step == budget.steps or bool(cfg.logging.eval_every and step % cfg.logging.eval_every == 0)
+                save_due = step == budget.steps or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                signalled = signals.received is not None
+                # values are read back (a host sync) only where they are needed: logging, validation and
+                # checkpoints (so a non-finite loss is caught before it is saved), and at once on a signal
+                # when alone; several processes agree on a stop at their next such step
+                if not (log_due or eval_due or save_due or (signalled and acc.num_processes == 1)):
+                    continue
+                loss, ce, stop = self.agree(loss_t, ce_t, signalled)
+                grad_norm = float(norm_t)
                 if not math.isfinite(loss):
                     kept = checkpoints(self.run_dir)
                     where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
@@ -264,10 +278,8 @@ class Trainer:
                         "Lower optim.lr, check the data, or resume from that checkpoint",
                         exit_code=1,
                     )
-                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                step = self.state.step
-                if step % cfg.logging.every == 0 or step == budget.steps:
+                if log_due:
                     elapsed = time.perf_counter() - window_start
                     tps = window_steps * budget.global_batch_tokens / max(elapsed, 1e-9)
                     last = {
@@ -281,13 +293,12 @@ class Trainer:
                         last["ce"] = ce
                     self.record(last)
                     window_start, window_steps = time.perf_counter(), 0
-                if step == budget.steps or (cfg.logging.eval_every and step % cfg.logging.eval_every == 0):
+                if eval_due:
                     metrics = self.validate()
                     last |= metrics
                     self.record(metrics)
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{metrics['val_loss']:.4f}")
-                saving = step == budget.steps or stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                if saving:
+                if save_due or stop:
                     path = self.checkpointer.save(self.state, self.data)
                 if stop:
                     name = signal.Signals(signals.received or signal.SIGTERM).name
