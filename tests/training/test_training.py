@@ -319,3 +319,44 @@ def test_values_are_read_back_only_at_logging_validation_and_checkpoint_steps(
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")  # logging.every 5, eval/checkpoint every 10
     assert run_cli("train", cfg)[0] == 0
     assert read_at == [5, 10, 15, 20, 25, 30]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_cross_entropy_has_the_same_loss_and_gradients(tied: bool, monkeypatch) -> None:
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from uptrain.training import losses
+
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 7)  # several chunks and a partial one
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied)  # fmt: skip
+    plain = LlamaForCausalLM(config)
+    chunked = copy.deepcopy(plain)
+    chunked.tie_weights()
+    assert losses.use_chunked_loss(chunked)
+    ids = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference, _ = losses.training_loss(plain, ids)
+    loss, _ = losses.training_loss(chunked, ids)
+    reference.backward()
+    loss.backward()
+    assert abs(loss.item() - reference.item()) <= 1e-6
+    grads = dict(plain.named_parameters())
+    for name, p in chunked.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(losses.token_nll(chunked, ids), losses.token_nll(plain, ids))
+
+
+def test_a_run_with_chunked_cross_entropy_follows_the_plain_one(run_cli, tiny_run: dict) -> None:
+    root = tiny_run["root"]
+    for name, chunked in (("plain", "false"), ("chunked", "true")):
+        cfg = write({**tiny_run["config"], "out": str(root / name)}, root / f"{name}.yaml")
+        code, _, err = run_cli("train", cfg, "--budget.steps=10", f"--model.chunked_loss={chunked}")
+        assert code == 0, err
+        assert ("chunked cross-entropy" in err) == (chunked == "true")
+    for a, b in zip(metrics(root / "plain"), metrics(root / "chunked"), strict=True):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)

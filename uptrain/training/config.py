@@ -38,7 +38,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Compile the model with torch.compile."""
+    chunked_loss: bool = True
+    """Compute the output layer and cross-entropy in chunks of positions, never all the fp32 logits at once
+    (same loss and gradients; off automatically with distillation, FSDP2, or an output layer with a bias,
+    logit scale or soft-capping)."""
 
     def __post_init__(self) -> None:
         if self.init == "pretrained" and not self.path:

@@ -26,7 +26,7 @@ from uptrain.errors import Stopped
 from uptrain.training.budget import TrainBudget, mfu
 from uptrain.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
-from uptrain.training.losses import training_loss
+from uptrain.training.losses import token_nll, training_loss, use_chunked_loss
 from uptrain.training.metrics import MetricsLog, available_trackers, flat, record_session
 from uptrain.training.model import (
     RunModel,
@@ -113,6 +113,8 @@ class Trainer:
         )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
+        if cfg.model.chunked_loss and not cfg.distill.teacher and sharding is None and use_chunked_loss(model):
+            self.metrics.log("chunked cross-entropy: the full fp32 logits are never materialised")
         sharded_state = None
         if sharding is not None:
             if sharding.activation_checkpointing and not cfg.model.gradient_checkpointing:
@@ -213,10 +215,7 @@ class Trainer:
         total = torch.zeros(max(1, len(parts)), 2, dtype=torch.float64, device=self.acc.device)
         for rows, ids in self._validation_rows():
             ids = ids.to(self.acc.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-            ).view(ids.shape[0], -1)  # (B, T-1)
+            nll = token_nll(self.model, ids)  # (B, T-1)
             for row, block_nll in zip(rows or [None] * len(ids), nll.sum(1).double(), strict=True):
                 part = next((i for i, (_, r) in enumerate(parts) if row in r), 0)
                 total[part, 0] += block_nll
