@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.families import CASES, Case, build, load
-from uptrain.conversion.calibrate import CovarianceStore, input_covariance
+from uptrain.conversion.calibrate import Calibration, CovarianceStore, input_covariance
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import token_stream
 from uptrain.errors import UptrainError
@@ -60,7 +60,7 @@ def calibrate(src, text, tokens: int, folder) -> CovarianceStore:
     config = read_config(src)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
-    return input_covariance(CheckpointReader(src), arch, shape, str(text), tokens, folder, True)
+    return input_covariance(CheckpointReader(src), arch, shape, Calibration(str(text), tokens), folder, True)
 
 
 def saved(case: Case, tmp_path):
@@ -108,7 +108,7 @@ def test_layer_by_layer_sigma_matches_the_whole_model(case: Case, tmp_path, monk
 @pytest.mark.parametrize("case", [c for c in CASES if c.model_type in RENAMED], ids=lambda c: c.id)
 def test_renamed_checkpoints_refuse_calibration(case: Case, tmp_path) -> None:
     src, text = saved(case, tmp_path)
-    with pytest.raises(UptrainError, match="under other names; convert without --calibration"):
+    with pytest.raises(UptrainError, match="under other names; pass --calibration none"):
         calibrate(src, text, 300, tmp_path / "sigma")
 
 
@@ -124,4 +124,6 @@ def test_calibration_refuses_bad_token_counts(llama, tmp_path) -> None:
     config = read_config(llama)
     arch = lookup(config)
     with pytest.raises(UptrainError, match="must be positive"):
-        input_covariance(CheckpointReader(llama), arch, shape_of_config_json(config), "x.txt", 0, tmp_path / "s")
+        input_covariance(
+            CheckpointReader(llama), arch, shape_of_config_json(config), Calibration("x.txt", 0), tmp_path / "s"
+        )

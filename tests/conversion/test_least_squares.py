@@ -88,7 +88,8 @@ def test_svd_folds_allowed_maps_exactly(case: Case, tmp_path) -> None:
     model = build(case)
     make_foldable(model, case)
     model.save_pretrained(tmp_path / "src")
-    convert(str(tmp_path / "src"), str(tmp_path / "svd"), num_kv_heads=case.groups, method="svd", quiet=True)
+    convert(str(tmp_path / "src"), str(tmp_path / "svd"), num_kv_heads=case.groups, method="svd",
+            calibration="none", quiet=True)  # fmt: skip
     convert(str(tmp_path / "src"), str(tmp_path / "mean"), num_kv_heads=case.groups, quiet=True)
     vocab = case.config().vocab_size
     src, svd, mean = (logits(tmp_path / f, vocab) for f in ("src", "svd", "mean"))
@@ -118,7 +119,8 @@ def test_similarity_grouping_finds_scattered_twins(case: Case, tmp_path) -> None
             convert(str(tmp_path / "src"), str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity")
         assert not (tmp_path / "out").exists()
         return
-    convert(str(tmp_path / "src"), str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity", quiet=True)
+    convert(str(tmp_path / "src"), str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity",
+            calibration="none", quiet=True)  # fmt: skip
     convert(str(tmp_path / "src"), str(tmp_path / "contig"), num_kv_heads=case.groups, quiet=True)
     vocab = case.config().vocab_size
     src, out, contig = (logits(tmp_path / f, vocab) for f in ("src", "out", "contig"))
@@ -177,7 +179,9 @@ def test_calibrated_svd_through_the_cli(llama, tmp_path, run_cli) -> None:
                            "--quiet")  # fmt: skip
     assert code == 0, err
     report = json.loads((tmp_path / "out" / CONVERSION_RECORD).read_text())
-    assert report["calibration"] == {"files": str(text), "tokens": 500} and report["grouping"] == "similarity"
+    calib = report["calibration"]
+    assert calib["data"] == str(text) and calib["kind"] == "files" and calib["tokens"] == 500
+    assert calib["tokens_used"] == 500 and calib["device"].startswith("cpu") and report["grouping"] == "similarity"
     for layer in report["merge_errors"]:
         assert sorted(h for grp in layer["groups"] for h in grp) == list(range(8))
         for side in ("k", "v"):

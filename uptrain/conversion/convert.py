@@ -88,7 +88,9 @@ def convert_checkpoint(
     method: Method = "mean",
     grouping: Grouping = "contiguous",
     calibration: str | None = None,
-    calibration_tokens: int = 65536,
+    calibration_tokens: int | None = None,
+    calibration_subset: str | None = None,
+    calibration_split: str = "train",
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
@@ -97,7 +99,12 @@ def convert_checkpoint(
     allow_pickle: bool = False,
     quiet: bool = False,
 ) -> tuple[dict[str, Any], int]:
-    """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written."""
+    """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
+
+    `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs:
+    files, a Hub dataset id, `random` (the default for joint merges) or `none` (weights only)."""
+    from uptrain.conversion.calibrate import NONE, RANDOM, Calibration
+
     started = time.perf_counter()
     out = Path(out).absolute()
     if out.exists() and not overwrite:
@@ -113,6 +120,18 @@ def convert_checkpoint(
     source = fetch_weights(source, allow_pickle)
     reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
     options = MergeOptions(num_kv_heads, method, grouping, seed)
+    if not options.joint and calibration not in (None, NONE):
+        raise UptrainError(
+            f"--calibration weights --method svd or --grouping similarity; --method {method} with contiguous "
+            "groups reads no inputs, so drop --calibration"
+        )
+    # a weights-only Σ (identity) measured worse than mean pooling on a real checkpoint: joint merges
+    # read random tokens unless told otherwise (docs/results.md)
+    spec = (RANDOM if options.joint else None) if calibration is None else calibration
+    calib = None if spec in (None, NONE) else Calibration(spec, calibration_tokens, calibration_subset,
+                                                          calibration_split, seed)  # fmt: skip
+    if calib is not None:
+        calib.check()  # before any weight is downloaded or written
     steps = conversion_steps(reader, arch, shape, options, dtype)
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
@@ -123,7 +142,7 @@ def convert_checkpoint(
         "model_type": shape.model_type,
         "method": method,
         "grouping": grouping,
-        "calibration": None if calibration is None else {"files": calibration, "tokens": calibration_tokens},
+        "calibration": calib.record() if calib is not None else ("none" if spec == NONE and options.joint else None),
         "seed": seed,
         "num_attention_heads": shape.heads,
         "source_num_kv_heads": shape.kv_heads,
@@ -141,10 +160,12 @@ def convert_checkpoint(
     from tqdm.auto import tqdm
 
     with atomic_output_dir(out, overwrite) as tmp:
-        if calibration is not None:  # Σ per layer lives on disk beside the output until the merge is written
+        if calib is not None:  # Σ per layer lives on disk beside the output until the merge is written
             from uptrain.conversion.calibrate import input_covariance
 
-            sigma = input_covariance(reader, arch, shape, calibration, calibration_tokens, tmp / CALIBRATION, quiet)
+            facts: dict[str, Any] = {}
+            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts)
+            record["calibration"] |= facts
             options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
             steps = conversion_steps(reader, arch, shape, options, dtype)
         by_name = {s.spec.name: s for s in steps.steps}

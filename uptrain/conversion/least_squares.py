@@ -2,12 +2,13 @@
 
 Notation (`ModelShape`): n source KV heads of head_dim d, G groups of r = n/G heads, t = H/n query
 heads per source KV head, x̃ = [x; 1] the attention input with a 1 appended (biases), Σ = E[x̃ x̃ᵀ]
-(identity when no calibration data is given). Every tensor here is float32, rows laid out head by
+(from calibration text, random tokens, or the identity). Every tensor here is float32, rows laid out head by
 head as in the checkpoint; weights carry their bias as a last column ("augmented", (rows, hidden+1)).
 
-- V side: the group's stacked heads W_cat (r·d × hidden+1) get the best Σ-weighted rank-d
-  approximation U (Uᵀ W_cat): Uᵀ W_cat is the shared head, and head i's d×d block M_i of U is
-  folded into the output-projection columns of the query heads that read it (O_q ← O_q M_i).
+- V side: each head is first weighted by how o_proj reads it (W_i' = L_i W_i, LᵀL = Σ_q O_qᵀO_q);
+  the group's stacked heads W'_cat (r·d × hidden+1) get the best Σ-weighted rank-d approximation
+  U (Uᵀ W'_cat): Uᵀ W'_cat is the shared head, and head i's map M_i = L_i⁻¹ U_i is folded into the
+  output-projection columns of the query heads that read it (O_q ← O_q M_i).
 - K side: maps must commute with the rotary embedding. A rotary pair of dims is a complex number
   that RoPE multiplies by a phase, so per pair the group's complex rows get the best rank-1
   approximation c_i · k_g and conj(c_i) is folded into the query rows of the same pair. Dims
@@ -108,31 +109,48 @@ def _mean_pool(w: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, floa
     return mean, float(_energy((w - mean).flatten(0, 1), sigma))
 
 
+def _output_maps(o: torch.Tensor, kv_head: int, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L and L⁻¹ (d, d) with LᵀL = Σ_q O_qᵀ O_q over the query heads q that read `kv_head`: an error e in the
+    head's values costs ‖L e‖² at o_proj's output, so the V fit is weighted by how o_proj uses each head."""
+    cols = o[:, kv_head * t * d : (kv_head + 1) * t * d].unflatten(1, (t, d)).double()  # (hidden, t, d)
+    a = torch.einsum("xtd,xte->de", cols, cols)  # (d, d)
+    a = a + 1e-6 * a.trace().clamp_min(1e-30) / d * torch.eye(d, dtype=a.dtype)  # dead heads stay invertible
+    vals, vecs = torch.linalg.eigh(a)
+    root = vals.clamp_min(1e-30).sqrt()
+    return ((vecs * root) @ vecs.T).float(), ((vecs / root) @ vecs.T).float()
+
+
 def merge_v(
     v: torch.Tensor, o: torch.Tensor, shape: ModelShape, groups: int, sigma: torch.Tensor, method: str = "svd"
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Merge V heads and fold the per-head maps into o_proj.
 
+    The fit is weighted by the input (Σ) and by o_proj: head i's error counts as ‖L_i (W_i − M_i W_g) x̃‖²,
+    LᵀL the Gram matrix of the o_proj columns that read it (measured better than an unweighted fit on
+    SmolLM2-135M; docs/results.md). Substituting W_i' = L_i W_i makes it the plain rank-d problem.
+
     v: (n·d, hidden+1) augmented; o: (hidden, H·d). Returns (v_new (G·d, hidden+1), o_new,
-    relative error of this merge, relative error of mean pooling)."""
+    relative error of this merge, relative error of mean pooling), both measured at o_proj's output."""
     n, g, r, d, t = shape.kv_heads, groups, shape.group_size(groups), shape.head_dim, shape.queries_per_kv_head
     heads = _heads(v, n)
-    total = float(_energy(v, sigma).clamp_min(1e-30))
+    maps = [_output_maps(o, i, t, d) for i in range(n)]
+    weighted = torch.stack([maps[i][0] @ heads[i] for i in range(n)])  # (n, d, hidden+1): L_i W_i
+    total = float(_energy(weighted.flatten(0, 1), sigma).clamp_min(1e-30))
     mean_err, err = 0.0, 0.0
     shared, o_new = [], o.clone()
     for grp in range(g):
-        w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
-        mean, e_mean = _mean_pool(w, sigma)
-        mean_err += e_mean
+        members = range(grp * r, (grp + 1) * r)
+        mean = heads[grp * r : (grp + 1) * r].mean(0)  # (d, hidden+1)
+        mean_err += float(_energy(torch.cat([weighted[i] - maps[i][0] @ mean for i in members]), sigma))
         if method != "svd":
             shared.append(mean)
             continue
-        u, head, e = _best_rank(w.flatten(0, 1), sigma, d)  # u: (r·d, d)
+        u, head, e = _best_rank(weighted[grp * r : (grp + 1) * r].flatten(0, 1), sigma, d)  # u: (r·d, d)
         shared.append(head)
         err += e
-        for i in range(r):
-            m = u[i * d : (i + 1) * d]  # (d, d): head i ≈ m @ shared
-            for q in _readers(grp * r + i, t):
+        for j, i in enumerate(members):
+            m = maps[i][1] @ u[j * d : (j + 1) * d]  # (d, d): head i ≈ m @ shared
+            for q in _readers(i, t):
                 o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ m
     if method != "svd":
         err = mean_err
