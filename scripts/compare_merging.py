@@ -25,7 +25,8 @@ EVAL = ["--max-tokens", "20000", "--window", "256", "--stride", "192"]  # as scr
 CALIBRATION = ["--calibration", "{train}", "--calibration-tokens", "65536"]
 VARIANTS = {  # name -> (--method, further `uptrain convert` arguments)
     "mean": ("mean", []),
-    "svd": ("svd", []),
+    "svd, weights only": ("svd", ["--calibration", "none"]),
+    "svd, random tokens (the default)": ("svd", []),
     "svd + calibration": ("svd", CALIBRATION),
     "svd + calibration + similarity": ("svd", ["--grouping", "similarity", *CALIBRATION]),
 }
