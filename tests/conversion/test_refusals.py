@@ -226,3 +226,39 @@ def test_missing_parent_folders_are_created_and_removed_on_failure(run_cli, llam
     code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet")
     assert code == 0, err
     assert (out / "config.json").exists()
+
+
+def damaged(folder: Path, name: str, value: float) -> Path:
+    """A tiny Llama whose tensor `name` holds `value` at [0, 0]."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_llama(folder, shard=None)
+    weights = load_file(folder / "model.safetensors")
+    weights[name][0, 0] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("method", ["mean", "svd"])
+def test_nan_in_an_attention_weight_stops_the_conversion(run_cli, tmp_path: Path, method: str) -> None:
+    src = damaged(tmp_path / "src", "model.layers.0.self_attn.k_proj.weight", float("nan"))
+    code, _, err = run_cli("convert", src, tmp_path / "out", "--num-kv-heads", "2", "--method", method, "--quiet")
+    assert code == 1 and "k_proj.weight holds 1 NaN/inf values; the source checkpoint is damaged" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_nan_elsewhere_is_reported_and_a_joint_merge_refuses_cleanly(run_cli, tmp_path: Path) -> None:
+    src = damaged(tmp_path / "src", "model.layers.0.mlp.up_proj.weight", float("nan"))
+    code, _, err = run_cli("convert", src, tmp_path / "mean", "--num-kv-heads", "2", "--quiet")
+    assert code == 0 and "warning: model.layers.0.mlp.up_proj.weight holds 1 NaN/inf values" in err
+    code, _, err = run_cli("convert", src, tmp_path / "svd", "--num-kv-heads", "2", "--method", "svd", "--quiet")
+    assert code == 1 and "the least-squares merge of layer" in err and "Traceback" not in err
+
+
+def test_a_cast_that_overflows_is_refused(run_cli, tmp_path: Path) -> None:
+    src = damaged(tmp_path / "src", "model.layers.0.mlp.up_proj.weight", 1e5)
+    args = ("convert", src, tmp_path / "out", "--num-kv-heads", "2", "--quiet")
+    code, _, err = run_cli(*args, "--dtype", "float16")
+    assert code == 1 and "casting model.layers.0.mlp.up_proj.weight to float16 overflows" in err
+    assert not (tmp_path / "out").exists()
+    assert run_cli(*args, "--dtype", "bfloat16")[0] == 0  # bfloat16 holds 1e5

@@ -1,4 +1,5 @@
-"""Every attention tensor checked against the shape config.json implies, before anything is written.
+"""Checks on the source: every attention tensor against the shape config.json implies (before
+anything is written), and every value read for NaN/inf (while streaming).
 
 A checkpoint whose weights disagree with its config (wrong head count, head_dim, layer count, a
 missing tensor) is refused with the tensor's name and both shapes.
@@ -7,7 +8,10 @@ missing tensor) is refused with the tensor's name and both shapes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
 
 from uptrain.errors import UptrainError
 from uptrain.io.tensors import TensorInfo
@@ -65,3 +69,49 @@ class TensorChecks:
                     f"the checkpoint has {name} but config.json says {self.shape.layers} layers; "
                     "config and weights disagree"
                 )
+
+
+class FiniteReader:
+    """The checkpoint reader, checking every tensor it hands out for NaN and inf as it streams by.
+
+    Non-finite values in an attention weight would spread through the merge into every head of its
+    group (and make a least-squares merge fail), so they stop the conversion; elsewhere they pass
+    through unchanged and are reported once per tensor."""
+
+    def __init__(self, reader: Any, attention: Callable[[str], bool], warn: Callable[[str], None]) -> None:
+        self.reader, self.attention, self.warn = reader, attention, warn
+        self.reported: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:  # tensors, num_parameters, ...: the reader's own
+        return getattr(self.reader, name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._checked(name, self.reader.read(name))
+
+    def read_chunks(self, name: str, chunk_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        for chunk in self.reader.read_chunks(name, chunk_bytes):
+            yield self._checked(name, chunk)
+
+    def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            if self.attention(name):
+                raise UptrainError(
+                    f"{name} holds {bad:,} NaN/inf values; the source checkpoint is damaged (re-download it) "
+                    "and its attention cannot be merged"
+                )
+            if name not in self.reported:
+                self.reported.add(name)
+                self.warn(f"warning: {name} holds {bad:,} NaN/inf values (copied unchanged; the source is damaged)")
+        return t
+
+
+def check_cast(name: str, chunk: torch.Tensor) -> torch.Tensor:
+    """Refuse an output chunk a dtype cast made non-finite (the source was checked finite on reading)."""
+    if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+        limit = torch.finfo(chunk.dtype).max
+        raise UptrainError(
+            f"casting {name} to {str(chunk.dtype).removeprefix('torch.')} overflows: it holds values beyond "
+            f"±{limit:,.0f}; use --dtype bfloat16 (same range as float32) or keep the source dtype"
+        )
+    return chunk

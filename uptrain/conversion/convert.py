@@ -13,12 +13,13 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uptrain.conversion.checks import TensorChecks
+from uptrain.conversion.checks import FiniteReader, TensorChecks, check_cast
 from uptrain.conversion.layouts import layer_steps
 from uptrain.conversion.pooling import Grouping, Method
 from uptrain.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
@@ -33,6 +34,14 @@ from uptrain.model.shape import ModelShape, shape_of_config_json
 from uptrain.version import __version__
 
 CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
+
+
+def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
+    """The step's output chunks, each refused if the cast made it non-finite (damaged sources pass as is)."""
+    for chunk in step.chunks(reader):
+        if not any(name in reader.reported for name in step.sources):  # read by now: reported if damaged
+            check_cast(step.spec.name, chunk)
+        yield chunk
 
 
 def conversion_steps(
@@ -118,7 +127,12 @@ def convert_checkpoint(
     shape = shape_of_config_json(config, arch.kv_heads_field)
     shape.check_target(num_kv_heads)
     source = fetch_weights(source, allow_pickle)
-    reader = CheckpointReader(source.path, allow_pickle=allow_pickle)
+    attention = tuple(f".{p}." for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj, arch.qkv_proj) if p)
+    reader = FiniteReader(
+        CheckpointReader(source.path, allow_pickle=allow_pickle),
+        attention=lambda name: any(p in name for p in attention),
+        warn=lambda message: print(f"uptrain convert: {message}", file=sys.stderr),
+    )
     options = MergeOptions(num_kv_heads, method, grouping, seed)
     if not options.joint and calibration not in (None, NONE):
         raise UptrainError(
@@ -174,7 +188,7 @@ def convert_checkpoint(
         with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
             try:
                 for spec in writer.order:
-                    writer.write(spec.name, by_name[spec.name].chunks(reader))
+                    writer.write(spec.name, _cast_checked(by_name[spec.name], reader))
                     bar.update(spec.nbytes)
             finally:
                 writer.abort()

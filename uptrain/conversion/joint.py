@@ -23,6 +23,7 @@ from uptrain.conversion.least_squares import (
 )
 from uptrain.conversion.pooling import merge_rows, tensor_seed
 from uptrain.conversion.steps import MergeOptions
+from uptrain.errors import UptrainError
 from uptrain.io.reader import CheckpointReader
 from uptrain.model.families import RotaryPairs
 from uptrain.model.shape import ModelShape
@@ -57,6 +58,15 @@ class JointLayer:
 
     def compute(self, reader: CheckpointReader) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Every output tensor of the layer by name, and the merge's groups and relative errors."""
+        try:
+            return self._compute(reader)
+        except torch.linalg.LinAlgError as e:  # non-finite or degenerate layer inputs (Σ) or weights
+            raise UptrainError(
+                f"the least-squares merge of layer {self.layer} failed ({str(e).splitlines()[0][:80]}); its "
+                "inputs are degenerate or non-finite: check the source, or use --method mean"
+            ) from e
+
+    def _compute(self, reader: CheckpointReader) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s, opt, n = self.shape, self.options, self.names
         d, g = s.head_dim, opt.num_kv_heads
         r = s.group_size(g)
