@@ -3,6 +3,7 @@ folder to a private repo (against a stand-in for the Hub API: the tests never re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -82,3 +83,21 @@ def test_an_unreachable_hub_says_the_folder_is_complete(tmp_path: Path, monkeypa
 
     with pytest.raises(UptrainError, match=r"cannot reach the Hugging Face Hub .* is complete locally"):
         push_folder(tmp_path, "someone/x")
+
+
+def test_a_converted_models_card_keeps_the_sources_licence_and_card(run_cli, tmp_path: Path, hub) -> None:
+    from uptrain.synthetic import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src", shard=None)
+    (src / "README.md").write_text("---\nlicense: llama2\n---\n\n# The source\n\nIntended use: research.\n")
+    (src / "LICENSE.txt").write_text("the source's terms")
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", src, out, "--num-kv-heads", "2", "--quiet", "--push-to-hub", "someone/src-gqa2")
+    assert code == 0, err
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "llama2" and card.data.base_model == "src"
+    assert "Converted to:** 2 KV heads by `mean`" in card.text and "Intended use: research." in card.text
+    assert (out / "LICENSE.txt").read_text() == "the source's terms"
+    record = json.loads((out / "uptrain_conversion.json").read_text())
+    assert record["environment"]["versions"]["torch"]
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"] and hub.calls[0][1]["private"] is True

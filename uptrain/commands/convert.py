@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,7 @@ import torch
 from uptrain.conversion.convert import convert_checkpoint
 from uptrain.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
 from uptrain.errors import Stopped, UptrainError, signal_exit_code
+from uptrain.io.hub import check_push, push_folder
 from uptrain.units import format_bytes, format_count, parse_size
 
 DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
@@ -34,6 +36,8 @@ def convert(
     revision: str | None = None,
     allow_pickle: bool = False,
     quiet: bool = False,
+    push_to_hub: str | None = None,
+    public: bool = False,
 ) -> dict[str, Any]:
     """Convert a checkpoint to G shared key/value heads (MHA -> GQA, or GQA -> fewer heads / MQA).
 
@@ -81,6 +85,8 @@ def convert(
         allow_pickle: Accept pytorch_model*.bin checkpoints (unpickling can run code; loaded
             with weights_only=True). Refused by default.
         quiet: No progress bar or summary.
+        push_to_hub: Upload OUT (with its model card) to this Hub repo, e.g. you/llama-2-7b-gqa8.
+        public: Create the --push-to-hub repo public (default: private).
     """
     if method not in METHODS:
         raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -90,6 +96,11 @@ def convert(
         raise UptrainError(f"unknown dtype {dtype!r}; choose from {', '.join(typing.get_args(DtypeOption))}")
     shard_cap = parse_size(max_shard_size)
     out_path = Path(out).absolute()
+    check_push(push_to_hub)
+    if quiet:  # datasets' own bars (calibration text) too
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         record, nbytes = convert_checkpoint(
             src,
@@ -113,6 +124,9 @@ def convert(
         raise Stopped("interrupted; nothing was written", signal_exit_code(e)) from None
     if not quiet:
         _print_summary(record, out_path, nbytes)
+    if push_to_hub:
+        url = push_folder(out_path, push_to_hub, private=not public, message="uptrain convert")
+        print(f"uptrain convert: pushed {out_path} to {url}", file=sys.stderr)
     return record
 
 

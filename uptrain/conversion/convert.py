@@ -23,7 +23,9 @@ from uptrain.conversion.checks import FiniteReader, TensorChecks, check_cast
 from uptrain.conversion.layouts import layer_steps
 from uptrain.conversion.pooling import Grouping, Method
 from uptrain.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain.device import environment
 from uptrain.errors import UptrainError
+from uptrain.io.cards import CARD, source_licence, write_card
 from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir, read_config, side_files
 from uptrain.io.hub import fetch_weights, resolve_source
 from uptrain.io.reader import CheckpointReader
@@ -195,7 +197,7 @@ def convert_checkpoint(
         files = writer.finish()
         shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
         for path in side_files(source.path):
-            if path.name != CONVERSION_RECORD:
+            if path.name not in (CONVERSION_RECORD, CARD):
                 shutil.copy2(path, tmp / path.name)
         new_config = converted_config(config, arch, num_kv_heads, dtype)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
@@ -206,5 +208,13 @@ def convert_checkpoint(
         if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
             record["merge_errors"] = merge_errors
         record["seconds"] = round(time.perf_counter() - started, 3)
+        record["environment"] = environment()
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_card(
+            tmp,
+            title=f"{out.name} ({num_kv_heads} KV heads, converted by uptrain)",
+            conversion=record,
+            licence=source_licence(source.path),
+            source_card=source.path / CARD,
+        )
     return record, writer.total_size

@@ -70,6 +70,7 @@ def write_card(
     base_model: str | None = None,
     licence: str | None = None,
     body: str = "",
+    source_card: Path | None = None,
 ) -> None:
     """OUT/README.md for a converted (`conversion`) and possibly uptrained (`training`) model."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -80,10 +81,18 @@ def write_card(
         base_model = base_model or _base_model(conversion)
     if training:
         lines += ["## Uptraining (uptrain train)", "", *(f"- **{k}:** {v}" for k, v in training.items()), ""]
-    lines.append(
-        "Converted from multi-head to grouped-query attention and uptrained with uptrain "
-        "(`pip install uptrain-gqa`); `uptrain_conversion.json` and `uptrain_train.yaml` hold the full record."
+    done = "converted to grouped-query attention and uptrained" if training else "converted to grouped-query attention"
+    record = (
+        "`uptrain_conversion.json` and `uptrain_train.yaml` hold" if training else "`uptrain_conversion.json` holds"
     )
+    lines.append(f"Made with uptrain (`pip install uptrain-gqa`): {done}; {record} the full record.")
+    if source_card is not None and Path(source_card).is_file():  # kept, not replaced: terms, intended use
+        try:
+            text = ModelCard.load(source_card).text.strip()
+        except Exception:  # a README without metadata
+            text = Path(source_card).read_text().strip()
+        if text:
+            lines += ["", "## The source's model card", "", text]
     data = ModelCardData(
         base_model=base_model,
         license=licence,
