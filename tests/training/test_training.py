@@ -271,11 +271,15 @@ def test_unreachable_hub_dataset_fails_clearly(run_cli, tiny_run: dict) -> None:
     assert err.strip().splitlines()[-1].startswith("uptrain train: error: cannot load acme/no-such-dataset")
 
 
-@pytest.mark.slow
-def test_compiled_model_saves_loadable_weights(run_cli, tiny_run: dict) -> None:
+def test_compiled_layers_train_the_same_and_save_loadable_weights(run_cli, tiny_run: dict) -> None:
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
-    code, _, err = run_cli("train", cfg, "--model.compile", "--budget.steps=4")
+    eager = write({**tiny_run["config"], "out": str(tiny_run["root"] / "eager")}, tiny_run["root"] / "eager.yaml")
+    assert run_cli("train", eager, "--budget.steps=4", "--logging.every=1")[0] == 0
+    code, _, err = run_cli("train", cfg, "--model.compile", "--budget.steps=4", "--logging.every=1")
     assert code == 0, err
+    compiled = [r["loss"] for r in metrics(Path(tiny_run["config"]["out"])) if "loss" in r]
+    reference = [r["loss"] for r in metrics(tiny_run["root"] / "eager") if "loss" in r]
+    assert len(compiled) == 4 and max(abs(a - b) for a, b in zip(compiled, reference, strict=True)) <= 1e-4
     _, info = AutoModelForCausalLM.from_pretrained(Path(tiny_run["config"]["out"]) / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not any(k.startswith("_orig_mod") for k in tensors(Path(tiny_run["config"]["out"]) / "model"))

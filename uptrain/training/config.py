@@ -38,7 +38,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """torch.compile each decoder layer (the same loss and gradients; faster on GPUs after the first steps)."""
     chunked_loss: bool = True
     """Compute the output layer and cross-entropy in chunks of positions, never all the fp32 logits at once
     (same loss and gradients; off automatically with distillation, FSDP2, or an output layer with a bias,

@@ -32,6 +32,7 @@ from uptrain.training.model import (
     RunModel,
     build_optimizer,
     build_scheduler,
+    compile_layers,
     load_model,
     load_teacher,
     save_final_model,
@@ -123,7 +124,7 @@ class Trainer:
                 model, sharding, device=acc.device, precision=precision, main_process=acc.is_main_process
             )
             if cfg.model.compile:
-                self.model.compile()
+                compile_layers(self.model)
             self.optimizer = build_optimizer(self.model, cfg.optim, acc.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.optim, budget.steps)
             acc.register_for_checkpointing(self.scheduler)
