@@ -291,6 +291,8 @@ class Trainer:
                     }
                     if self.teacher is not None:  # the loss mixes in the KL term: show the CE alone too
                         last["ce"] = ce
+                    if acc.device.type == "cuda":
+                        last["peak_memory_bytes"] = torch.cuda.max_memory_allocated(acc.device)
                     self.record(last)
                     window_start, window_steps = time.perf_counter(), 0
                 if eval_due:
