@@ -29,6 +29,20 @@ def steps(run: Path) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]  # training records (validation ones have val_loss)
 
 
+def killed_during(run_cli, cfg: Path, monkeypatch, step: int) -> None:
+    """Run `cfg` and end it abruptly during optimizer step `step`, as a SIGKILL would (nothing saved then)."""
+    original = trainlib.Trainer.step
+
+    def killed(self):
+        if self.state.step == step - 1:
+            raise SystemExit(-signal.SIGKILL)
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainlib.Trainer, "step", killed)
+        assert run_cli("train", cfg)[0] == -signal.SIGKILL
+
+
 def test_overwrite_never_deletes_the_model_being_trained(run_cli, tiny_run: dict) -> None:
     model = tiny_run["model"]
     before = sorted(p.name for p in model.iterdir())
@@ -70,16 +84,7 @@ def test_a_run_that_fails_on_bad_data_leaves_no_folder(run_cli, tiny_run: dict) 
 def test_a_resume_after_a_kill_keeps_each_step_once(run_cli, tiny_run: dict, monkeypatch) -> None:
     cfg = config(tiny_run, checkpoint={"every": 10, "keep": 2}, logging={"every": 1, "eval_every": 10, "trackers": []})
     run = Path(tiny_run["config"]["out"])
-    original = trainlib.Trainer.step
-
-    def killed_at_14(self):  # as if SIGKILLed during step 14: records 11-13 are past the last checkpoint
-        if self.state.step == 13:
-            raise SystemExit(-signal.SIGKILL)
-        return original(self)
-
-    with monkeypatch.context() as m:
-        m.setattr(trainlib.Trainer, "step", killed_at_14)
-        assert run_cli("train", cfg)[0] == -signal.SIGKILL
+    killed_during(run_cli, cfg, monkeypatch, 14)  # records 11-13 are past the last checkpoint
     assert steps(run)[-1] == 13 and checkpoints(run)[-1].name == "step-00000010"
     assert run_cli("train", cfg, "--resume")[0] == 0
     assert steps(run) == list(range(1, 31)), "each step once"
@@ -88,16 +93,7 @@ def test_a_resume_after_a_kill_keeps_each_step_once(run_cli, tiny_run: dict, mon
 def test_a_fresh_start_in_a_run_folder_replaces_its_old_records(run_cli, tiny_run: dict, monkeypatch) -> None:
     cfg = config(tiny_run, checkpoint={"every": 0, "keep": 1}, logging={"every": 1, "eval_every": 0, "trackers": []})
     run = Path(tiny_run["config"]["out"])
-    original = trainlib.Trainer.step
-
-    def killed_at_5(self):
-        if self.state.step == 4:
-            raise SystemExit(-signal.SIGKILL)
-        return original(self)
-
-    with monkeypatch.context() as m:
-        m.setattr(trainlib.Trainer, "step", killed_at_5)
-        assert run_cli("train", cfg)[0] == -signal.SIGKILL
+    killed_during(run_cli, cfg, monkeypatch, 5)
     assert steps(run) == [1, 2, 3, 4] and not checkpoints(run)
     assert run_cli("train", cfg, "--resume", "auto")[0] == 0  # nothing to resume: starts again
     assert steps(run) == list(range(1, 31))
