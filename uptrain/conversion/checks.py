@@ -1,5 +1,6 @@
-"""Checks on the source: every attention tensor against the shape config.json implies (before
-anything is written), and every value read for NaN/inf (while streaming).
+"""Checks on the source: attention tensor shapes against config.json, and every value for NaN/inf.
+
+Shapes are checked before anything is written; values while they stream through the conversion.
 
 A checkpoint whose weights disagree with its config (wrong head count, head_dim, layer count, a
 missing tensor) is refused with the tensor's name and both shapes.
