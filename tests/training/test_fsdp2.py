@@ -130,6 +130,7 @@ def assert_same_run(reference: Path, run: Path) -> None:
 def test_two_sharded_processes_follow_the_one_process_run(runs: dict) -> None:
     root, log = runs["root"], runs["logs"]["two"]
     assert "plain data parallel" not in log
+    assert "chunked cross-entropy" in log  # the head weight read outside the forward, whole (root unit gathered)
     holds = [line for line in log.splitlines() if "FSDP2 over 2 processes" in line]
     assert len(holds) == 1 and "this process holds" in holds[0]  # logged by rank 0
     local, total = (int(n.replace(",", "")) for n in holds[0].split("holds ")[1].split(" parameters")[0].split(" of "))

@@ -41,8 +41,8 @@ class ModelConfig:
     """torch.compile each decoder layer (the same loss and gradients; faster on GPUs after the first steps)."""
     chunked_loss: bool = True
     """Compute the output layer and cross-entropy in chunks of positions, never all the fp32 logits at once
-    (same loss and gradients; off automatically with distillation, FSDP2, or an output layer with a bias,
-    logit scale or soft-capping)."""
+    (same loss and gradients, also under FSDP2; off automatically with distillation, or an output layer with
+    a bias, logit scale or soft-capping)."""
 
     def __post_init__(self) -> None:
         if self.init == "pretrained" and not self.path:

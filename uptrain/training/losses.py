@@ -4,7 +4,8 @@ Chunked cross-entropy: the output layer and the cross-entropy run together over 
 positions, so the (positions x vocabulary) fp32 logits never exist at once — at a 128 k vocabulary
 and 32 k tokens per micro-batch that is 16 GB saved. The gradients of a chunk are computed in the
 same pass (no recomputation in backward). It is installed by making the model's output layer
-return its input (`use_chunked_loss`); the model's forward, hooks and wrappers (DDP) run as usual.
+return its input (`use_chunked_loss`); the model's forward, hooks and wrappers (DDP, FSDP2 — whose
+root unit stays gathered after forward, so the head weight is whole here) run as usual.
 """
 
 from __future__ import annotations

@@ -139,7 +139,9 @@ def shard_model(
     )
     for layer in layers:
         fully_shard(layer, **options)
-    fully_shard(model, **options)  # the root unit: embeddings, final norm and (tied) head
+    # the root unit (embeddings, final norm, tied head) stays gathered after forward: backward needs it
+    # at once, and the chunked loss reads the head weight outside the forward
+    fully_shard(model, **{**options, "reshard_after_forward": False})
     model.to_empty(device="cpu" if plan.offload_params and device.type == "cuda" else device)
     if _tied_names(model) != tied:
         model.tie_weights()
