@@ -24,21 +24,14 @@ from uptrain.training.model import preflight
 from uptrain.training.sharding import claim_sharding, mixed_precision_policy
 
 
-def run_training(
-    cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
-) -> dict[str, Any]:
-    """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
-    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
-    return _run(cfg, Path(cfg.out), resume, overwrite, dry_run)
-
-
 def _inputs(cfg: TrainConfig) -> tuple[str | None, ...]:
     return (cfg.model.path, cfg.model.config, cfg.model.tokenizer, cfg.distill.teacher)
 
 
-def check_run_folder(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool) -> None:
-    """The run folder may hold this run (to resume or, with --overwrite, replace), or be new or empty."""
-    if checkpoint is not None or not run_dir.exists():
+def check_run_folder(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+    """For a run that starts (not resumes): the run folder may be new or empty, or, with --overwrite,
+    one uptrain made that holds none of the inputs."""
+    if not run_dir.exists():
         return
     if overwrite:
         check_replaceable(run_dir, MARKERS, _inputs(cfg))
@@ -51,14 +44,19 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, o
         raise UptrainError(f"out {run_dir} is a folder uptrain did not make (no {TRAIN_CONFIG}); choose another out")
 
 
-def _run(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, dry_run: bool) -> dict[str, Any]:
+def run_training(
+    cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
+) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
+    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
     from accelerate import PartialState
 
+    run_dir = Path(cfg.out)
     checkpoint = resume_path(run_dir, resume)
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)
     elif not dry_run:
-        check_run_folder(cfg, run_dir, checkpoint, overwrite)
+        check_run_folder(cfg, run_dir, overwrite)
     sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
     if sharding is not None:
         mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
@@ -71,7 +69,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: str | None, overwrite: bool, d
         lock.acquire()
     try:
         if lock is not None and checkpoint is None:
-            check_run_folder(cfg, run_dir, checkpoint, overwrite)  # again: another run may have started since
+            check_run_folder(cfg, run_dir, overwrite)  # again: another run may have started since
         budget = train_budget(
             tokens=cfg.budget.tokens,
             fraction=cfg.budget.fraction,

@@ -115,9 +115,9 @@ def shard_model(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized():
         raise UptrainError("FSDP2 needs a process group; start the run with accelerate launch or torchrun")
+    world = dist.get_world_size()
     classes = set(plan.layer_classes or getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
