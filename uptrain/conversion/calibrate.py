@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from uptrain.conversion.refine import LayerRefiner, Window
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import expand_files, token_stream
 from uptrain.device import compute_device, device_name, inference_dtype
@@ -159,9 +160,11 @@ def input_covariance(
     folder: Path,
     quiet: bool = False,
     facts: dict[str, Any] | None = None,
+    refiner: LayerRefiner | None = None,
 ) -> CovarianceStore:
     """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
-    `facts`, when given, receives the tokens used, the device and the seconds taken."""
+    `facts`, when given, receives the tokens used, the device and the seconds taken. With a `refiner`, each
+    layer's converted attention is also refined on the windows while the layer is in memory."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
@@ -246,9 +249,10 @@ def input_covariance(
         reached = sum(len(v) == len(windows) for v in inputs.values())
         raise UptrainError(f"calibration reached {reached} of {shape.layers} decoder layers; is this a decoder?")
 
-    # 3. layer by layer: real weights in, every window through, Σ out
+    # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
     store = CovarianceStore(folder)
     acc: list[Any] = []  # the current layer's Σ xᵀx, Σ x, count
+    captured: list[Window] = []  # with a refiner: what the source attention saw and returned, per window
 
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("hidden_states", args[0] if args else None)
@@ -257,22 +261,32 @@ def input_covariance(
         acc[1] = acc[1] + x.sum(0)
         acc[2] += x.shape[0]
 
+    def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        x, rest, kw = _attention_call(args, kwargs)
+        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out))
+
     for i in tqdm(
-        range(shape.layers), desc=f"calibration ({len(stream):,} tokens)", unit="layer", disable=quiet, file=sys.stderr
+        range(shape.layers),
+        desc=f"calibration{' + refinement' if refiner else ''} ({len(stream):,} tokens)",
+        unit="layer",
+        disable=quiet,
+        file=sys.stderr,
     ):
         names = [f"{prefix}.{i}.{n}" for n, _ in layers[i].named_parameters()]
         load(names)
         acc[:] = [0.0, 0.0, 0]
+        captured.clear()
         attention = model.get_submodule(arch.attention.format(layer=i))
-        handle = attention.register_forward_pre_hook(pre, with_kwargs=True)
+        handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
+        if refiner is not None:
+            handles.append(attention.register_forward_hook(capture, with_kwargs=True))
         try:
             for w, (args, kwargs) in enumerate(inputs[i]):
                 out = layers[i](hidden[w], *args, **kwargs)
                 hidden[w] = out[0] if isinstance(out, tuple) else out
         finally:
-            handle.remove()
-        for name in names:  # back to meta: one layer's weights in memory at a time
-            set_module_tensor_to_device(model, name, "meta")
+            for handle in handles:
+                handle.remove()
         xx, xs, n = acc
         if n == 0:
             raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
@@ -280,7 +294,21 @@ def input_covariance(
         sigma[:-1, :-1] = (xx / n).cpu()
         sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
         store.put(i, sigma)
+        if refiner is not None:  # fitted on the source's own attention inputs (docs/results.md: better than
+            # on the converted layers' outputs, and faster)
+            refiner.release(refiner.refine(i, sigma, captured))
+            captured.clear()
+        for name in names:  # back to meta: one layer's weights in memory at a time
+            set_module_tensor_to_device(model, name, "meta")
     if facts is not None:
         facts |= {"tokens_used": len(stream), "device": device_name(device),
                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     return store
+
+
+def _attention_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, the other positional arguments, the keyword arguments) of an attention call."""
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        return kwargs.pop("hidden_states"), args, kwargs
+    return args[0], args[1:], kwargs

@@ -22,6 +22,7 @@ import torch
 from uptrain.conversion.checks import FiniteReader, TensorChecks, check_cast
 from uptrain.conversion.layouts import layer_steps
 from uptrain.conversion.pooling import Grouping, Method
+from uptrain.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
 from uptrain.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
 from uptrain.device import environment
 from uptrain.errors import UptrainError
@@ -36,6 +37,7 @@ from uptrain.model.shape import ModelShape, shape_of_config_json
 from uptrain.version import __version__
 
 CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
+REFINED = ".refined"  # refined attention tensors, likewise
 
 
 def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
@@ -102,6 +104,8 @@ def convert_checkpoint(
     calibration_tokens: int | None = None,
     calibration_subset: str | None = None,
     calibration_split: str = "train",
+    refine_steps: int | None = None,
+    refine_lr: float = DEFAULT_LR,
     dtype: torch.dtype | None = None,
     max_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
@@ -113,7 +117,9 @@ def convert_checkpoint(
     """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
 
     `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs:
-    files, a Hub dataset id, `random` (the default for joint merges) or `none` (weights only)."""
+    files, a Hub dataset id, `random` (the default for joint merges) or `none` (weights only).
+    `refine_steps`: Adam steps per layer fitting the merged attention's output to the source's; None: 36 when
+    the source reads calibration text, 0 (the closed form) with random tokens or none."""
     from uptrain.conversion.calibrate import NONE, RANDOM, Calibration
 
     started = time.perf_counter()
@@ -148,6 +154,7 @@ def convert_checkpoint(
                                                           calibration_split, seed)  # fmt: skip
     if calib is not None:
         calib.check()  # before any weight is downloaded or written
+    refinement = _refinement(calib, refine_steps, refine_lr, seed)
     steps = conversion_steps(reader, arch, shape, options, dtype)
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
@@ -175,15 +182,21 @@ def convert_checkpoint(
     }
     from tqdm.auto import tqdm
 
+    refiner = None
     with atomic_output_dir(out, overwrite) as tmp:
         if calib is not None:  # Σ per layer lives on disk beside the output until the merge is written
             from uptrain.conversion.calibrate import input_covariance
 
             facts: dict[str, Any] = {}
-            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts)
+            if refinement is not None:
+                refiner = LayerRefiner(refinement, reader, arch, shape, options, RefinedStore(tmp / REFINED))
+            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts, refiner)
             record["calibration"] |= facts
             options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
             steps = conversion_steps(reader, arch, shape, options, dtype)
+            if refiner is not None:
+                steps = steps.made_by({name: refiner.store.job(name) for name in refiner.store})
+                record["refinement"] = refiner.record()
         by_name = {s.spec.name: s for s in steps.steps}
         writer = ShardedWriter(tmp, [s.spec for s in steps.steps], max_shard_size)
         desc = f"{shape.kind} -> {num_kv_heads} KV heads"
@@ -196,6 +209,7 @@ def convert_checkpoint(
                 writer.abort()
         files = writer.finish()
         shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
+        shutil.rmtree(tmp / REFINED, ignore_errors=True)
         for path in side_files(source.path):
             if path.name not in (CONVERSION_RECORD, CARD):
                 shutil.copy2(path, tmp / path.name)
@@ -204,7 +218,8 @@ def convert_checkpoint(
         if (source.path / CONVERSION_RECORD).is_file():
             record["previous"] = json.loads((source.path / CONVERSION_RECORD).read_text())
         record["shards"] = len([f for f in files if f.endswith(".safetensors")])
-        merge_errors = steps.merge_errors()
+        # refined layers: the closed-form merge's errors as computed before refining, and what refining did
+        merge_errors = refiner.layers if refiner is not None else steps.merge_errors()
         if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
             record["merge_errors"] = merge_errors
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -218,3 +233,16 @@ def convert_checkpoint(
             source_card=source.path / CARD,
         )
     return record, writer.total_size
+
+
+def _refinement(calib: Any, steps: int | None, lr: float, seed: int) -> Refinement | None:
+    """What layer-wise refinement does: on by default when the source reads text, asked for otherwise."""
+    if steps is None:
+        steps = DEFAULT_STEPS if calib is not None and calib.kind != "random" else 0
+    elif steps > 0 and calib is None:
+        raise UptrainError(
+            "--refine-steps fits each merged layer to the source's outputs on calibration text; it needs "
+            "--method svd (or --grouping similarity) with --calibration TEXT (or random)"
+        )
+    settings = Refinement(steps, lr, seed)  # validates
+    return settings if settings.steps > 0 else None

@@ -108,6 +108,14 @@ class ConversionSteps:
         ]
         return ConversionSteps(steps, self.merges)
 
+    def made_by(self, jobs: Mapping[str, Callable[[CheckpointReader], torch.Tensor]]) -> ConversionSteps:
+        """The same steps, the tensors named in `jobs` made by those jobs instead (layer-wise refinement)."""
+        steps = [
+            dataclasses.replace(s, sources=(), op=None, job=jobs[s.spec.name]) if s.spec.name in jobs else s
+            for s in self.steps
+        ]
+        return ConversionSteps(steps, self.merges)
+
     @property
     def parameters(self) -> int:
         return sum(s.spec.numel for s in self.steps)
