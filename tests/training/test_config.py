@@ -82,6 +82,7 @@ def test_overrides_parse_as_yaml() -> None:
         ({"data": {"files": ["x.txt"], "dataset": "a/b"}}, "exactly one of data.dataset"),
         ({"batch": {"micro_batch_size": 0}}, "batch.micro_batch_size must be positive"),
         ({"model": {"init": "scratch"}}, "needs model.config"),
+        ({"optim": {"trainable": "self_attn("}}, "optim.trainable is not a regular expression"),
     ],
 )
 def test_bad_values_are_refused(edit: dict, message: str) -> None:

@@ -240,3 +240,19 @@ def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: di
     # master weights stay fp32: bf16 master weights would all be bf16-representable
     assert any(bool((t != t.to(torch.bfloat16).float()).any()) for t in weights.values()), "fp32 master weights"
     assert any(not torch.equal(weights[k], tensors(root / "two" / "model")[k]) for k in weights), "bf16 did run"
+
+
+def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> None:
+    """optim.trainable under FSDP2: only attention moves, and two sharded processes match one process."""
+    root, tiny = runs["root"], runs["tiny"]
+    config, frozen = root / "run.yaml", ["--optim.trainable=self_attn", "--budget.steps=6"]
+    one = subprocess.run([sys.executable, *train(config, root / "frozen-one", *frozen)],
+                         env=environment(), capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    code, log = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                                  program=train(config, root / "frozen-two", *frozen)))  # fmt: skip
+    assert code == 0, log[-3000:]
+    assert_same_run(root / "frozen-one", root / "frozen-two")
+    start, end = tensors(tiny["model"]), tensors(root / "frozen-two" / "model")
+    moved = {n for n in start if not torch.equal(start[n], end[n])}
+    assert moved and all(".self_attn." in n for n in moved)

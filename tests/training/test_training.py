@@ -179,6 +179,19 @@ def test_distillation_from_the_mha_source(run_cli, tiny_run: dict) -> None:
     assert all("ce" in r and r["ce"] != r["loss"] for r in logged)  # the KL term is part of the loss
 
 
+def test_only_the_trainable_parameters_move(run_cli, tiny_run: dict) -> None:
+    """optim.trainable='self_attn': attention weights train, every other tensor is written as loaded."""
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    code, _, err = run_cli("train", cfg, "--budget.steps=3", "--optim.trainable=self_attn")
+    assert code == 0, err
+    start, end = tensors(Path(tiny_run["config"]["model"]["path"])), tensors(Path(tiny_run["config"]["out"]) / "model")
+    moved = {n for n in start if not torch.equal(start[n], end[n])}
+    assert moved and all(".self_attn." in n for n in moved)
+    assert {n for n in start if ".self_attn." in n and "weight" in n} <= moved
+    code, _, err = run_cli("train", cfg, "--overwrite", "--optim.trainable=^nothing_like_this")
+    assert code == 1 and "matches no parameter" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_seed_fixes_the_initialisation(run_cli, tiny_run: dict) -> None:
     root = tiny_run["root"]
     scratch = {**tiny_run["config"], "model": {"init": "scratch", "config": str(tiny_run["source"] / "config.json")}}

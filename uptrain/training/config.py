@@ -7,6 +7,7 @@ before any work starts. The `data` section is `uptrain.data.config.DataConfig`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,9 +118,17 @@ class OptimConfig:
     """Decoupled weight decay; never applied to norms, biases or embeddings."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    trainable: str | None = None
+    """Regular expression: only parameters whose name it matches (re.search) train, the rest stay as loaded,
+    e.g. 'self_attn' for the attention that conversion changed. Default: every parameter."""
 
     def __post_init__(self) -> None:
         positive("optim", lr=self.lr, eps=self.eps)
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise UptrainError(f"optim.trainable is not a regular expression ({e}): {self.trainable!r}") from None
         if not 0 <= self.min_lr_ratio <= 1:
             raise UptrainError(f"optim.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -33,6 +33,7 @@ from uptrain.training.model import (
     build_optimizer,
     build_scheduler,
     compile_layers,
+    freeze_untrained,
     load_model,
     load_teacher,
     save_final_model,
@@ -103,6 +104,10 @@ class Trainer:
             on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
             model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
             teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
+        trained = freeze_untrained(model, cfg.optim.trainable)
+        if cfg.optim.trainable is not None:
+            total = sum(p.numel() for p in model.parameters())
+            self.metrics.log(f"optim.trainable={cfg.optim.trainable!r}: training {trained:,} of {total:,} parameters")
         self.data: BlockData | StreamData = prepare(
             cfg.data,
             tokenizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
         raise UptrainError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
         )
+    if cfg.optim.trainable is not None:  # names from an empty-weight skeleton: nothing is loaded yet
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            trainable_names(AutoModelForCausalLM.from_config(config), cfg.optim.trainable)
     if cfg.distill.teacher:
         teacher_cfg = read_model_config(cfg.distill.teacher)
         teacher_tok = load_tokenizer(cfg.distill.teacher)
@@ -142,6 +149,26 @@ def compile_layers(model: torch.nn.Module) -> int:
     if not layers:  # a model that names no layer class: the whole forward
         model.compile()
     return len(layers)
+
+
+def freeze_untrained(model: torch.nn.Module, pattern: str | None) -> int:
+    """Turn off gradients of the parameters `pattern` (optim.trainable) does not match; returns how many
+    parameter elements still train. Before sharding or DDP, so neither keeps gradients for frozen ones."""
+    if pattern is None:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    names = trainable_names(model, pattern)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def trainable_names(model: torch.nn.Module, pattern: str) -> set[str]:
+    """Names of the parameters optim.trainable matches; refuses a pattern that matches none."""
+    names = {n for n, _ in model.named_parameters() if re.search(pattern, n)}
+    if not names:
+        some = ", ".join(n for n, _ in list(model.named_parameters())[:3])
+        raise UptrainError(f"optim.trainable={pattern!r} matches no parameter of the model (names look like: {some})")
+    return names
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
