@@ -52,10 +52,13 @@ def convert(
     uptrain_conversion.json describing what was done. It is written to a temporary folder
     beside OUT and renamed at the end: a failed or interrupted run leaves no OUT.
 
-    Recommended: --method svd --calibration TEXT. On SmolLM2-135M (GQA-3 -> MQA) it starts at
-    perplexity ~130 where mean pooling starts at ~12,000; it costs one pass of the source over
-    65,536 tokens, one decoder layer at a time (~6 min on 2 CPU cores for 135M parameters;
-    docs/results.md). Without --calibration, svd reads 8,192 random tokens (~40 s there; ~500).
+    Recommended: --method svd --calibration TEXT. The source reads the text one decoder layer at a
+    time, the merge is weighted by what each layer sees, and each merged attention is then refined
+    to reproduce the source layer's output (--refine-steps). On SmolLM2-135M (GQA-3 -> MQA, 65,536
+    tokens) that starts at perplexity 68 (KL to the source 0.63) where the merge alone starts at 122
+    (KL 1.19) and mean pooling at ~13,500; ~8 min on 2 CPU cores for 135M parameters, 2/3 of it
+    refinement (docs/results.md). Without --calibration, svd reads 8,192 random tokens (~40 s
+    there; perplexity ~500).
 
     Args:
         src: Local Hugging Face checkpoint folder, or a Hub repo id (org/name) to download.
