@@ -7,11 +7,12 @@ training plays with the same recipe, and is validated every few steps on the sam
 the same tokens, since in-domain training lowers its perplexity too; a row's ratio is its validation
 perplexity over the continued source's at the same step.
 
-Rows: the continued source; MQA by svd + calibration + layer-wise refinement (`uptrain convert`'s default
-with text), by mean pooling and by svd + calibration text (closed form); and short probes from the
-refined start at equal tokens: cross-entropy, distillation from the source (loss (1 - w)·CE + w·KL, with
-w = 0.5 and logit-only, w = 1), attention parameters only (`optim.trainable=self_attn`), 3× the learning
-rate. The learning rate of a whole run is --lr: compare recipes with two runs into two --out folders.
+Rows: the continued source; MQA by svd + calibration + layer-wise refinement (64 steps per layer, and
+`uptrain convert`'s default with text, 36), by mean pooling and by svd + calibration text (closed form);
+and short probes from the refined start at equal tokens: cross-entropy, distillation from the source
+(loss (1 - w)·CE + w·KL, with w = 0.5 and logit-only, w = 1), attention parameters only
+(`optim.trainable=self_attn`), 3× the learning rate. The learning rate of a whole run is --lr: compare
+recipes with two runs into two --out folders.
 After training, `uptrain eval --reference SOURCE` gives each model's held-out perplexity, KL to the
 original (untrained) source and top-1 agreement on 8,192 tokens (windows of 512): how much of the
 source's behaviour survives, beside how well the model fits the domain.
@@ -28,6 +29,7 @@ checkpoint (`--resume auto`). Writes results.json, results.md and recovery.png i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -74,6 +76,7 @@ def rows(calibration: str, lr: float) -> list[Row]:
     calib = ["--method", "svd", "--calibration", calibration]
     return [
         Row(BASELINE, None),
+        Row("MQA, svd + calibration + refinement (--refine-steps 64)", [*calib, "--refine-steps", "64"]),
         Row("MQA, svd + calibration + refinement", calib),
         Row("MQA, mean", ["--method", "mean"]),
         # distillation from the original source and the recipe, from the refined start at equal tokens
@@ -168,8 +171,10 @@ def main() -> None:
 
 
 def slug(text: str) -> str:
+    """A folder name for `text`; long ones end in a hash of the whole, so that they stay distinct."""
     keep = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(p for p in keep.split("-") if p)[:80]
+    name = "-".join(p for p in keep.split("-") if p)
+    return name if len(name) <= 80 else f"{name[:71]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def ratios(done: dict[str, Any], name: str) -> list[tuple[int, float]]:
