@@ -77,13 +77,13 @@ def rows(calibration: str, lr: float) -> list[Row]:
     return [
         Row(BASELINE, None),
         Row("MQA, svd + calibration + refinement (--refine-steps 64)", [*calib, "--refine-steps", "64"]),
-        Row("MQA, svd + calibration + refinement", calib),
         Row("MQA, mean", ["--method", "mean"]),
         # distillation from the original source and the recipe, from the refined start at equal tokens
         Row("CE (the recipe)", calib, probe=True),
         Row("CE + KL (w = 0.5)", calib, distill=0.5, probe=True),
         Row("KL only (w = 1)", calib, distill=1.0, probe=True),
         Row("CE, attention only (optim.trainable=self_attn)", calib, extra=["--optim.trainable=self_attn"], probe=True),
+        Row("MQA, svd + calibration + refinement", calib),
         Row(f"CE, lr {3 * lr:g}", calib, extra=[f"--optim.lr={3 * lr:g}"], probe=True),
         Row("MQA, svd + calibration", [*calib, "--refine-steps", "0"]),
     ]
