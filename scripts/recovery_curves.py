@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=4, help="validate every this many steps (2,048 tokens each)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=float, default=1)
+    ap.add_argument("--trainable", default=None, help="optim.trainable for every row (default: all parameters)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--only", nargs="*", default=None, help="row names (or unique prefixes) to run; default all")
     args = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     results_path = args.out / "results.json"
     done: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     done["settings"] = {"tokens": args.tokens, "probe_tokens": args.probe_tokens, "lr": args.lr,
-                        "warmup": args.warmup, "recipe": recipe.read_text()}  # fmt: skip
+                        "warmup": args.warmup, "trainable": args.trainable, "recipe": recipe.read_text()}  # fmt: skip
 
     def evaluate(model: Path, tag: str) -> dict[str, Any]:
         out = args.out / f"eval-{tag}.json"
@@ -130,6 +131,7 @@ def main() -> None:
                     "--json", out)  # fmt: skip
         return json.loads(out.read_text())["quality"]
 
+    trainable = [f"--optim.trainable={args.trainable}"] if args.trainable else []
     selected = [r for r in rows(train_glob, args.lr) if args.only is None or any(map(r.name.startswith, args.only))]
     for row in selected:
         record = done.get(row.name, {})
@@ -153,7 +155,7 @@ def main() -> None:
                           f"--checkpoint.every={args.eval_every}"]  # fmt: skip
             uptrain("train", recipe, f"--model.path={start_model}", f"--data.files=[{train_glob}]",
                     f"--data.validation_files=[{heldout_glob}]", *length, f"--out={run}",
-                    "--resume", "auto", *distill, *row.extra)  # fmt: skip
+                    "--resume", "auto", *distill, *trainable, *row.extra)  # fmt: skip
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         record["curve"] = [{"step": m["step"], "tokens": m["tokens"], "val_ppl": m["val_ppl"]}
                            for m in metrics if "val_ppl" in m]  # fmt: skip

@@ -80,9 +80,9 @@ def held_out_errors(src: Path, models: list[Path], text: Path) -> list[list[floa
     return out
 
 
-# the default run covers plain attention, key norms (MQA), fused QKV and soft-capping with sliding windows;
-# `make test-all` runs every family (flat key norms, partial rotary, biases, ...)
-QUICK = {"llama", "qwen3-mqa", "phi3", "gemma2"}
+# the default run covers plain attention and fused QKV; `make test-all` runs every family (key norms, MQA,
+# partial rotary, soft-capping with sliding windows, biases, ...)
+QUICK = {"llama", "phi3"}
 FAMILIES = [c if c.id in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES if c.model_type != "mixtral"]
 
 
@@ -111,7 +111,7 @@ def test_a_refinement_that_does_not_help_is_not_kept(tmp_path: Path) -> None:
     """An absurd learning rate makes every layer worse on held-out windows: the closed form is written, bit for bit."""
     src, text = saved(CASES[0], tmp_path)
     converted(src, tmp_path / "closed", 2, text, refine_steps=0)
-    record = converted(src, tmp_path / "wild", 2, text, refine_steps=8, refine_lr=1e3)
+    record = converted(src, tmp_path / "wild", 2, text, refine_steps=2, refine_lr=1e3)
     assert record["refinement"]["layers_improved"] == 0
     assert all(not r["refinement"]["kept"] for r in record["merge_errors"])
     closed, wild = tensors(tmp_path / "closed"), tensors(tmp_path / "wild")

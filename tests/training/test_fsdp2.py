@@ -242,6 +242,7 @@ def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: di
     assert any(not torch.equal(weights[k], tensors(root / "two" / "model")[k]) for k in weights), "bf16 did run"
 
 
+@pytest.mark.slow  # two more launches (~25 s); the one-process optim.trainable test runs by default
 def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> None:
     """optim.trainable under FSDP2: only attention moves, and two sharded processes match one process."""
     root, tiny = runs["root"], runs["tiny"]
