@@ -255,7 +255,7 @@ def input_covariance(
     captured: list[Window] = []  # with a refiner: what the source attention saw and returned, per window
 
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = kwargs.get("hidden_states", args[0] if args else None)
+        x = _attention_call(args, kwargs)[0]
         x = x.reshape(-1, x.shape[-1]).float()  # (B·T, hidden)
         acc[0] = acc[0] + x.T @ x
         acc[1] = acc[1] + x.sum(0)

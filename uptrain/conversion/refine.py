@@ -77,12 +77,13 @@ def split_windows(n: int) -> tuple[list[int], list[int]]:
     """(trained on, held out): the last ⌈n/8⌉ windows are held out; a single window is both."""
     if n < 2:
         return list(range(n)), list(range(n))
-    held = max(1, math.ceil(n / 8))
+    held = math.ceil(n / 8)
     return list(range(n - held)), list(range(n - held, n))
 
 
-def _output(attention: torch.nn.Module, w: Window, x: torch.Tensor | None = None) -> torch.Tensor:
-    out = attention(w.x if x is None else x, *w.args, **w.kwargs)
+def _output(attention: torch.nn.Module, w: Window, dtype: torch.dtype) -> torch.Tensor:
+    """The attention's output on the window's input, cast to the attention's `dtype`."""
+    out = attention(w.x.to(dtype), *w.args, **w.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -92,7 +93,7 @@ def relative_error(attention: torch.nn.Module, windows: list[Window], dtype: tor
     err, ref = 0.0, 0.0
     for w in windows:
         y = w.y.to(dtype)
-        err += float((_output(attention, w, w.x.to(dtype)) - y).pow(2).sum())
+        err += float((_output(attention, w, dtype) - y).pow(2).sum())
         ref += float(y.pow(2).sum())
     return err / max(ref, 1e-30)
 
@@ -117,13 +118,13 @@ def refine_attention(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / settings.steps))
     )
-    order = _visits(train, settings.steps, settings.seed)
+    order = _visits(train, settings.seed)
     with torch.enable_grad():
         for step in range(settings.steps):
             w = windows[next(order)]
             y = w.y.to(dtype)
             # relative squared error of this window: layers with large outputs do not dominate the step size
-            loss = (_output(attention, w, w.x.to(dtype)) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
+            loss = (_output(attention, w, dtype) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,7 +143,7 @@ def refine_attention(
     return result | {"seconds": round(time.perf_counter() - started, 3)}
 
 
-def _visits(train: list[int], steps: int, seed: int) -> Iterator[int]:
+def _visits(train: list[int], seed: int) -> Iterator[int]:
     """Training windows in seeded random order, every window once before any twice."""
     gen = torch.Generator().manual_seed(seed)
     while True:

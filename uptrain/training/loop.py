@@ -104,8 +104,8 @@ class Trainer:
             on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
             model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
             teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
-        trained = freeze_untrained(model, cfg.optim.trainable)
         if cfg.optim.trainable is not None:
+            trained = freeze_untrained(model, cfg.optim.trainable)
             total = sum(p.numel() for p in model.parameters())
             self.metrics.log(f"optim.trainable={cfg.optim.trainable!r}: training {trained:,} of {total:,} parameters")
         self.data: BlockData | StreamData = prepare(

@@ -151,11 +151,9 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def freeze_untrained(model: torch.nn.Module, pattern: str | None) -> int:
+def freeze_untrained(model: torch.nn.Module, pattern: str) -> int:
     """Turn off gradients of the parameters `pattern` (optim.trainable) does not match; returns how many
     parameter elements still train. Before sharding or DDP, so neither keeps gradients for frozen ones."""
-    if pattern is None:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
     names = trainable_names(model, pattern)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
