@@ -255,6 +255,24 @@ def test_nan_elsewhere_is_reported_and_a_joint_merge_refuses_cleanly(run_cli, tm
     assert code == 1 and "the least-squares merge of layer" in err and "Traceback" not in err
 
 
+def test_nan_in_the_last_chunk_of_a_large_chunked_tensor_is_found(run_cli, tmp_path: Path) -> None:
+    """The embedding (140,000 x 64 float32, 35.8 MB) streams through in three CHUNK_BYTES chunks of several
+    finiteness pieces each; its very last value is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from uptrain.conversion.checks import FINITE_PIECE
+    from uptrain.io.reader import CHUNK_BYTES
+
+    src = save_tiny_llama(tmp_path / "src", shard=None, vocab_size=140_000)
+    weights = load_file(src / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    assert embed.numel() * embed.element_size() > CHUNK_BYTES and embed.numel() > 2 * FINITE_PIECE
+    embed[-1, -1] = float("nan")
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("convert", src, tmp_path / "out", "--num-kv-heads", "2", "--quiet")
+    assert code == 0 and "warning: model.embed_tokens.weight holds 1 NaN/inf values" in err
+
+
 def test_a_cast_that_overflows_is_refused(run_cli, tmp_path: Path) -> None:
     src = damaged(tmp_path / "src", "model.layers.0.mlp.up_proj.weight", 1e5)
     args = ("convert", src, tmp_path / "out", "--num-kv-heads", "2", "--quiet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,15 @@ def test_format_bytes_names_its_unit() -> None:
     assert format_bytes(1_340_000_000) == "1.34 GB"
     assert format_bytes(2**30, binary=True) == "1.00 GiB"
     assert format_bytes(512) == "512 B"
+
+
+def test_a_shard_truncated_after_opening_fails_in_one_line(tmp_path: Path) -> None:
+    """Bytes are read at the header's offsets with plain reads: a file cut short under the reader is
+    reported, never returned as a half-filled tensor."""
+    tensors = sample()
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    last = max(reader.tensors.values(), key=lambda info: info.offset + info.nbytes)
+    os.truncate(tmp_path / "model.safetensors", last.offset + last.nbytes - 1)
+    with pytest.raises(UptrainError, match=f"model.safetensors ended inside tensor {last.name}"):
+        reader.read(last.name)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from uptrain.conversion.calibrate import NONE, RANDOM
 from uptrain.conversion.convert import convert_checkpoint
 from uptrain.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
 from uptrain.conversion.refine import DEFAULT_LR
@@ -109,8 +110,8 @@ def convert(
     shard_cap = parse_size(max_shard_size)
     out_path = Path(out).absolute()
     check_push(push_to_hub)
-    if quiet:  # datasets' own bars (calibration text) too
-        import datasets
+    if quiet and calibration not in (None, RANDOM, NONE):  # datasets' own bars when it reads calibration text
+        import datasets  # only then: importing it costs ~1 s and ~100 MiB
 
         datasets.disable_progress_bars()
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from uptrain.conversion.checks import FiniteReader, TensorChecks, check_cast
+from uptrain.conversion.checks import FiniteReader, TensorChecks, cast_can_overflow, check_cast
 from uptrain.conversion.layouts import layer_steps
 from uptrain.conversion.pooling import Grouping, Method
 from uptrain.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
@@ -41,11 +41,18 @@ REFINED = ".refined"  # refined attention tensors, likewise
 
 
 def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
-    """The step's output chunks, each refused if the cast made it non-finite (damaged sources pass as is)."""
+    """The step's output chunks; computed ones, and copies cast to a narrower range, are refused if
+    non-finite. Copies that keep their range pass unchecked: the reader checked them (damaged sources
+    pass as is)."""
+    copied = step.op is None and step.job is None
+    if copied and not cast_can_overflow(reader.tensors[step.sources[0]].dtype, step.spec.dtype):
+        yield from step.chunks(reader)
+        return
     for chunk in step.chunks(reader):
         if not any(name in reader.reported for name in step.sources):  # read by now: reported if damaged
             check_cast(step.spec.name, chunk)
         yield chunk
+        del chunk  # not held while the next one is read
 
 
 def conversion_steps(

@@ -71,6 +71,7 @@ class Step:
         elif self.op is None:
             for piece in reader.read_chunks(self.sources[0]):
                 yield piece.to(self.spec.dtype)
+                del piece  # not held while the next one is read: one chunk in memory at a time
         else:
             yield self.op([reader.read(name) for name in self.sources]).to(self.spec.dtype)
 

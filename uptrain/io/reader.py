@@ -1,14 +1,16 @@
 """Read a Hugging Face checkpoint one tensor at a time, whatever its size.
 
-Memory stays bounded: each read reopens the shard with `safe_open`, so the pages of the memory map
-are released after every read instead of accumulating to the shard size, and tensors that are only
-copied are read in row chunks (`read_chunks`), so even a 2 GB embedding passes through in pieces
-of `CHUNK_BYTES`.
+Shards are validated with `safe_open` when the reader opens them; tensor bytes are then read with
+plain `readinto` calls at the offsets the safetensors header gives, straight into the tensor that is
+returned: one copy from the page cache, and no memory map whose touched pages would count in the
+process's memory until it is closed. Tensors that are only copied are read in row chunks
+(`read_chunks`), so even a 2 GB embedding passes through in pieces of `CHUNK_BYTES`.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from uptrain.errors import UptrainError
 from uptrain.io.tensors import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, TensorInfo, dtype_from_name
 
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 """Largest piece a copied tensor is read in."""
 
 
@@ -79,24 +81,28 @@ class CheckpointReader:
 
     def _scan(self, path: Path, weight_map: dict[str, str] | None) -> None:
         wanted = None if weight_map is None else {n for n, f in weight_map.items() if f == path.name}
-        for name, dtype, shape in self._headers(path):
+        for name, dtype, shape, offset in self._headers(path):
             if wanted is None or name in wanted:
-                self.tensors[name] = TensorInfo(name, dtype, shape, path)
+                self.tensors[name] = TensorInfo(name, dtype, shape, path, offset)
 
-    def _headers(self, path: Path) -> Iterator[tuple[str, torch.dtype, tuple[int, ...]]]:
+    def _headers(self, path: Path) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], int]]:
         if self.format == "safetensors":
             from safetensors import SafetensorError, safe_open
 
             try:
-                with safe_open(path, framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                        sl = f.get_slice(name)
-                        yield name, dtype_from_name(sl.get_dtype()), tuple(sl.get_shape())
+                with safe_open(path, framework="pt") as f:  # validates the header against the file's size
+                    names = list(f.keys())
             except SafetensorError as e:
                 raise UptrainError(f"shard {path.name} is truncated or corrupt ({e}); download it again") from e
+            with open(path, "rb") as f:  # the offsets, which safe_open does not expose
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            for name in names:
+                entry = header[name]
+                yield name, dtype_from_name(entry["dtype"]), tuple(entry["shape"]), 8 + size + entry["data_offsets"][0]
         else:
             for name, t in self._load_pickle(path).items():
-                yield name, t.dtype, tuple(t.shape)
+                yield name, t.dtype, tuple(t.shape), -1
 
     def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if self._pickle_cache and self._pickle_cache[0] == path:
@@ -113,15 +119,11 @@ class CheckpointReader:
         return state
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor's data, as stored."""
+        """One tensor's data, as stored, in memory of its own."""
         info = self.tensors[name]
         if self.format == "pickle":
             return self._load_pickle(info.file)[name]
-        from safetensors import safe_open
-
-        # a fresh handle per tensor: closing it unmaps the pages just read (see module doc)
-        with safe_open(info.file, framework="pt") as f:
-            return f.get_tensor(name)
+        return self._read_rows(info, 0, info.shape[0] if info.shape else 1)
 
     def read_chunks(self, name: str, chunk_bytes: int | None = None) -> Iterator[torch.Tensor]:
         """One tensor in pieces of whole rows (dim 0) of at most `chunk_bytes` (at least one row)."""
@@ -130,12 +132,28 @@ class CheckpointReader:
         if self.format == "pickle" or not info.shape or info.nbytes <= chunk_bytes:
             yield self.read(name)
             return
-        from safetensors import safe_open
-
         rows = max(1, chunk_bytes // (info.nbytes // info.shape[0]))
         for start in range(0, info.shape[0], rows):
-            with safe_open(info.file, framework="pt") as f:  # reopened: see module doc
-                yield f.get_slice(name)[start : start + rows]
+            yield self._read_rows(info, start, min(start + rows, info.shape[0]))
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a safetensors tensor (a 0-d tensor is one row), read into a new tensor."""
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        out = torch.empty(shape, dtype=info.dtype)
+        row_bytes = info.nbytes // max(1, info.shape[0]) if info.shape else info.nbytes
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # writable, shares out's memory
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset + start * row_bytes)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise UptrainError(
+                        f"shard {info.file.name} ended inside tensor {info.name}: it was truncated or "
+                        "replaced while uptrain read it; download it again"
+                    )
+                done += got
+        return out
 
     @property
     def num_parameters(self) -> int:

@@ -59,6 +59,8 @@ class TensorInfo(TensorSpec):
     """A tensor of a source checkpoint and the file that holds it."""
 
     file: Path = Path()
+    offset: int = -1
+    """Where its bytes start in a safetensors file (after the header); -1 for pickle files."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:

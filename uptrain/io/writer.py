@@ -71,6 +71,7 @@ class ShardedWriter:
             for start in range(0, buf.size, WRITE_BYTES):  # zero-copy slices
                 self._handle.write(buf[start : start + WRITE_BYTES])  # type: ignore[attr-defined]
             self.bytes_written += buf.size
+            del piece, buf  # released before the next piece is read: one in memory at a time
         if rows != (spec.shape[0] if spec.shape else 1):
             raise RuntimeError(f"writer got {rows} rows of {spec.name}, planned shape {spec.shape}")
         self._next += 1
