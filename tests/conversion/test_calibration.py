@@ -127,3 +127,17 @@ def test_calibration_refuses_bad_token_counts(llama, tmp_path) -> None:
         input_covariance(
             CheckpointReader(llama), arch, shape_of_config_json(config), Calibration("x.txt", 0), tmp_path / "s"
         )
+
+
+@pytest.mark.parametrize("content", ["", "   \n\t\n"])
+def test_empty_calibration_text_is_refused_naming_the_file(run_cli, llama, tmp_path, content: str) -> None:
+    """An empty or whitespace-only file gave 2 tokens and a merge worse than mean pooling, with exit 0."""
+    save_word_tokenizer(llama)
+    text = tmp_path / "empty.txt"
+    text.write_text(content)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "convert", llama, out, "--num-kv-heads", "2", "--method", "svd", "--calibration", text, "--quiet"
+    )
+    assert code == 1 and f"--calibration {text} gives" in err and "at least 64" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -188,6 +188,12 @@ def input_covariance(
                 f"({str(e).splitlines()[0]}); pass --calibration random"
             ) from e
         stream = calibration.stream(tokenizer, 0)
+    if calibration.kind != "random" and len(stream) < shape.hidden:  # an empty or near-empty file
+        raise UptrainError(
+            f"--calibration {calibration.spec} gives {len(stream):,} tokens; a merge weighted by inputs needs at "
+            f"least {shape.hidden:,} (this model's hidden size: Σ has one direction per hidden unit) and "
+            f"{TEXT_TOKENS:,} are recommended; pass more text"
+        )
     if len(stream) < tokens:
         print(f"calibration text has {len(stream):,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
     seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
