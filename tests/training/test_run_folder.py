@@ -51,6 +51,20 @@ def test_overwrite_never_deletes_the_model_being_trained(run_cli, tiny_run: dict
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+def test_the_model_being_trained_is_never_the_run_folder(run_cli, tiny_run: dict) -> None:
+    """A model folder that train or export wrote holds uptrain_train.yaml, as a run folder does: training it
+    into itself replaced that file and wrote checkpoints inside the model. Refused, with or without
+    --overwrite, and into a folder inside the model too."""
+    model = tiny_run["model"]
+    (model / "uptrain_train.yaml").write_text("out: an earlier run\n")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for out, extra in ((model, ()), (model, ("--overwrite",)), (model / "runs" / "a", ())):
+        code, _, err = run_cli("train", config(tiny_run), f"--out={out}", "--budget.steps=2", *extra)
+        assert code == 1 and "holds an input of this command" in err and len(err.strip().splitlines()) == 1, err
+        assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+        assert not (model / "runs").exists()
+
+
 def test_overwrite_never_empties_a_users_folder(run_cli, tiny_run: dict) -> None:
     mine = tiny_run["root"] / "my-notes"
     mine.mkdir()
@@ -61,11 +75,12 @@ def test_overwrite_never_empties_a_users_folder(run_cli, tiny_run: dict) -> None
 
 
 def test_a_folder_uptrain_did_not_make_is_not_written_into(run_cli, tiny_run: dict) -> None:
-    model = tiny_run["model"]
-    before = sorted(p.name for p in model.iterdir())
-    code, _, err = run_cli("train", config(tiny_run), f"--out={model}", "--budget.steps=2")
+    mine = tiny_run["root"] / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli("train", config(tiny_run), f"--out={mine}", "--budget.steps=2")
     assert code == 1 and "is a folder uptrain did not make" in err
-    assert sorted(p.name for p in model.iterdir()) == before
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
     empty = tiny_run["root"] / "empty"
     empty.mkdir()
     assert run_cli("train", config(tiny_run), f"--out={empty}", "--budget.steps=2")[0] == 0  # empty is fine

@@ -101,9 +101,8 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_replaceable(out: Path, markers: tuple[str, ...], inputs: Iterable[str | Path | None] = ()) -> None:
-    """Raise unless `--overwrite` may replace `out`: a folder holding one of `markers` (or empty) that
-    holds none of the command's inputs and is not inside one."""
+def check_not_input(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Raise if `out` is one of the command's inputs, holds one, or lies inside one."""
     out = Path(out).resolve()
     for given in inputs:
         if given is None:
@@ -111,6 +110,13 @@ def check_replaceable(out: Path, markers: tuple[str, ...], inputs: Iterable[str 
         path = Path(given).resolve()
         if path.exists() and (_inside(path, out) or _inside(out, path)):
             raise UptrainError(f"{out} holds an input of this command ({given}); choose another output folder")
+
+
+def check_replaceable(out: Path, markers: tuple[str, ...], inputs: Iterable[str | Path | None] = ()) -> None:
+    """Raise unless `--overwrite` may replace `out`: a folder holding one of `markers` (or empty) that
+    holds none of the command's inputs and is not inside one."""
+    out = Path(out).resolve()
+    check_not_input(out, inputs)
     if not out.exists():
         return
     if not out.is_dir():

@@ -15,7 +15,7 @@ from uptrain import config as configlib
 from uptrain.device import autocast_precision, multi_process_cpu
 from uptrain.errors import UptrainError
 from uptrain.io.folders import MARKERS
-from uptrain.io.ownership import OutputLock, check_replaceable
+from uptrain.io.ownership import OutputLock, check_not_input, check_replaceable
 from uptrain.training.budget import train_budget
 from uptrain.training.checkpointer import TRAIN_CONFIG, check_resumable, checkpoints, resume_path
 from uptrain.training.config import TrainConfig
@@ -52,6 +52,7 @@ def run_training(
     from accelerate import PartialState
 
     run_dir = Path(cfg.out)
+    check_not_input(run_dir, _inputs(cfg))  # a run writes checkpoints, metrics and model/ into its folder
     checkpoint = resume_path(run_dir, resume)
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)
