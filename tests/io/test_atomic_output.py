@@ -21,12 +21,14 @@ DRIVER = textwrap.dedent(
     from uptrain.io.writer import ShardedWriter
     from uptrain.cli import main
 
-    original = ShardedWriter.write
-    def write(self, name, tensor):
-        original(self, name, tensor)
-        if self.bytes_written and self._next == 3:
-            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-    ShardedWriter.write = write
+    def signalling(original):
+        def write(self, *args):  # tensors computed (write) and copied as stored (copy)
+            original(self, *args)
+            if self.bytes_written and self._next == 3:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return write
+    ShardedWriter.write = signalling(ShardedWriter.write)
+    ShardedWriter.copy = signalling(ShardedWriter.copy)
     sys.exit(main(sys.argv[2:]))
     """
 )
@@ -85,14 +87,18 @@ def test_sigint_midway_keeps_the_old_out(llama: Path, run_cli) -> None:
 
 def test_failure_midway_removes_the_temp_folder(llama: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     out = llama.parent / "out"
-    original = ShardedWriter.write
 
-    def failing(self, name, tensor):
-        if self._next == 5:
-            raise OSError(28, "No space left on device")
-        original(self, name, tensor)
+    def failing(original):
+        def write(self, *args):
+            if self._next == 5:
+                raise OSError(28, "No space left on device")
+            original(self, *args)
 
-    monkeypatch.setattr(ShardedWriter, "write", failing)
+        return write
+
+    # tensors computed (write), and tensors copied as stored by the kernel (copy)
+    monkeypatch.setattr(ShardedWriter, "write", failing(ShardedWriter.write))
+    monkeypatch.setattr(ShardedWriter, "copy", failing(ShardedWriter.copy))
     assert main(["convert", str(llama), str(out), "--num-kv-heads", "2", "--quiet"]) == 1
     assert capsys.readouterr().err.strip() == "uptrain convert: error: No space left on device"
     assert not out.exists() and not leftovers(llama.parent, out)

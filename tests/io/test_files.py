@@ -166,3 +166,40 @@ def test_a_shard_truncated_after_opening_fails_in_one_line(tmp_path: Path) -> No
     os.truncate(tmp_path / "model.safetensors", last.offset + last.nbytes - 1)
     with pytest.raises(UptrainError, match=f"model.safetensors ended inside tensor {last.name}"):
         reader.read(last.name)
+    assert last.shape[0] > 1  # and in row chunks (memory maps: reading past the end would crash, not raise)
+    with pytest.raises(UptrainError, match=f"model.safetensors ended inside tensor {last.name}"):
+        list(reader.read_chunks(last.name, chunk_bytes=1))
+
+
+@pytest.mark.parametrize("way", ["copy_file_range", "sendfile", "read", "copy_file_range refused (EXDEV)"])
+def test_tensors_copied_by_the_kernel_equal_tensors_written(tmp_path: Path, monkeypatch, way: str) -> None:
+    """`copy` (file to file, for tensors kept as stored) and `write` (tensors in memory) give the same shards,
+    by each kernel copy and by the fallback when one is refused (another file system, another OS)."""
+    import errno
+
+    from uptrain.io import writer as writerlib
+
+    tensors = sample()
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    if way.endswith("(EXDEV)"):
+
+        def refused(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(writerlib.os, "copy_file_range", refused)
+    monkeypatch.setattr(writerlib, "_COPY", way.split()[0])
+    for folder, copied in (("written", False), ("copied", True)):
+        (tmp_path / folder).mkdir()
+        writer = ShardedWriter(tmp_path / folder, specs, 1500)
+        for spec in writer.order:
+            where = reader.byte_range(spec.name)
+            writer.copy(spec.name, *where) if copied else writer.write(spec.name, reader.read(spec.name))
+        writer.finish()
+    if way.endswith("(EXDEV)"):
+        assert writerlib._COPY == "sendfile"
+    for shard in sorted((tmp_path / "written").iterdir()):
+        assert (tmp_path / "copied" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    with pytest.raises(RuntimeError, match="expected"):
+        ShardedWriter(tmp_path / "copied", specs, 1500).copy("not planned", tmp_path / "model.safetensors", 0, 4)

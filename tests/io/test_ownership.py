@@ -26,11 +26,13 @@ SLOW_CONVERT = textwrap.dedent(
     from uptrain.io.writer import ShardedWriter
     from uptrain.cli import main
 
-    original = ShardedWriter.write
-    def write(self, name, tensor):
-        time.sleep(0.15)
-        original(self, name, tensor)
-    ShardedWriter.write = write
+    def slowed(original):
+        def write(self, *args):  # tensors computed (write) and copied as stored (copy)
+            time.sleep(0.15)
+            original(self, *args)
+        return write
+    ShardedWriter.write = slowed(ShardedWriter.write)
+    ShardedWriter.copy = slowed(ShardedWriter.copy)
     sys.exit(main(sys.argv[1:]))
     """
 )

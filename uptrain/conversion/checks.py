@@ -8,14 +8,17 @@ missing tensor) is refused with the tensor's name and both shapes.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from uptrain.errors import UptrainError
+from uptrain.io.reader import truncated
 from uptrain.io.tensors import TensorInfo
 from uptrain.model.shape import ModelShape
 
@@ -104,12 +107,38 @@ def all_finite(t: torch.Tensor) -> bool:
         )
     ints = flat.view(bits[0]).numpy()
     scratch = np.empty(min(FINITE_PIECE, ints.size), ints.dtype)
-    for start in range(0, ints.size, FINITE_PIECE):
-        piece = ints[start : start + FINITE_PIECE]
-        masked = scratch[: piece.size]
-        np.bitwise_and(piece, bits[2], out=masked)
-        if masked.max() >= bits[1]:
-            return False
+    return all(_finite_bits(ints[i : i + FINITE_PIECE], bits, scratch) for i in range(0, ints.size, FINITE_PIECE))
+
+
+def _finite_bits(ints: np.ndarray, bits: tuple[torch.dtype, int, int], scratch: np.ndarray) -> bool:
+    """The exponent test on one piece of an integer view (see all_finite); `scratch` may be `ints` itself."""
+    masked = scratch[: ints.size]
+    np.bitwise_and(ints, bits[2], out=masked)
+    return ints.size == 0 or int(masked.max()) < bits[1]
+
+
+def file_finite(file: Path, offset: int, size: int, dtype: torch.dtype, name: str) -> bool:
+    """No NaN or inf in tensor `name`: `size` bytes of `file` from `offset`, holding `dtype` values (of _BITS).
+
+    The bytes go through one reused 1 MiB buffer with plain reads: nothing is mapped or allocated per
+    tensor, and the checked bytes need not be in memory when the kernel copies them to the output."""
+    bits = _BITS[dtype]
+    buffer = np.empty(2**20, np.uint8)
+    with open(file, "rb", buffering=0) as f:
+        f.seek(offset)
+        left = size
+        while left:
+            want = min(left, buffer.size)
+            got = 0
+            while got < want:
+                n = f.readinto(memoryview(buffer)[got:want])
+                if not n:
+                    raise truncated(file, name)
+                got += n
+            ints = buffer[:want].view(np.dtype(str(bits[0]).removeprefix("torch.")))
+            if not _finite_bits(ints, bits, ints):  # masked in place: the buffer is ours
+                return False
+            left -= want
     return True
 
 
@@ -127,12 +156,29 @@ class FiniteReader:
     Non-finite values in an attention weight would spread through the merge into every head of its
     group (and make a least-squares merge fail), so they stop the conversion; elsewhere they pass
     through unchanged and are reported once per tensor. A tensor is checked once: later reads of it
-    (calibration, then the merge) pass unchecked, since the files do not change during a conversion."""
+    (calibration, then the merge) pass unchecked, since the files do not change during a conversion.
+
+    Tensors the kernel copies as stored (`copyable`) are checked on other cores while it copies; call
+    `wait` before the output is finished (it raises what they found) and `close` in any case."""
 
     def __init__(self, reader: Any, attention: Callable[[str], bool], warn: Callable[[str], None]) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         self.reader, self.attention, self.warn = reader, attention, warn
         self.reported: set[str] = set()
         self.checked: set[str] = set()
+        workers = max(1, min(4, (os.cpu_count() or 2) - 1))  # one core stays with the copy
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="uptrain-check")
+        self._pending: list[Future[None]] = []
+
+    def wait(self) -> None:
+        """Wait for the checks of copied tensors; raise the first refusal they found."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __getattr__(self, name: str) -> Any:  # tensors, num_parameters, ...: the reader's own
         return getattr(self.reader, name)
@@ -144,6 +190,24 @@ class FiniteReader:
             self.checked.add(name)
         return t
 
+    def copyable(self, name: str) -> tuple[Path, int, int] | None:
+        """For a tensor written as stored: where its bytes lie (file, offset, size), checked for NaN/inf,
+        so the writer can copy them in the kernel; None when it must be read as tensors (pickle files,
+        float8)."""
+        where = self.reader.byte_range(name)
+        dtype = self.reader.tensors[name].dtype
+        if where is None or (dtype.is_floating_point and dtype not in _BITS):
+            return None
+        if name not in self.checked and dtype.is_floating_point:
+            self._pending.append(self._pool.submit(self._check_file, name, where, dtype))
+        self.checked.add(name)
+        return where
+
+    def _check_file(self, name: str, where: tuple[Path, int, int], dtype: torch.dtype) -> None:
+        if not file_finite(*where, dtype, name):  # numpy and reads release the GIL: this runs beside the copy
+            bad = sum(int((~torch.isfinite(c)).sum()) for c in self.reader.read_chunks(name))  # rare: count
+            self._report(name, bad)
+
     def read_chunks(self, name: str, chunk_bytes: int | None = None) -> Iterator[torch.Tensor]:
         known = name in self.checked
         for chunk in self.reader.read_chunks(name, chunk_bytes):
@@ -154,9 +218,10 @@ class FiniteReader:
         self.checked.add(name)  # only once every chunk was read and checked
 
     def _check(self, name: str, t: torch.Tensor) -> None:
-        if all_finite(t):
-            return
-        bad = int((~torch.isfinite(t)).sum())  # the rare path: count them for the message
+        if not all_finite(t):
+            self._report(name, int((~torch.isfinite(t)).sum()))  # the rare path: count them for the message
+
+    def _report(self, name: str, bad: int) -> None:
         if self.attention(name):
             raise UptrainError(
                 f"{name} holds {bad:,} NaN/inf values; the source checkpoint is damaged (re-download it) "

@@ -40,6 +40,13 @@ CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder whi
 REFINED = ".refined"  # refined attention tensors, likewise
 
 
+def _as_stored(step: Step, reader: FiniteReader) -> tuple[Path, int, int] | None:
+    """Where the bytes of a tensor written exactly as stored lie (checked); None for any other step."""
+    if step.op is not None or step.job is not None or reader.tensors[step.sources[0]].dtype != step.spec.dtype:
+        return None
+    return reader.copyable(step.sources[0])
+
+
 def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
     """The step's output chunks; computed ones, and copies cast to a narrower range, are refused if
     non-finite. Copies that keep their range pass unchecked: the reader checked them (damaged sources
@@ -210,9 +217,16 @@ def convert_checkpoint(
         with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
             try:
                 for spec in writer.order:
-                    writer.write(spec.name, _cast_checked(by_name[spec.name], reader))
+                    step = by_name[spec.name]
+                    where = _as_stored(step, reader)
+                    if where is not None:  # checked, then copied file to file by the kernel
+                        writer.copy(spec.name, *where)
+                    else:
+                        writer.write(spec.name, _cast_checked(step, reader))
                     bar.update(spec.nbytes)
+                reader.wait()  # the checks of copied tensors, running beside the copies
             finally:
+                reader.close()
                 writer.abort()
         files = writer.finish()
         shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)

@@ -3,8 +3,9 @@
 Shards are validated with `safe_open` when the reader opens them; tensor bytes are then read with
 plain `readinto` calls at the offsets the safetensors header gives, straight into the tensor that is
 returned: one copy from the page cache, and no memory map whose touched pages would count in the
-process's memory until it is closed. Tensors that are only copied are read in row chunks
-(`read_chunks`), so even a 2 GB embedding passes through in pieces of `CHUNK_BYTES`.
+process's memory until it is closed. Tensors read piecewise come in row chunks (`read_chunks`), so
+even a 2 GB embedding passes through in pieces of `CHUNK_BYTES`; tensors copied as they are need no
+tensor at all: `byte_range` says where their bytes lie, for the writer to copy them in the kernel.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ class CheckpointReader:
         for start in range(0, info.shape[0], rows):
             yield self._read_rows(info, start, min(start + rows, info.shape[0]))
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """Where a tensor's bytes lie in its safetensors file: (file, offset, size); None in pickle files."""
+        info = self.tensors[name]
+        return None if self.format == "pickle" else (info.file, info.offset, info.nbytes)
+
     def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a safetensors tensor (a 0-d tensor is one row), read into a new tensor."""
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
@@ -148,13 +154,17 @@ class CheckpointReader:
             while done < len(view):
                 got = f.readinto(view[done:])
                 if not got:
-                    raise UptrainError(
-                        f"shard {info.file.name} ended inside tensor {info.name}: it was truncated or "
-                        "replaced while uptrain read it; download it again"
-                    )
+                    raise truncated(info.file, info.name)
                 done += got
         return out
 
     @property
     def num_parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+
+def truncated(file: Path, name: str) -> UptrainError:
+    return UptrainError(
+        f"shard {file.name} ended inside tensor {name}: it was truncated or replaced while uptrain read it; "
+        "download it again"
+    )

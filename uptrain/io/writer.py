@@ -1,15 +1,19 @@
 """Write planned tensors into size-capped safetensors shards, streaming.
 
 The whole output (names, dtypes, shapes) is planned before any data is read, so each shard's
-header is written first and tensor bytes follow piece by piece: nothing is held whole.
+header is written first and tensor bytes follow piece by piece: nothing is held whole. Tensors
+copied as stored never enter the process: the kernel copies their bytes from the source file
+(`copy`), which measured ~2x faster end to end than reading them into memory and writing them out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,11 +58,8 @@ class ShardedWriter:
 
     def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
         """Append the next planned tensor, whole or as row chunks (pieces of dim 0, in order)."""
-        spec = self.order[self._next]
+        spec = self._begin()
         pieces = [data] if isinstance(data, torch.Tensor) else data
-        shard, pos = self._position[self._next]
-        if pos == 0:
-            self._open(shard)
         rows = 0
         for piece in pieces:
             if name != spec.name or piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:]:
@@ -69,15 +70,48 @@ class ShardedWriter:
             rows += piece.shape[0] if piece.dim() else 1
             buf = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             for start in range(0, buf.size, WRITE_BYTES):  # zero-copy slices
-                self._handle.write(buf[start : start + WRITE_BYTES])  # type: ignore[attr-defined]
+                self._write_all(memoryview(buf[start : start + WRITE_BYTES]))
             self.bytes_written += buf.size
             del piece, buf  # released before the next piece is read: one in memory at a time
         if rows != (spec.shape[0] if spec.shape else 1):
             raise RuntimeError(f"writer got {rows} rows of {spec.name}, planned shape {spec.shape}")
+        self._end()
+
+    def copy(self, name: str, source: Path, offset: int, size: int) -> None:
+        """Append the next planned tensor as `size` bytes of `source` from `offset`, copied by the kernel
+        (copy_file_range, else sendfile, else plain reads and writes)."""
+        spec = self._begin()
+        if name != spec.name or size != spec.nbytes:
+            raise RuntimeError(f"writer expected {spec.name} ({spec.nbytes} bytes), got {name} ({size} bytes)")
+        out = self._handle.fileno()  # type: ignore[attr-defined]
+        with open(source, "rb", buffering=0) as f:
+            done = 0
+            while done < size:
+                n = _kernel_copy(f, out, offset + done, size - done)
+                if n <= 0:
+                    raise RuntimeError(f"{source} ended inside tensor {name}")
+                done += n
+        self.bytes_written += size
+        self._end()
+
+    def _begin(self) -> TensorSpec:
+        if self._next >= len(self.order):
+            raise RuntimeError(f"writer got more than the {len(self.order)} planned tensors")
+        shard, pos = self._position[self._next]
+        if pos == 0:
+            self._open(shard)
+        return self.order[self._next]
+
+    def _end(self) -> None:
+        shard, pos = self._position[self._next]
         self._next += 1
         if pos == len(self.shards[shard]) - 1:
             self._handle.close()  # type: ignore[attr-defined]
             self._handle = None
+
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:  # an unbuffered write may take fewer bytes than given
+            view = view[self._handle.write(view) :]  # type: ignore[attr-defined]
 
     def _open(self, shard: int) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -91,8 +125,9 @@ class ShardedWriter:
             offset += spec.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
-        self._handle = open(self.folder / self.files[shard], "wb")  # noqa: SIM115 (kept open across write calls)
-        self._handle.write(struct.pack("<Q", len(blob)) + blob)
+        # unbuffered: tensor bytes are written in large slices or copied by the kernel at the file position
+        self._handle = open(self.folder / self.files[shard], "wb", buffering=0)  # noqa: SIM115 (kept open)
+        self._write_all(memoryview(struct.pack("<Q", len(blob)) + blob))
 
     def finish(self) -> list[str]:
         """Check that every planned tensor was written; write the index. Returns the file names."""
@@ -114,3 +149,29 @@ class ShardedWriter:
         if self._handle is not None:
             self._handle.close()  # type: ignore[attr-defined]
             self._handle = None
+
+
+def _kernel_copy(source: Any, out: int, offset: int, size: int) -> int:
+    """Copy up to `size` bytes of the open file `source` from `offset` to the position of fd `out`;
+    returns the bytes copied (0 at the end of `source`)."""
+    global _COPY
+    if _COPY == "copy_file_range":
+        try:
+            return os.copy_file_range(source.fileno(), out, size, offset)
+        except (AttributeError, OSError):  # other OS or kernel, or across file systems (EXDEV)
+            _COPY = "sendfile"
+    if _COPY == "sendfile":
+        try:
+            return os.sendfile(out, source.fileno(), offset, size)
+        except (AttributeError, OSError):  # macOS sends files to sockets only
+            _COPY = "read"
+    source.seek(offset)
+    data = source.read(min(size, WRITE_BYTES))
+    view = memoryview(data)
+    while view.nbytes:
+        view = view[os.write(out, view) :]
+    return len(data)
+
+
+_COPY = "copy_file_range"
+"""The fastest kernel copy that worked so far in this process."""
