@@ -7,8 +7,8 @@ training plays with the same recipe, and is validated every few steps on the sam
 the same tokens, since in-domain training lowers its perplexity too; a row's ratio is its validation
 perplexity over the continued source's at the same step.
 
-Rows: the continued source; MQA by svd + calibration + layer-wise refinement (64 steps per layer, and
-`uptrain convert`'s default with text, 36), by mean pooling and by svd + calibration text (closed form);
+Rows: the continued source; MQA by svd + calibration + layer-wise refinement (64 and 128 steps per
+layer, and `uptrain convert`'s default with text, 36), by mean pooling and by svd + calibration text (closed form);
 and short probes from the refined start at equal tokens: cross-entropy, distillation from the source
 (loss (1 - w)·CE + w·KL, with w = 0.5 and logit-only, w = 1), attention parameters only
 (`optim.trainable=self_attn`), 3× the learning rate. The learning rate of a whole run is --lr: compare
@@ -78,6 +78,7 @@ def rows(calibration: str, lr: float) -> list[Row]:
         Row(BASELINE, None),
         Row("MQA, svd + calibration + refinement (--refine-steps 64)", [*calib, "--refine-steps", "64"]),
         Row("MQA, mean", ["--method", "mean"]),
+        Row("MQA, svd + calibration + refinement (--refine-steps 128)", [*calib, "--refine-steps", "128"]),
         # distillation from the original source and the recipe, from the refined start at equal tokens
         Row("CE (the recipe)", calib, probe=True),
         Row("CE + KL (w = 0.5)", calib, distill=0.5, probe=True),
