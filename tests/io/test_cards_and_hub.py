@@ -68,14 +68,27 @@ def test_push_is_refused_before_any_work_when_it_cannot_work(run_cli, tiny_run: 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     code, _, err = run_cli("train", config, "--push-to-hub", "not a repo")
     assert code == 1 and "give a repo id like your-name/model-gqa8" in err
+    for name in ("me/a--b", "me/a..b", "me/-x", "me/x.", "me/" + "x" * 120, "me/x.git"):  # the Hub's own rules
+        code, _, err = run_cli("train", config, "--push-to-hub", name)
+        assert code == 1 and f"--push-to-hub {name}: " in err and len(err.strip().splitlines()) == 1, err
+        assert not Path(tiny_run["config"]["out"]).exists(), "refused before training"
 
 
-def test_an_unreachable_hub_says_the_folder_is_complete(tmp_path: Path, monkeypatch) -> None:
+class TransportError(Exception):
+    """As the Hub client's HTTP library names its network errors (not OSErrors)."""
+
+
+class ConnectError(TransportError):
+    pass
+
+
+@pytest.mark.parametrize("error", [ConnectionError, ConnectError])
+def test_an_unreachable_hub_says_the_folder_is_complete(tmp_path: Path, monkeypatch, error: type) -> None:
     import huggingface_hub
 
     class Offline(FakeHub):
         def create_repo(self, repo_id: str, **kwargs) -> None:
-            raise ConnectionError("Name or service not known")
+            raise error("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -101,3 +114,15 @@ def test_a_converted_models_card_keeps_the_sources_licence_and_card(run_cli, tmp
     record = json.loads((out / "uptrain_conversion.json").read_text())
     assert record["environment"]["versions"]["torch"]
     assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"] and hub.calls[0][1]["private"] is True
+
+
+def test_a_source_card_that_is_not_utf8_is_kept_and_loses_nothing(run_cli, tmp_path: Path) -> None:
+    """A Latin-1 README.md: the conversion finished, then UnicodeDecodeError lost it."""
+    from uptrain.synthetic import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src", shard=None)
+    (src / "README.md").write_bytes("# Modèle source\n\nUsage: recherche, café.\n".encode("latin-1"))
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", src, out, "--num-kv-heads", "2", "--quiet")
+    assert code == 0, err
+    assert "Usage: recherche, caf\ufffd." in (out / "README.md").read_text()

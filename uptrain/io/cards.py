@@ -89,8 +89,8 @@ def write_card(
     if source_card is not None and Path(source_card).is_file():  # kept, not replaced: terms, intended use
         try:
             text = ModelCard.load(source_card).text.strip()
-        except Exception:  # a README without metadata
-            text = Path(source_card).read_text().strip()
+        except Exception:  # a README without metadata, or not UTF-8: kept with undecodable bytes replaced
+            text = Path(source_card).read_text(errors="replace").strip()
         if text:
             lines += ["", "## The source's model card", "", text]
     data = ModelCardData(

@@ -147,10 +147,23 @@ def check_push(repo_id: str | None) -> None:
 
     if repo_id is None:
         return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not looks_like_repo_id(repo_id) or "/" not in repo_id:
         raise UptrainError(f"--push-to-hub {repo_id}: give a repo id like your-name/model-gqa8")
+    try:  # the Hub's own rules (no '--' or '..', no '.git' ending, at most 96 characters...)
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UptrainError(f"--push-to-hub {repo_id}: {str(e).splitlines()[0]}") from e
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise UptrainError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; unset it, or push the folder later")
+
+
+def _network_error(e: BaseException) -> bool:
+    """A connection that failed: an OSError, or one of the Hub client's own transport errors (httpx and its
+    fork name them TransportError, requests ConnectionError/Timeout), which are not OSErrors."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, OSError) or bool(names & {"TransportError", "ConnectionError", "Timeout"})
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: str = "uptrain") -> str:
@@ -165,7 +178,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: st
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
     except HfHubHTTPError as e:
         raise UptrainError(f"the Hub refused --push-to-hub {repo_id}: {str(e).splitlines()[0]}") from e
-    except OSError as e:  # no network: connection errors are OSErrors
+    except Exception as e:
+        if not _network_error(e):
+            raise
         raise UptrainError(
             f"cannot reach the Hugging Face Hub to push {repo_id} ({str(e).splitlines()[0]}); {folder} is complete "
             "locally: upload it later with `hf upload`"
