@@ -122,3 +122,13 @@ def test_config_key_help_shows_the_allowed_values(capsys) -> None:
     out = capsys.readouterr().out
     assert "--optim.schedule='cosine' [cosine | linear | constant]" in out
     assert "--model.save_dtype='auto' [auto | float32 | bfloat16 | float16]" in out
+
+
+def test_a_closed_stdout_ends_quietly(llama: Path) -> None:
+    """`uptrain inspect MODEL | head -0`: the reader left before anything was printed; no 'Broken pipe' error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uptrain", "inspect", str(llama)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the command prints: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

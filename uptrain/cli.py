@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import re
 import signal
 import sys
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except UptrainError as e:
         print(f"uptrain {command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `uptrain inspect ... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except OSError as e:  # disk full, permissions, ... while working: one line, not a traceback
         where = f" ({e.filename})" if e.filename else ""
         print(f"uptrain {command}: error: {e.strerror or e}{where}", file=sys.stderr)
@@ -194,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uptrain {command}: interrupted by {signal.Signals(code - 128).name}", file=sys.stderr)
         return code
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _quiet_libraries() -> None:
