@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -102,3 +103,23 @@ def test_failure_midway_removes_the_temp_folder(llama: Path, monkeypatch: pytest
     assert main(["convert", str(llama), str(out), "--num-kv-heads", "2", "--quiet"]) == 1
     assert capsys.readouterr().err.strip() == "uptrain convert: error: No space left on device"
     assert not out.exists() and not leftovers(llama.parent, out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask_whatever_wrote_them(tmp_path: Path, umask: int) -> None:
+    """transformers writes weights through private temporary files (0600): on a shared cluster nobody else
+    could read a model uptrain trained. Files end as the umask says; executables stay executable."""
+    from uptrain.io.folders import atomic_output_dir
+
+    previous = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"weights")
+            (tmp / "model.safetensors").chmod(0o600)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "sub" / "run.sh").chmod(0o700)
+    finally:
+        os.umask(previous)
+    mode = lambda p: (tmp_path / "out" / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == 0o666 & ~umask and mode("sub/run.sh") == 0o777 & ~umask

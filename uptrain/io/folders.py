@@ -95,6 +95,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[str | Pa
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; OUT gets the usual permissions
         yield tmp
+        _respect_umask(tmp, umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-old-", dir=out.parent))
             os.replace(out, old / "old")
@@ -109,6 +110,15 @@ def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[str | Pa
         raise
     finally:
         lock.release()
+
+
+def _respect_umask(folder: Path, umask: int) -> None:
+    """Files as the user's umask says (0644 with the usual 022): libraries that write through private
+    temporary files (transformers' weights) leave them 0600, which others on a shared cluster cannot read."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
