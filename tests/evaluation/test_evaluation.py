@@ -263,10 +263,30 @@ def test_inputs_refused_before_any_work(run_cli, models, tmp_path: Path) -> None
         (["--tasks", ","], "names no task"),
         (["--json", str(tmp_path)], "is a folder"),
         (["--json", "/proc/nowhere/e.json"], "cannot write there"),
+        (["--tasks", "x", "--log-samples", "/proc/nowhere/s"], "--log-samples /proc/nowhere/s: cannot create it"),
+        (["--tasks", "x", "--log-samples", str(models["corpus"] / "doc0000.txt")], "is a file; give a folder"),
+        (["--tasks", "x", "--tasks-include", str(tmp_path / "missing")], "is not a folder"),
     ]
     for extra, message in cases:
         code, _, err = run_eval(run_cli, models["gqa"], data, "--no-speed", *extra)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_json_on_a_full_disk_names_the_file_and_leaves_nothing(run_cli, models, tmp_path: Path, monkeypatch) -> None:
+    original = Path.write_text
+
+    def full(self, data, *args, **kwargs):
+        if self.name.endswith(".uptrain-tmp"):
+            original(self, data[:10], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "results" / "result.json"
+    code, printed, err = run_eval(run_cli, models["gqa"], f"--data.files=[{models['corpus']}/*.txt]", "--no-speed",
+                                  "--json", out)  # fmt: skip
+    assert code == 1 and f"--json {out}: cannot write it (No space left on device)" in err, err
+    assert "perplexity" in printed and list(out.parent.iterdir()) == []
 
 
 def test_a_missing_local_folder_is_not_reported_as_a_network_problem(run_cli, tmp_path: Path) -> None:

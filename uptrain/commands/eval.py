@@ -111,6 +111,10 @@ def evaluate(
         raise UptrainError(f"--tasks {tasks!r} names no task; list them like --tasks hellaswag,arc_easy")
     if json:
         _check_writable_file(Path(json))  # before the evaluation, not after it
+    if log_samples:
+        _check_creatable_folder(Path(log_samples), "--log-samples")
+    if tasks_include and not Path(tasks_include).is_dir():
+        raise UptrainError(f"--tasks-include {tasks_include} is not a folder; give the folder of your task YAML files")
     text = _held_out_text(config, overrides or [])
     result = evaluate_model(
         model,
@@ -138,9 +142,25 @@ def evaluate(
     if json:
         target = Path(json)
         tmp = target.with_name(f".{target.name}.uptrain-tmp")
-        tmp.write_text(jsonlib.dumps(out, indent=2) + "\n")
-        tmp.replace(target)  # a whole file or none
+        try:
+            tmp.write_text(jsonlib.dumps(out, indent=2) + "\n")
+            tmp.replace(target)  # a whole file or none
+        except OSError as e:  # a full disk: the table above is printed; leave no partial file
+            tmp.unlink(missing_ok=True)
+            raise UptrainError(f"--json {target}: cannot write it ({e.strerror}); the results are printed above") from e
     return out
+
+
+def _check_creatable_folder(path: Path, flag: str) -> None:
+    """Create the folder `path` before any work (as --json's parent is), or fail in one line."""
+    if path.exists() and not path.is_dir():
+        raise UptrainError(f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UptrainError(f"{flag} {path}: cannot create it ({e.strerror}); choose another folder") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UptrainError(f"{flag} {path}: cannot write into it (permission denied); choose another folder")
 
 
 def _check_writable_file(path: Path) -> None:
