@@ -132,3 +132,31 @@ def test_a_closed_stdout_ends_quietly(llama: Path) -> None:
     proc.stdout.close()  # before the command prints: its first write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize(("name", "value"), [("WORLD_SIZE", "abc"), ("RANK", "-1"), ("PMI_SIZE", "2.5")])
+def test_malformed_launcher_variables_are_refused_before_any_work(
+    run_cli, llama: Path, monkeypatch, name, value
+) -> None:
+    monkeypatch.setenv(name, value)
+    out = llama.parent / "out"
+    code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet")
+    assert code == 1 and err.strip() == (
+        f"uptrain convert: error: {name}={value!r} is not a process count or rank; unset it, or let the launcher "
+        "(torchrun, accelerate launch, srun) set it"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "recorded"), [("WORLD_SIZE", "", 1), ("NNODES", "two", "two"), ("NNODES", "1:4", "1:4")]
+)
+def test_empty_or_free_form_launcher_variables_never_lose_a_conversion(
+    run_cli, llama: Path, monkeypatch, name, value, recorded
+) -> None:
+    """An empty WORLD_SIZE is unset; NNODES is the user's (torchrun takes ranges like 1:4): recorded as given."""
+    monkeypatch.setenv(name, value)
+    out = llama.parent / "out"
+    assert run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet")[0] == 0
+    record = json.loads((out / "uptrain_conversion.json").read_text())["environment"]
+    assert (record["machines"] if name == "NNODES" else record["processes"]) == recorded

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from uptrain.config import Overrides
-from uptrain.device import is_main_process
+from uptrain.device import check_launch_environment, is_main_process
 from uptrain.errors import Interrupted, Stopped, UptrainError, signal_exit_code
 from uptrain.version import __version__
 
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in STOP_SIGNALS:
         signal.signal(s, _interrupt)
     try:
+        check_launch_environment()
         fn(**args)
     except Stopped as e:  # on purpose, after saving what could be saved: not an error of the input
         if is_main_process():

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from uptrain.errors import UptrainError
+
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -36,9 +38,32 @@ def autocast_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def _launcher_count(name: str, default: int) -> int:
+    """A count a launcher exported (WORLD_SIZE, RANK, ...); unset or empty: `default`."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise UptrainError(
+            f"{name}={value!r} is not a process count or rank; unset it, or let the launcher (torchrun, "
+            "accelerate launch, srun) set it"
+        )
+    return count
+
+
+def check_launch_environment() -> None:
+    """Refuse malformed launcher variables before any work (they are read again when a run is recorded)."""
+    for name in (*WORLD_SIZE_VARIABLES, "RANK"):
+        _launcher_count(name, 0)
+
+
 def launched_processes() -> int:
     """Processes in this job, as the launcher (torchrun, accelerate, mpirun) announced them."""
-    return max(int(os.environ.get(k, "1")) for k in WORLD_SIZE_VARIABLES)
+    return max(_launcher_count(k, 1) for k in WORLD_SIZE_VARIABLES)
 
 
 def multi_process_cpu() -> bool:
@@ -49,7 +74,10 @@ def multi_process_cpu() -> bool:
 
 def is_main_process() -> bool:
     """Rank 0 of the job, or the only process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    try:
+        return _launcher_count("RANK", 0) == 0
+    except UptrainError:  # reported by check_launch_environment; this only chooses who prints
+        return True
 
 
 def device_name(device: torch.device) -> str:
@@ -60,6 +88,12 @@ def device_name(device: torch.device) -> str:
 
 
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors", "lm_eval")
+
+
+def _machines() -> int | str:
+    """Machines in the job as the launcher or the user's script says (NNODES may be torchrun's '1:4' range)."""
+    value = (os.environ.get("GROUP_WORLD_SIZE") or os.environ.get("NNODES") or "1").strip()
+    return int(value) if value.isdigit() else value
 
 
 def environment() -> dict[str, object]:
@@ -83,5 +117,5 @@ def environment() -> dict[str, object]:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cpu_count": os.cpu_count(),
         "processes": launched_processes(),
-        "machines": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1),
+        "machines": _machines(),
     }
