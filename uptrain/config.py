@@ -191,7 +191,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raw, i = args[i + 1], i + 1
             else:
                 raw = "true"
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # '[1,' or a YAML tag: one line, naming the override
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UptrainError(
+                f"override --{key}={raw} is not a YAML value ({problem}); quote strings, close lists like [1, 2]"
+            ) from e
         i += 1
     return out
 

@@ -65,6 +65,10 @@ def test_overrides_parse_as_yaml() -> None:
     with pytest.raises(UptrainError, match="unknown config key 'verbose'"):
         configlib.load(TrainConfig, None, {**_flat(BASE), **configlib.parse_overrides(["--verbose"])})
 
+    for bad in ("--optim.lr=[1,", "--optim.lr=!!python/object/apply:os.system [echo]", "--optim.lr={a"):
+        with pytest.raises(UptrainError, match=r"override --optim\.lr=.* is not a YAML value"):
+            configlib.parse_overrides([bad])
+
 
 @pytest.mark.parametrize(
     ("edit", "message"),
