@@ -73,6 +73,7 @@ def test_overrides_parse_as_yaml() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
+        ({"logging": {"trackers": ["tensorbaord"]}}, "unknown tracker 'tensorbaord'; did you mean tensorboard?"),
         ({"budget": {"tokens": 0}}, "budget.tokens must be positive"),
         ({"budget": {"tokens": -5}}, "budget.tokens must be positive"),
         ({"budget": {"steps": 0}}, "budget.steps must be positive"),

@@ -184,6 +184,18 @@ class LoggingConfig:
         positive("logging", every=self.every)
         if self.eval_every < 0:
             raise UptrainError(f"logging.eval_every must not be negative, got {self.eval_every}")
+        import difflib
+
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType if t.value != "all"]
+        for name in self.trackers:  # before the model loads, not when accelerate first meets the name
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise UptrainError(
+                    f"logging.trackers: unknown tracker {name!r}; {hint}accelerate knows {', '.join(known)}"
+                )
 
 
 @dataclass
