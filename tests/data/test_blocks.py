@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,25 @@ def test_a_mixture_interleaves_sources_by_weight_reproducibly(tmp_path: Path, to
 def test_bad_mixtures_are_refused(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(UptrainError, match=message):
         mixture_config(tmp_path, **change)
+
+
+@pytest.mark.parametrize(
+    ("rows", "shown"), [('{"text": "hi"}\n{"text": null}\n', "null"), ('{"text": 5}\n', "5 (int)")]
+)
+def test_documents_whose_text_is_not_text_are_refused_in_one_line(tmp_path: Path, tokenizer, rows, shown) -> None:
+    """JSON null or a number in a .jsonl's text reached the tokenizer: a TypeError traceback in train,
+    mixtures, calibration and eval. Packing (train, mixtures) and the token stream (calibration, eval)
+    both refuse it, naming the value."""
+    from uptrain.data.documents import token_stream
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(rows)
+    cfg = DataConfig(files=[str(path)], seq_len=4)
+    message = f"a document's 'text' is {shown}, not text"
+    with pytest.raises(UptrainError, match=re.escape(message)):
+        datalib.pack_dataset(datalib.load_documents(cfg), tokenizer, cfg)
+    with pytest.raises(UptrainError, match=re.escape(message)):
+        token_stream(cfg, tokenizer, 100)
+    (tmp_path / "body.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(UptrainError, match=re.escape("the data has no column 'text' (columns: body)")):
+        token_stream(DataConfig(files=[str(tmp_path / "body.jsonl")]), tokenizer, 100)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from uptrain.data.config import DataConfig, mixture_parts
-from uptrain.data.documents import load_documents
+from uptrain.data.documents import load_documents, texts
 from uptrain.errors import UptrainError
 
 HOLDOUT_PERCENT = 1  # streaming: documents whose text hashes into this percentage are held out
@@ -49,7 +49,8 @@ def packer(tokenizer: Any, text_column: str, seq_len: int) -> Callable[[dict[str
     eos = tokenizer.eos_token_id
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
-        docs = tokenizer(batch[text_column], add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        docs = tokenizer(texts(batch[text_column], text_column), add_special_tokens=True, return_attention_mask=False)
+        docs = docs["input_ids"]
         stream = list(itertools.chain.from_iterable(d if d and d[-1] == eos else [*d, eos] for d in docs))
         usable = len(stream) // seq_len * seq_len
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}

@@ -78,14 +78,31 @@ def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | 
         raise UptrainError(f"cannot load {source}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
+def texts(values: list[Any], column: str) -> list[str]:
+    """A batch of a document column, refused in one line unless every value is a string (JSON null or a
+    number in a .jsonl would otherwise reach the tokenizer and end in a traceback)."""
+    for value in values:
+        if not isinstance(value, str):
+            shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+            raise UptrainError(
+                f"a document's '{column}' is {shown}, not text; every document needs a string in column "
+                f"'{column}': fix or drop those rows (or set the text column)"
+            )
+    return values
+
+
 def token_stream(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> tuple[torch.Tensor, str]:
     """Documents -> one stream of at most max_tokens tokens (EOS after each document)."""
     docs = load_documents(cfg, validation=bool(cfg.validation_split or cfg.validation_files))
     if docs is None:
         raise UptrainError("no evaluation text: give --data.files=..., --data.dataset=... or --config RUN.yaml")
     eos, stream, batch = tokenizer.eos_token_id, [], []
+    names = getattr(docs, "column_names", None)
+    if names is not None and cfg.text_column not in names:
+        columns = ", ".join(names)
+        raise UptrainError(f"the data has no column '{cfg.text_column}' (columns: {columns}); set its text column")
     for doc in docs:
-        batch.append(doc[cfg.text_column])
+        batch.append(texts([doc[cfg.text_column]], cfg.text_column)[0])
         if len(batch) == 256:
             stream += [t for ids in tokenizer(batch)["input_ids"] for t in (*ids, eos)]
             batch = []
