@@ -66,6 +66,12 @@ def test_dry_run_prints_the_plan_and_does_nothing(run_cli, tiny_run: dict) -> No
     assert "optimizer steps  1,000" in err and "global batch     8 sequences x 32 = 256 tokens" in err
     assert "per process      4 sequences x 2 accumulation steps x 1 process(es)" in err
     assert not Path(tiny_run["config"]["out"]).exists()
+    mixture = {"files": [], "mixture": [{"label": "plays", "weight": 1.0, "files": ["/nowhere/*.txt"]}]}
+    cfg = write(
+        {**tiny_run["config"], "data": {**tiny_run["config"]["data"], **mixture}}, tiny_run["root"] / "mix.yaml"
+    )
+    code, _, err = run_cli("train", cfg, "--dry-run")
+    assert code == 1 and "data.mixture[plays].files: no file matches '/nowhere/*.txt'" in err, err
 
 
 def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int, sig: int = signal.SIGTERM) -> None:

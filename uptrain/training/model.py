@@ -58,6 +58,9 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
     """Every check that needs files, before any work: data, model, positions, tokenizer, teacher."""
     expand_files(cfg.data.files)
     expand_files(cfg.data.validation_files, "data.validation_files")
+    for src in cfg.data.mixture:  # each local source too, as data.files is
+        expand_files(src.files, f"data.mixture[{src.label}].files")
+        expand_files(src.validation_files, f"data.mixture[{src.label}].validation_files")
     m = cfg.model
     if m.init == "pretrained":
         assert m.path is not None
