@@ -383,3 +383,18 @@ def test_a_run_with_chunked_cross_entropy_follows_the_plain_one(run_cli, tiny_ru
         for key in ("loss", "val_loss", "grad_norm"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)
+
+
+def test_export_names_a_deleted_source_folder(run_cli, tiny_run: dict) -> None:
+    """The run's source folder gives export the model's config and tokenizer; once deleted, the message
+    named a Hub repo-id rule instead of the missing folder."""
+    cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
+    assert run_cli("train", cfg, "--budget.steps=2", "--checkpoint.every=2")[0] == 0
+    step = checkpoints(Path(tiny_run["config"]["out"]))[-1]
+    model = Path(tiny_run["model"])
+    model.rename(model.with_name("moved"))
+    code, _, err = run_cli("export", step, tiny_run["root"] / "exported")
+    assert code == 1 and f"read model.path from {model}, which no longer exists" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tiny_run["root"] / "exported").exists()
+    model.with_name("moved").rename(model)
+    assert run_cli("export", step, tiny_run["root"] / "exported")[0] == 0

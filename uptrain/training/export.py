@@ -19,6 +19,7 @@ import torch
 from uptrain import config as configlib
 from uptrain.errors import UptrainError
 from uptrain.io.folders import TRAIN_CONFIG
+from uptrain.io.hub import looks_like_repo_id
 from uptrain.model.loading import load_tokenizer, read_model_config
 from uptrain.training.checkpointer import STATE_FILE
 from uptrain.training.config import TrainConfig
@@ -77,6 +78,13 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     kind = checkpoint_kind(checkpoint)
     cfg = configlib.load(TrainConfig, checkpoint / TRAIN_CONFIG)
     state = json.loads((checkpoint / STATE_FILE).read_text())
+    for setting in ("path", "config", "tokenizer"):  # a deleted source folder: say so, not "Repo id must be..."
+        value = getattr(cfg.model, setting)
+        if value and not looks_like_repo_id(str(value)) and not Path(value).exists():
+            raise UptrainError(
+                f"the run of {checkpoint} read model.{setting} from {value}, which no longer exists; export "
+                "takes the model's config and tokenizer from there: restore that folder"
+            )
     tokenizer_from = cfg.model.tokenizer or cfg.model.path
     if tokenizer_from is None:  # from scratch: the folder of the config
         where = Path(str(cfg.model.config))
