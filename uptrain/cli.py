@@ -13,6 +13,7 @@ import argparse
 import importlib
 import inspect
 import os
+import pickle
 import re
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 from uptrain.config import Overrides
 from uptrain.device import check_launch_environment, is_main_process
 from uptrain.errors import Interrupted, Stopped, UptrainError, signal_exit_code
+from uptrain.io.tensors import refused_pickle
 from uptrain.version import __version__
 
 COMMANDS: dict[str, str] = {
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except UptrainError as e:
         print(f"uptrain {command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except pickle.UnpicklingError as e:  # transformers loading a .bin checkpoint (eval, train, teacher)
+        print(f"uptrain {command}: error: a pytorch_model*.bin checkpoint: {refused_pickle(e)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `uptrain inspect ... | head`: the reader has what it wanted
         _silence_stdout()
         return 128 + signal.SIGPIPE

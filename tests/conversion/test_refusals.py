@@ -121,6 +121,23 @@ def test_pickle_checkpoints_convert_with_allow_pickle(run_cli, tmp_path: Path) -
     assert not list((tmp_path / "out").glob("*.bin")), "output is always safetensors"
 
 
+def test_a_pickle_weights_only_refuses_is_explained_in_one_line(run_cli, tmp_path: Path) -> None:
+    """A .bin holding a non-tensor object: convert said 'download it again' in 3 lines, eval gave a traceback."""
+    import datetime
+
+    src = _pickle_checkpoint(tmp_path / "bin")
+    weights = torch.load(src / "pytorch_model.bin")
+    torch.save({**weights, "saved_at": datetime.datetime(2020, 1, 1)}, src / "pytorch_model.bin")
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    for args in (
+        ("convert", src, tmp_path / "out", "--num-kv-heads", "2", "--allow-pickle", "--quiet"),
+        ("eval", src, f"--data.files=[{tmp_path / 't.txt'}]", "--no-speed", "--max-tokens", "32"),
+    ):
+        code, _, err = run_cli(*args)
+        assert code == 1 and "holds objects other than tensors (datetime.datetime)" in err, err
+        assert len(err.strip().splitlines()) == 1 and "download it again" not in err
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "gptj", "opt", "gpt_bigcode", "falcon"])
 def test_families_without_a_kv_head_setting_are_refused(run_cli, tmp_path: Path, model_type: str) -> None:
     cfg = CONFIG_MAPPING[model_type](

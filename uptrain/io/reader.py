@@ -11,6 +11,7 @@ tensor at all: `byte_range` says where their bytes lie, for the writer to copy t
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,15 @@ from pathlib import Path
 import torch
 
 from uptrain.errors import UptrainError
-from uptrain.io.tensors import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, TensorInfo, dtype_from_name
+from uptrain.io.tensors import (
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    TensorInfo,
+    dtype_from_name,
+    refused_pickle,
+)
 
 CHUNK_BYTES = 16 * 2**20
 """Largest piece a copied tensor is read in."""
@@ -114,8 +123,11 @@ class CheckpointReader:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only refused an object: the file is not damaged
+            raise UptrainError(f"pickle shard {path.name}: {refused_pickle(e)}") from e
         except Exception as e:
-            raise UptrainError(f"cannot read pickle shard {path.name} ({e}); download it again") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UptrainError(f"cannot read pickle shard {path.name} ({first}); download it again") from e
         self._pickle_cache = (path, state)
         return state
 

@@ -71,3 +71,15 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def refused_pickle(e: Exception) -> str:
+    """Why torch's weights_only loading refused a pickle, in one line: the first object it would not build."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    what = f" ({found.group(1)})" if found else ""
+    return (
+        f"it holds objects other than tensors{what}, which uptrain never unpickles (weights_only loading, even "
+        "with --allow-pickle, since building them can run code): use a safetensors copy of the model"
+    )
