@@ -161,3 +161,24 @@ def test_trackers_get_the_run_name_tags_and_one_id_across_resumes(run_cli, tiny_
     first, second = (s["wandb"] for s in seen)
     assert first["name"] == "gqa2" and first["tags"] == ["tiny"] and first["resume"] == "allow"
     assert first["id"] == second["id"], "the resumed run continues the same tracker run"
+
+
+def test_resuming_an_earlier_checkpoint_starts_a_history_that_auto_follows(run_cli, tiny_run: dict) -> None:
+    """Branching: 30 steps, then --resume step-10 with another budget. The later checkpoints (20, 30) belong to
+    the abandoned history: rotation deleted the branch's own new checkpoint, and `auto` picked step 30. They
+    are set aside (kept), and `auto` continues the branch."""
+    cfg = config(tiny_run, checkpoint={"every": 5, "keep": 3}, logging={"every": 1, "eval_every": 10, "trackers": []})
+    run = Path(tiny_run["config"]["out"])
+    assert run_cli("train", cfg, "--budget.steps=30", "--checkpoint.every=10")[0] == 0
+    old = {c.name: (c / "train_state.json").read_text() for c in checkpoints(run)}
+    assert list(old) == ["step-00000010", "step-00000020", "step-00000030"]
+    code, _, err = run_cli("train", cfg, "--resume", run / "checkpoints" / "step-00000010", "--budget.steps=15")
+    assert code == 0 and "starts a new history; the run's later checkpoints moved to" in err, err
+    assert [c.name for c in checkpoints(run)] == ["step-00000010", "step-00000015"]
+    (aside,) = (run / "checkpoints").glob("abandoned-after-step-00000010-*")
+    assert {c.name: (c / "train_state.json").read_text() for c in aside.iterdir()} == {
+        k: v for k, v in old.items() if k != "step-00000010"
+    }, "the abandoned history is kept, untouched"
+    code, _, err = run_cli("train", cfg, "--resume", "auto", "--budget.steps=20")
+    assert code == 0 and "new history" not in err, err
+    assert steps(run) == list(range(1, 21)), "auto continued the branch from step 15: each step once"

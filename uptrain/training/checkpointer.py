@@ -47,6 +47,26 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("step-*")) if folder.is_dir() else []
 
 
+def set_aside_later(run_dir: Path, checkpoint: Path) -> Path | None:
+    """Resuming from an earlier checkpoint starts a new history: the run's checkpoints of later steps (the
+    abandoned history) move into checkpoints/abandoned-after-step-N-TIME/, so that `--resume auto` and
+    rotation see only this history and a later save never replaces one of them. Nothing is deleted.
+    Returns the folder they went to, or None when there were none."""
+    step = int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    later = [c for c in checkpoints(run_dir) if c.resolve() != checkpoint.resolve() and _step(c) > step]
+    if not later:
+        return None
+    aside = run_dir / "checkpoints" / f"abandoned-after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for old in later:
+        old.rename(aside / old.name)
+    return aside
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:
     """None (start), the latest checkpoint ('latest', or 'auto' when there is one), or a given one."""
     if resume is None:

@@ -17,7 +17,7 @@ from uptrain.errors import UptrainError
 from uptrain.io.folders import MARKERS
 from uptrain.io.ownership import OutputLock, check_not_input, check_replaceable
 from uptrain.training.budget import train_budget
-from uptrain.training.checkpointer import TRAIN_CONFIG, check_resumable, checkpoints, resume_path
+from uptrain.training.checkpointer import TRAIN_CONFIG, check_resumable, checkpoints, resume_path, set_aside_later
 from uptrain.training.config import TrainConfig
 from uptrain.training.loop import Trainer
 from uptrain.training.model import preflight
@@ -71,6 +71,11 @@ def run_training(
     try:
         if lock is not None and checkpoint is None:
             check_run_folder(cfg, run_dir, overwrite)  # again: another run may have started since
+        if lock is not None and checkpoint is not None and not dry_run:
+            aside = set_aside_later(run_dir, checkpoint)
+            if aside is not None:
+                print(f"uptrain train: resuming from {checkpoint.name} starts a new history; the run's later "
+                      f"checkpoints moved to {aside}", file=sys.stderr)  # fmt: skip
         budget = train_budget(
             tokens=cfg.budget.tokens,
             fraction=cfg.budget.fraction,
