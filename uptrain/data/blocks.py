@@ -258,7 +258,7 @@ def _prepare_mixture(
     """Each source packed on its own; training blocks interleaved by weight with a fixed seed (the
     same on every process), so the global block order, per-process reading and resume work as for
     one source. A `source` column records where each block came from."""
-    from datasets import concatenate_datasets, interleave_datasets
+    from datasets import concatenate_datasets
 
     trains, validations, parts, weights, start = [], [], [], [], 0
     for index, (label, weight, single) in enumerate(mixture_parts(cfg)):
@@ -271,11 +271,31 @@ def _prepare_mixture(
         parts.append((label, range(start, start + len(validation))))
         start += len(validation)
         weights.append(weight)
-    mixed = interleave_datasets(trains, probabilities=weights, seed=seed, stopping_strategy="all_exhausted")
+    labels = [label for label, _ in parts]
+    mixed = concatenate_datasets(trains).select(interleaving(labels, [len(t) for t in trains], weights, seed))
     validation = concatenate_datasets(validations)
     return BlockData(
         mixed.with_format("numpy"), validation.with_format("numpy"), seed, micro_batch_size, rank, world, parts
     )
+
+
+def interleaving(labels: list[str], sizes: list[int], weights: list[float], seed: int) -> np.ndarray:
+    """Indices into the sources' concatenated blocks: one epoch of the mixture, as many blocks as the sources
+    hold together, each position drawn from a source with its weight (seeded: the same on every process
+    and rerun). A source whose share exceeds its size cycles through its blocks again. The cost is linear
+    in the data whatever the weights (datasets' `all_exhausted` interleaving grows as 1/weight)."""
+    for label, size in zip(labels, sizes, strict=True):
+        if size == 0:
+            raise UptrainError(f"data.mixture[{label}] has no training blocks; add data or drop the source")
+    rng = np.random.default_rng(seed)
+    p = np.asarray(weights, dtype=np.float64)
+    choice = rng.choice(len(sizes), size=sum(sizes), p=p / p.sum())  # (N,) a source per position
+    starts = np.cumsum([0, *sizes[:-1]])
+    index = np.empty(len(choice), dtype=np.int64)
+    for i, size in enumerate(sizes):
+        where = np.flatnonzero(choice == i)
+        index[where] = starts[i] + np.arange(len(where)) % size  # the source's blocks in order, cycled
+    return index
 
 
 def _prepare_stream(
