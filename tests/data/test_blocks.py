@@ -187,6 +187,10 @@ def test_a_tiny_weight_costs_no_more_than_a_large_one() -> None:
         ({"mixture": [{"label": "a b", "weight": 1, "files": ["x"]}]}, "label must be a short name"),
         ({"mixture": [{"label": "a", "weight": 1}]}, "needs exactly one of dataset"),
         ({"mixture": [{"label": "a", "weight": 1, "files": ["x"]}] * 2}, "labels must differ"),
+        (
+            {"mixture": [{"label": a, "weight": 1e308, "files": ["x"]} for a in "ab"]},
+            "weights are only relative: their sum must be finite",
+        ),
     ],
 )
 def test_bad_mixtures_are_refused(tmp_path: Path, change: dict, message: str) -> None:

@@ -94,6 +94,10 @@ class DataConfig:
             labels = [s.label for s in self.mixture]
             if len(set(labels)) != len(labels):
                 raise UptrainError(f"data.mixture labels must differ, got {', '.join(labels)}")
+            if not math.isfinite(sum(s.weight for s in self.mixture)):  # each finite, their sum not (1e308 twice)
+                raise UptrainError(
+                    "data.mixture weights are only relative: their sum must be finite; use e.g. 0.7 and 0.3"
+                )
         elif bool(self.dataset) == bool(self.files):
             raise UptrainError(
                 "data needs exactly one of data.dataset (a Hub dataset), data.files (local files) or data.mixture"
