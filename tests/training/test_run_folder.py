@@ -182,3 +182,38 @@ def test_resuming_an_earlier_checkpoint_starts_a_history_that_auto_follows(run_c
     code, _, err = run_cli("train", cfg, "--resume", "auto", "--budget.steps=20")
     assert code == 0 and "new history" not in err, err
     assert steps(run) == list(range(1, 21)), "auto continued the branch from step 15: each step once"
+
+
+def test_damaged_checkpoints_are_refused_in_one_line(run_cli, tiny_run: dict) -> None:
+    """Each damage, on a copy of a good checkpoint: resume (or export) says which file and what to do; a damaged
+    run record is kept aside and the resume goes on."""
+    import shutil
+
+    cfg = config(tiny_run, checkpoint={"every": 5, "keep": 2})
+    run = Path(tiny_run["config"]["out"])
+    assert run_cli("train", cfg, "--budget.steps=5")[0] == 0
+    good = checkpoints(run)[-1]
+
+    def damaged(name: str, damage) -> Path:
+        copy = tiny_run["root"] / "damaged" / name
+        shutil.copytree(good, copy)
+        damage(copy)
+        return copy
+
+    cases = [
+        ("config-not-yaml", lambda c: (c / "uptrain_train.yaml").write_text("model: [unclosed\n"), "is damaged"),
+        ("config-a-list", lambda c: (c / "uptrain_train.yaml").write_text("- a\n- b\n"), "not a mapping"),
+        ("optimizer-cut", lambda c: os.truncate(c / "optimizer.bin", 20), "cannot resume from"),
+        ("sharded", lambda c: (c / "sharded").mkdir(), "is a sharded (FSDP2) checkpoint"),
+    ]
+    for name, damage, message in cases:
+        code, _, err = run_cli("train", cfg, "--resume", damaged(name, damage), "--budget.steps=6")
+        lines = [line for line in err.strip().splitlines() if "error" in line]
+        assert code == 1 and message in err and "Traceback" not in err and len(lines) == 1, (name, err)
+    state = damaged("state", lambda c: (c / "train_state.json").write_text("{garbage"))
+    code, _, err = run_cli("export", state, tiny_run["root"] / "exported")
+    assert code == 1 and "train_state.json is damaged" in err and "Traceback" not in err, err
+    (run / "uptrain_run.json").write_text("{not json")
+    code, _, err = run_cli("train", cfg, "--resume", "auto", "--budget.steps=6")
+    assert code == 0 and "uptrain_run.json was damaged" in err, err
+    assert len(list(run.glob("uptrain_run.json.damaged-*"))) == 1

@@ -47,12 +47,40 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("step-*")) if folder.is_dir() else []
 
 
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's train_state.json (step, tokens), or one line saying it is damaged."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "tokens")):
+            raise ValueError("no whole step and tokens in it")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UptrainError(f"{path} is damaged ({str(e).splitlines()[0]}); use another checkpoint") from e
+    return state
+
+
+def check_checkpoint_kind(checkpoint: Path, sharded: bool) -> None:
+    """A sharded (FSDP2) checkpoint resumes only under FSDP2, a one-process/DDP one only without it."""
+    from uptrain.training.sharding import SHARDED_FOLDER
+
+    is_sharded = (checkpoint / SHARDED_FOLDER).exists()
+    if is_sharded and not sharded:
+        raise UptrainError(
+            f"{checkpoint} is a sharded (FSDP2) checkpoint: resume it under the launcher it was saved with "
+            "(accelerate launch --config_file configs/accelerate/fsdp2.yaml ...), or `uptrain export` it"
+        )
+    if sharded and not is_sharded:
+        raise UptrainError(
+            f"{checkpoint} is not a sharded (FSDP2) checkpoint; resume it with the launcher it was saved with"
+        )
+
+
 def set_aside_later(run_dir: Path, checkpoint: Path) -> Path | None:
     """Resuming from an earlier checkpoint starts a new history: the run's checkpoints of later steps (the
     abandoned history) move into checkpoints/abandoned-after-step-N-TIME/, so that `--resume auto` and
     rotation see only this history and a later save never replaces one of them. Nothing is deleted.
     Returns the folder they went to, or None when there were none."""
-    step = int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    step = read_state(checkpoint)["step"]
     later = [c for c in checkpoints(run_dir) if c.resolve() != checkpoint.resolve() and _step(c) > step]
     if not later:
         return None
@@ -86,7 +114,16 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume with settings that would change what the remaining steps compute."""
-    saved = yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())
+    try:
+        saved = yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UptrainError(
+            f"{checkpoint / TRAIN_CONFIG} is damaged ({str(e).splitlines()[0]}); use another checkpoint"
+        ) from e
+    if not isinstance(saved, dict):
+        raise UptrainError(
+            f"{checkpoint / TRAIN_CONFIG} is damaged (not a mapping of config sections); use another checkpoint"
+        )
     now = configlib.to_dict(cfg)
     diffs = [
         f"{section}.{key}"
@@ -139,9 +176,18 @@ class Checkpointer:
 
     def load(self, checkpoint: Path) -> None:
         """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""
-        self.acc.load_state(str(checkpoint))
-        if self.sharded is not None:
-            self.sharded.load(checkpoint)
+        try:
+            self.acc.load_state(str(checkpoint))
+            if self.sharded is not None:
+                self.sharded.load(checkpoint)
+        except UptrainError:
+            raise
+        except Exception as e:  # a truncated optimizer.bin, a missing shard, ...: torch and accelerate's many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UptrainError(
+                f"cannot resume from {checkpoint}: it is damaged ({type(e).__name__}: {first}); resume from an "
+                "earlier checkpoint with --resume PATH"
+            ) from e
 
     def latest(self) -> Path | None:
         found = checkpoints(self.run_dir)

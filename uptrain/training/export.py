@@ -21,7 +21,7 @@ from uptrain.errors import UptrainError
 from uptrain.io.folders import TRAIN_CONFIG
 from uptrain.io.hub import looks_like_repo_id
 from uptrain.model.loading import load_tokenizer, read_model_config
-from uptrain.training.checkpointer import STATE_FILE
+from uptrain.training.checkpointer import STATE_FILE, read_state
 from uptrain.training.config import TrainConfig
 from uptrain.training.model import write_model_folder
 from uptrain.training.sharding import SHARDED_FOLDER
@@ -77,7 +77,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     checkpoint = Path(checkpoint)
     kind = checkpoint_kind(checkpoint)
     cfg = configlib.load(TrainConfig, checkpoint / TRAIN_CONFIG)
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state = read_state(checkpoint)
     for setting in ("path", "config", "tokenizer"):  # a deleted source folder: say so, not "Repo id must be..."
         value = getattr(cfg.model, setting)
         if value and not looks_like_repo_id(str(value)) and not Path(value).exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,18 @@ def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     import uuid
 
     path = Path(run_dir) / RUN_RECORD
-    record = (
-        json.loads(path.read_text()) if path.is_file() else {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
-    )
+    record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("sessions"), list):
+                raise ValueError("not a run record")
+        except ValueError as e:  # damaged: kept beside, a new record starts (the run itself is fine)
+            damaged = path.with_name(f"{RUN_RECORD}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(damaged)
+            print(f"uptrain train: {path} was damaged ({str(e).splitlines()[0]}); kept as {damaged.name}, "
+                  "a new record starts", file=sys.stderr)  # fmt: skip
+            record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
     record["sessions"].append(entry)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

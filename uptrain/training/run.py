@@ -17,7 +17,14 @@ from uptrain.errors import UptrainError
 from uptrain.io.folders import MARKERS
 from uptrain.io.ownership import OutputLock, check_not_input, check_replaceable
 from uptrain.training.budget import train_budget
-from uptrain.training.checkpointer import TRAIN_CONFIG, check_resumable, checkpoints, resume_path, set_aside_later
+from uptrain.training.checkpointer import (
+    TRAIN_CONFIG,
+    check_checkpoint_kind,
+    check_resumable,
+    checkpoints,
+    resume_path,
+    set_aside_later,
+)
 from uptrain.training.config import TrainConfig
 from uptrain.training.loop import Trainer
 from uptrain.training.model import preflight
@@ -59,6 +66,8 @@ def run_training(
     elif not dry_run:
         check_run_folder(cfg, run_dir, overwrite)
     sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
+    if checkpoint is not None:
+        check_checkpoint_kind(checkpoint, sharded=sharding is not None)
     if sharding is not None:
         mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
     models, tokenizer = preflight(cfg)
