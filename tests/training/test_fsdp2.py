@@ -228,6 +228,27 @@ def test_a_sharded_step_checkpoint_exports_to_the_same_model(run_cli, runs: dict
     assert code == 1 and "is not an uptrain step checkpoint" in err and not (root / "nothing").exists()
 
 
+def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(run_cli, runs: dict) -> None:
+    """A missing, truncated or empty .distcp shard, or a truncated .metadata: one line naming the checkpoint."""
+    import shutil
+
+    good = runs["root"] / "two" / "checkpoints" / "step-00000030"
+    shards = sorted((good / "sharded").glob("*.distcp"))
+    damages = {
+        "missing": lambda c: (c / "sharded" / shards[-1].name).unlink(),
+        "truncated": lambda c: os.truncate(c / "sharded" / shards[0].name, 100),
+        "empty": lambda c: os.truncate(c / "sharded" / shards[0].name, 0),
+        "metadata": lambda c: os.truncate(c / "sharded" / ".metadata", 10),
+    }
+    for name, damage in damages.items():
+        copy = runs["root"] / "damaged" / name
+        shutil.copytree(good, copy)
+        damage(copy)
+        code, _, err = run_cli("export", copy, runs["root"] / f"out-{name}")
+        assert code == 1 and f"{copy}" in err and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 and not (runs["root"] / f"out-{name}").exists(), (name, err)
+
+
 def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: dict) -> None:
     root = runs["root"]
     assert "FSDP2 over 2 processes (cpu, precision bf16)" in runs["logs"]["bf16"]

@@ -213,6 +213,9 @@ def test_damaged_checkpoints_are_refused_in_one_line(run_cli, tiny_run: dict) ->
     state = damaged("state", lambda c: (c / "train_state.json").write_text("{garbage"))
     code, _, err = run_cli("export", state, tiny_run["root"] / "exported")
     assert code == 1 and "train_state.json is damaged" in err and "Traceback" not in err, err
+    cut = damaged("weights-cut", lambda c: os.truncate(c / "model.safetensors", 100))
+    code, _, err = run_cli("export", cut, tiny_run["root"] / "exported")
+    assert code == 1 and f"cannot read the weights of {cut}" in err and len(err.strip().splitlines()) == 1, err
     (run / "uptrain_run.json").write_text("{not json")
     code, _, err = run_cli("train", cfg, "--resume", "auto", "--budget.steps=6")
     assert code == 0 and "uptrain_run.json was damaged" in err, err

@@ -24,7 +24,7 @@ from uptrain.model.loading import load_tokenizer, read_model_config
 from uptrain.training.checkpointer import STATE_FILE, read_state
 from uptrain.training.config import TrainConfig
 from uptrain.training.model import write_model_folder
-from uptrain.training.sharding import SHARDED_FOLDER
+from uptrain.training.sharding import SHARDED_FOLDER, check_sharded_metadata
 
 REPLICATED_FILE = "model.safetensors"
 """accelerate's name for the (first) model of a saved state."""
@@ -64,6 +64,7 @@ def _weights(checkpoint: Path, kind: str, model: torch.nn.Module) -> dict[str, t
         return load_file(checkpoint / REPLICATED_FILE)
     import torch.distributed.checkpoint as dcp
 
+    check_sharded_metadata(checkpoint)
     template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
     state = {"model": template}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -90,8 +91,19 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
         where = Path(str(cfg.model.config))
         tokenizer_from = str(where.parent if where.is_file() else where)
     tokenizer = load_tokenizer(tokenizer_from, None if cfg.model.tokenizer else cfg.model.revision)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     model = _structure(cfg)
-    weights = _weights(checkpoint, kind, model)
+    try:
+        weights = _weights(checkpoint, kind, model)
+    except UptrainError:
+        raise
+    except (Exception, CheckpointException) as e:  # a missing, truncated or empty shard: many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UptrainError(
+            f"cannot read the weights of {checkpoint}: it is damaged or incomplete ({type(e).__name__}: {first}); "
+            "export another checkpoint"
+        ) from e
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()  # a replicated checkpoint stores a tied head once
     missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -200,10 +200,24 @@ class ShardedState:
             raise UptrainError(
                 f"{folder} is not a sharded (FSDP2) checkpoint; resume it with the launcher it was saved with"
             )
+        check_sharded_metadata(folder)
         model, optim = get_state_dict(self.model, self.optimizer)
         state = {"model": model, "optimizer": optim}
         dcp.load(state, checkpoint_id=str(folder / SHARDED_FOLDER))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def check_sharded_metadata(checkpoint: Path) -> None:
+    """Read a sharded checkpoint's DCP .metadata first, ourselves: when it is damaged, dcp.load logs a
+    traceback on the root logger before it raises."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.FileSystemReader(str(checkpoint / SHARDED_FOLDER)).read_metadata()
+    except Exception as e:
+        raise UptrainError(
+            f"{checkpoint / SHARDED_FOLDER / '.metadata'} is damaged ({type(e).__name__}); use another checkpoint"
+        ) from e
 
 
 def full_state_dict(model: torch.nn.Module, main_process: bool) -> dict[str, torch.Tensor]:
