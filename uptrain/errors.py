@@ -31,6 +31,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line for an error message (its type's name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def signal_exit_code(interrupt: KeyboardInterrupt) -> int:
     """128 + the signal number (130 for a plain Ctrl-C)."""
     return 128 + getattr(interrupt, "signum", 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from uptrain.errors import UptrainError
-from uptrain.io.reader import truncated
+from uptrain.io.reader import read_exactly
 from uptrain.io.tensors import TensorInfo
 from uptrain.model.shape import ModelShape
 
@@ -129,12 +130,7 @@ def file_finite(file: Path, offset: int, size: int, dtype: torch.dtype, name: st
         left = size
         while left:
             want = min(left, buffer.size)
-            got = 0
-            while got < want:
-                n = f.readinto(memoryview(buffer)[got:want])
-                if not n:
-                    raise truncated(file, name)
-                got += n
+            read_exactly(f, memoryview(buffer)[:want], name)
             ints = buffer[:want].view(np.dtype(str(bits[0]).removeprefix("torch.")))
             if not _finite_bits(ints, bits, ints):  # masked in place: the buffer is ours
                 return False
@@ -162,8 +158,6 @@ class FiniteReader:
     `wait` before the output is finished (it raises what they found) and `close` in any case."""
 
     def __init__(self, reader: Any, attention: Callable[[str], bool], warn: Callable[[str], None]) -> None:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
         self.reader, self.attention, self.warn = reader, attention, warn
         self.reported: set[str] = set()
         self.checked: set[str] = set()

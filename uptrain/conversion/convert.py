@@ -42,7 +42,7 @@ REFINED = ".refined"  # refined attention tensors, likewise
 
 def _as_stored(step: Step, reader: FiniteReader) -> tuple[Path, int, int] | None:
     """Where the bytes of a tensor written exactly as stored lie (checked); None for any other step."""
-    if step.op is not None or step.job is not None or reader.tensors[step.sources[0]].dtype != step.spec.dtype:
+    if not step.copied or reader.tensors[step.sources[0]].dtype != step.spec.dtype:
         return None
     return reader.copyable(step.sources[0])
 
@@ -51,8 +51,7 @@ def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
     """The step's output chunks; computed ones, and copies cast to a narrower range, are refused if
     non-finite. Copies that keep their range pass unchecked: the reader checked them (damaged sources
     pass as is)."""
-    copied = step.op is None and step.job is None
-    if copied and not cast_can_overflow(reader.tensors[step.sources[0]].dtype, step.spec.dtype):
+    if step.copied and not cast_can_overflow(reader.tensors[step.sources[0]].dtype, step.spec.dtype):
         yield from step.chunks(reader)
         return
     for chunk in step.chunks(reader):

@@ -64,6 +64,11 @@ class Step:
     job: Callable[[CheckpointReader], torch.Tensor] | None = None
     """Computes the tensor together with the rest of its layer (joint merges); overrides op."""
 
+    @property
+    def copied(self) -> bool:
+        """Read from its one source as stored (cast at most), not computed."""
+        return self.op is None and self.job is None
+
     def chunks(self, reader: CheckpointReader) -> Iterator[torch.Tensor]:
         """The output tensor in row pieces: copies stream through in chunks, merges come whole."""
         if self.job is not None:

@@ -15,10 +15,11 @@ import pickle
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.io.tensors import (
     PICKLE_INDEX,
     PICKLE_SINGLE,
@@ -126,8 +127,7 @@ class CheckpointReader:
         except pickle.UnpicklingError as e:  # weights_only refused an object: the file is not damaged
             raise UptrainError(f"pickle shard {path.name}: {refused_pickle(e)}") from e
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UptrainError(f"cannot read pickle shard {path.name} ({first}); download it again") from e
+            raise UptrainError(f"cannot read pickle shard {path.name} ({first_line(e)}); download it again") from e
         self._pickle_cache = (path, state)
         return state
 
@@ -162,12 +162,7 @@ class CheckpointReader:
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # writable, shares out's memory
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset + start * row_bytes)
-            done = 0
-            while done < len(view):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise truncated(info.file, info.name)
-                done += got
+            read_exactly(f, view, info.name)
         return out
 
     @property
@@ -175,8 +170,15 @@ class CheckpointReader:
         return sum(t.numel for t in self.tensors.values())
 
 
-def truncated(file: Path, name: str) -> UptrainError:
-    return UptrainError(
-        f"shard {file.name} ended inside tensor {name}: it was truncated or replaced while uptrain read it; "
-        "download it again"
-    )
+def read_exactly(f: BinaryIO, view: memoryview, name: str) -> None:
+    """Fill `view` from the open shard `f` at its position (plain reads may return less than asked);
+    a shard that ends first was truncated or replaced under the reader: one line naming tensor `name`."""
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise UptrainError(
+                f"shard {Path(f.name).name} ended inside tensor {name}: it was truncated or replaced while uptrain "
+                "read it; download it again"
+            )
+        done += got

@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from uptrain import config as configlib
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.io.folders import TRAIN_CONFIG
 from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
-from uptrain.training.sharding import ShardedState
+from uptrain.training.sharding import SHARDED_FOLDER, ShardedState
 
 STATE_FILE = "train_state.json"
 
@@ -61,8 +61,6 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def check_checkpoint_kind(checkpoint: Path, sharded: bool) -> None:
     """A sharded (FSDP2) checkpoint resumes only under FSDP2, a one-process/DDP one only without it."""
-    from uptrain.training.sharding import SHARDED_FOLDER
-
     is_sharded = (checkpoint / SHARDED_FOLDER).exists()
     if is_sharded and not sharded:
         raise UptrainError(
@@ -183,9 +181,8 @@ class Checkpointer:
         except UptrainError:
             raise
         except Exception as e:  # a truncated optimizer.bin, a missing shard, ...: torch and accelerate's many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UptrainError(
-                f"cannot resume from {checkpoint}: it is damaged ({type(e).__name__}: {first}); resume from an "
+                f"cannot resume from {checkpoint}: it is damaged ({type(e).__name__}: {first_line(e)}); resume from an "
                 "earlier checkpoint with --resume PATH"
             ) from e
 

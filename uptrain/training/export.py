@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from uptrain import config as configlib
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.io.folders import TRAIN_CONFIG
 from uptrain.io.hub import looks_like_repo_id
 from uptrain.model.loading import load_tokenizer, read_model_config
@@ -99,9 +99,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     except UptrainError:
         raise
     except (Exception, CheckpointException) as e:  # a missing, truncated or empty shard: many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UptrainError(
-            f"cannot read the weights of {checkpoint}: it is damaged or incomplete ({type(e).__name__}: {first}); "
+            f"cannot read the weights of {checkpoint}: it is damaged or incomplete ({type(e).__name__}: "
+            f"{first_line(e)}); "
             "export another checkpoint"
         ) from e
     model.load_state_dict(weights, strict=False, assign=True)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uptrain.errors import first_line
+
 METRICS = "metrics.jsonl"
 RUN_RECORD = "uptrain_run.json"
 """Every start and resume of a run: when, at which step, on what (versions, devices, processes), on which data."""
@@ -23,18 +25,20 @@ def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     import uuid
 
     path = Path(run_dir) / RUN_RECORD
-    record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
+    record = None
     if path.is_file():
         try:
             record = json.loads(path.read_text())
             if not isinstance(record, dict) or not isinstance(record.get("sessions"), list):
                 raise ValueError("not a run record")
         except ValueError as e:  # damaged: kept beside, a new record starts (the run itself is fine)
+            record = None
             damaged = path.with_name(f"{RUN_RECORD}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             path.rename(damaged)
-            print(f"uptrain train: {path} was damaged ({str(e).splitlines()[0]}); kept as {damaged.name}, "
+            print(f"uptrain train: {path} was damaged ({first_line(e)}); kept as {damaged.name}, "
                   "a new record starts", file=sys.stderr)  # fmt: skip
-            record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
+    if record is None:
+        record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
     record["sessions"].append(entry)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
