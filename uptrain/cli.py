@@ -24,7 +24,7 @@ from typing import Any
 
 from uptrain.config import Overrides
 from uptrain.device import check_launch_environment, is_main_process
-from uptrain.errors import Interrupted, Stopped, UptrainError, signal_exit_code
+from uptrain.errors import STOP_SIGNALS, Interrupted, Stopped, UptrainError, signal_exit_code
 from uptrain.io.tensors import refused_pickle
 from uptrain.version import __version__
 
@@ -152,10 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, target in COMMANDS.items():
         _add_command(sub, name, _load(target))
     return parser
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""What ends a terminal's work (Ctrl-C, kill, a closed terminal or ssh session): all clean up alike."""
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -4,6 +4,11 @@ Library code raises these; only the command line (`uptrain.cli`) turns them into
 stderr and an exit status.
 """
 
+import signal
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What ends a terminal's work (Ctrl-C, kill, a closed terminal or ssh session): all clean up alike."""
+
 
 class UptrainError(Exception):
     """A bad input or a failed step: the CLI prints `uptrain CMD: error: MESSAGE` and exits with `exit_code`."""

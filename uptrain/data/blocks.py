@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 
 from uptrain.data.config import DataConfig, mixture_parts
 from uptrain.data.documents import load_documents, texts
+from uptrain.data.forked import run_in_child
 from uptrain.errors import UptrainError
 
 HOLDOUT_PERCENT = 1  # streaming: documents whose text hashes into this percentage are held out
@@ -74,16 +76,22 @@ def pack_dataset(ds: Any, tokenizer: Any, cfg: DataConfig) -> Any:
     if procs > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     key = f"{ds._fingerprint}-{_token_fingerprint(tokenizer)}-{cfg.text_column}-{cfg.seq_len}-uptrain1"
-    blocks = ds.map(
-        packer(tokenizer, cfg.text_column, cfg.seq_len),
-        batched=True,
-        batch_size=1000,
-        remove_columns=ds.column_names,
-        num_proc=procs if procs > 1 else None,
-        features=Features({"input_ids": Sequence(Value("int32"), length=cfg.seq_len)}),
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
-        desc="tokenizing and packing",
-    )
+
+    def tokenize() -> Any:
+        return ds.map(
+            packer(tokenizer, cfg.text_column, cfg.seq_len),
+            batched=True,
+            batch_size=1000,
+            remove_columns=ds.column_names,
+            num_proc=procs if procs > 1 else None,
+            features=Features({"input_ids": Sequence(Value("int32"), length=cfg.seq_len)}),
+            new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+            desc="tokenizing and packing",
+        )
+
+    if procs > 1 and ds.cache_files:  # the pool runs apart, so that a signal stops it cleanly
+        run_in_child(tokenize, sorted({Path(f["filename"]).parent for f in ds.cache_files}), "tokenizing")
+    blocks = tokenize()  # multi-process: loads what the child cached
     if len(blocks) == 0:
         raise UptrainError(f"the data holds fewer than {cfg.seq_len} tokens: not one block of data.seq_len")
     return blocks.with_format("numpy")

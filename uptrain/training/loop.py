@@ -22,7 +22,7 @@ from uptrain import config as configlib
 from uptrain.data.blocks import BlockData, StreamData, prepare
 from uptrain.data.config import data_sources
 from uptrain.device import autocast_precision, device_name, environment, multi_process_cpu
-from uptrain.errors import Stopped
+from uptrain.errors import STOP_SIGNALS, Stopped
 from uptrain.training.budget import TrainBudget, mfu
 from uptrain.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
@@ -53,7 +53,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         for s in self._previous:
             signal.signal(s, self._handle)
 
