@@ -46,6 +46,37 @@ STOPPER = textwrap.dedent(
     """
 )
 
+# The real CLI; on rank 1 only, the disk fills while checkpoint step-20 is written: in accelerate's part
+# (FULL_IN=state: the other rank would wait in DCP's collective) or inside DCP's own write (FULL_IN=dcp).
+FILLER = textwrap.dedent(
+    """
+    import errno, os, sys
+    import accelerate.accelerator as accelerator
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    rank1 = os.environ["RANK"] == "1"
+    if os.environ["FULL_IN"] == "state":
+        real_state = accelerator.save_accelerator_state
+        def save_state(output_dir, *args, **kwargs):
+            if rank1 and "step-00000020" in str(output_dir):
+                full(output_dir)
+            return real_state(output_dir, *args, **kwargs)
+        accelerator.save_accelerator_state = save_state
+    else:
+        real_write = dcp_files._FileSystemWriter.write_data
+        def write_data(self, *args, **kwargs):
+            if rank1 and "step-00000020" in str(self.path):
+                full(self.path)
+            return real_write(self, *args, **kwargs)
+        dcp_files._FileSystemWriter.write_data = write_data
+    from uptrain.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
 
 def environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
@@ -278,3 +309,38 @@ def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> N
     start, end = tensors(tiny["model"]), tensors(root / "frozen-two" / "model")
     moved = {n for n in start if not torch.equal(start[n], end[n])}
     assert moved and all(".self_attn." in n for n in moved)
+
+
+def _fill_disk_on_rank_1(root: Path, config: Path, phase: str) -> tuple[int, str, Path]:
+    filler = root / "filler.py"
+    filler.write_text(FILLER)
+    out = root / f"full-{phase}"
+    proc = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                      program=[str(filler), *train(config, out)[2:]], env=environment(FULL_IN=phase))  # fmt: skip
+    code, err = finish(proc)
+    return code, err, out
+
+
+def _assert_stopped_on_a_full_disk(code: int, err: str, out: Path) -> None:
+    assert code == 1, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("uptrain train: error:")]
+    assert ours and all("cannot write checkpoint step-00000020" in line for line in ours), err[-3000:]
+    assert all("make room" in line and "resume from step-00000010, which is intact" in line for line in ours), ours
+    assert any(": the disk is full (" in line for line in ours), ours  # rank 1's own line
+    assert not [line for line in err.splitlines() if line.startswith("[rank")], "a worker printed a traceback"
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000010"]  # intact, no partial folder
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(runs: dict) -> None:
+    """accelerate's part of the checkpoint fails on rank 1 only: without agreeing first, rank 0 would wait
+    in DCP's collective for ever."""
+    root = runs["root"]
+    code, err, out = _fill_disk_on_rank_1(root, root / "run.yaml", "state")
+    _assert_stopped_on_a_full_disk(code, err, out)
+
+
+@pytest.mark.slow  # one more launch (~12 s)
+def test_a_full_disk_inside_dcp_on_one_rank_stops_every_rank_in_one_line(runs: dict) -> None:
+    root = runs["root"]
+    code, err, out = _fill_disk_on_rank_1(root, root / "run.yaml", "dcp")
+    _assert_stopped_on_a_full_disk(code, err, out)

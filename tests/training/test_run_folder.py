@@ -220,3 +220,102 @@ def test_damaged_checkpoints_are_refused_in_one_line(run_cli, tiny_run: dict) ->
     code, _, err = run_cli("train", cfg, "--resume", "auto", "--budget.steps=6")
     assert code == 0 and "uptrain_run.json was damaged" in err, err
     assert len(list(run.glob("uptrain_run.json.damaged-*"))) == 1
+
+
+def test_a_full_disk_while_checkpointing_stops_in_one_line_and_keeps_the_last_checkpoint(
+    run_cli, tiny_run: dict, monkeypatch
+) -> None:
+    """torch.save at the second checkpoint writes part of its file, then the disk is full: torch's own
+    writer then raises a RuntimeError with no OS error in it (as on a real full disk)."""
+    cfg = config(tiny_run)
+    run, real_save, saves = Path(tiny_run["config"]["out"]), torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if "step-00000020" in str(f):
+            Path(f).write_bytes(b"\0" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        saves.append(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save_until_full)
+        m.setattr("uptrain.io.folders.LOW_SPACE", 2**62)  # this disk is not full: say it is
+        code, _, err = run_cli("train", cfg)
+    assert saves, "the injected failure was never reached"
+    assert code == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"uptrain train: error: cannot write checkpoint step-00000020 in {run / 'checkpoints'}: the disk is probably "
+        "full ("
+    ), line
+    assert "free there; RuntimeError: [enforce fail" in line, line
+    assert line.endswith("make room or lower checkpoint.keep, then resume from step-00000010, which is intact"), line
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-00000010"]  # no partial folder
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "checkpoints" / "step-00000010").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # readable by others (umask 022), weights included
+    code, _, err = run_cli("train", cfg, "--resume", "auto")
+    assert code == 0 and "at step 10" in err, err
+
+
+def test_an_os_error_while_checkpointing_names_it(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = config(tiny_run)
+    real_save = torch.save
+
+    def quota(obj, f, *args, **kwargs):
+        raise OSError(122, "Disk quota exceeded", str(f))
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", quota)
+        code, _, err = run_cli("train", cfg)
+    assert real_save is torch.save
+    assert code == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "cannot write checkpoint step-00000010" in line and "the disk quota is used up (" in line, line
+    assert line.endswith("make room or lower checkpoint.keep; no checkpoint was saved yet"), line
+    assert not (Path(tiny_run["config"]["out"]) / "checkpoints" / ".step-00000010.partial").exists()
+
+
+def _full_disk_for_weights(m) -> None:
+    """safetensors' writer on a full disk: its own error type, the OS error only in the text."""
+    import safetensors
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    m.setattr("transformers.modeling_utils.safe_save_file", full)
+
+
+def test_a_full_disk_for_the_final_model_names_the_export_that_writes_it_later(
+    run_cli, tiny_run: dict, monkeypatch
+) -> None:
+    cfg = config(tiny_run)
+    run = Path(tiny_run["config"]["out"])
+    with monkeypatch.context() as m:
+        _full_disk_for_weights(m)
+        code, _, err = run_cli("train", cfg)
+    assert code == 1 and "Traceback" not in err, err
+    step = run / "checkpoints" / "step-00000030"
+    assert err.strip().splitlines()[-1] == (
+        f"uptrain train: error: cannot write {run / 'model'}: the disk is full ("
+        + err.split("the disk is full (")[1].split(")")[0]
+        + f"); nothing was written there; after making room, `uptrain export {step} {run / 'model'}` writes it"
+    ), err
+    assert not (run / "model").exists() and step.is_dir()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "a temporary folder was left"
+    code, _, err = run_cli("export", step, run / "model")
+    assert code == 0, err
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(run_cli, tiny_run: dict, monkeypatch) -> None:
+    cfg = config(tiny_run, budget={"steps": 10})
+    assert run_cli("train", cfg)[0] == 0
+    step = Path(tiny_run["config"]["out"]) / "checkpoints" / "step-00000010"
+    out = tiny_run["root"] / "exported"
+    with monkeypatch.context() as m:
+        _full_disk_for_weights(m)
+        code, _, err = run_cli("export", step, out)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().startswith(f"uptrain export: error: cannot write {out}: the disk is full ("), err
+    assert err.strip().endswith("free there); nothing was written there") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".exported")]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.io.ownership import OutputLock, check_replaceable, clean_stale_temporaries
 from uptrain.io.tensors import PICKLE_INDEX, SAFE_INDEX, WEIGHT_SUFFIXES
+from uptrain.units import format_bytes
 
 CONVERSION_RECORD = "uptrain_conversion.json"
 """What `uptrain convert` did, written into every converted folder (and carried into trained models)."""
@@ -91,11 +94,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[str | Pa
         lock.release()
         raise
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; OUT gets the usual permissions
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders; OUT gets the usual permissions
         yield tmp
-        _respect_umask(tmp, umask)
+        respect_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.uptrain-old-", dir=out.parent))
             os.replace(out, old / "old")
@@ -112,9 +113,18 @@ def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[str | Pa
         lock.release()
 
 
-def _respect_umask(folder: Path, umask: int) -> None:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put it back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def respect_umask(folder: Path) -> None:
     """Files as the user's umask says (0644 with the usual 022): libraries that write through private
-    temporary files (transformers' weights) leave them 0600, which others on a shared cluster cannot read."""
+    temporary files (transformers' and accelerate's weights) leave them 0600, which others on a shared
+    cluster cannot read."""
+    umask = current_umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             executable = path.stat().st_mode & 0o111
@@ -125,3 +135,37 @@ def read_config(folder: Path) -> dict[str, Any]:
     """config.json of a checkpoint folder, as a dict."""
     missing = f"no config.json in {folder}; SRC must be a Hugging Face checkpoint folder"
     return read_json_object(Path(folder) / "config.json", missing)
+
+
+LOW_SPACE = 64 * 2**20
+"""Bytes free below which a failed write is put down to a full disk (torch's zip writer loses the OS error)."""
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+
+
+def write_failure(error: BaseException, where: Path) -> str | None:
+    """Why writing under `where` failed, in words, with the space left there — or None when `error` does
+    not look like a failed write (no OS error in it, its causes or any DCP process's failure, and space
+    left): then it is a bug to report as it is."""
+    errors, seen = [error], []
+    code: int | None = None
+    while errors and code is None:
+        e = errors.pop()
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno is not None:
+            code = e.errno
+        elif match := re.search(r"\(os error (\d+)\)", str(e)):  # safetensors' own error type
+            code = int(match.group(1))
+        errors += [c for c in (e.__cause__, e.__context__) if c is not None]
+        errors += [f[0] for f in getattr(e, "failures", {}).values() if isinstance(f, tuple)]  # DCP: per process
+    folder = next(p for p in [Path(where).absolute(), *Path(where).absolute().parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    space = f"{format_bytes(free)} free there"
+    if code is not None:
+        return f"{_FULL.get(code) or os.strerror(code)} ({space})"
+    if free < LOW_SPACE:
+        while getattr(error, "failures", None):  # DCP: the first process's own failure
+            error = next(iter(error.failures.values()))[0]
+        return f"the disk is probably full ({space}; {type(error).__name__}: {first_line(error)})"
+    return None

@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from uptrain import config as configlib
 from uptrain.errors import UptrainError, first_line
-from uptrain.io.folders import TRAIN_CONFIG
+from uptrain.io.folders import TRAIN_CONFIG, respect_umask, write_failure
 from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
 from uptrain.training.sharding import SHARDED_FOLDER, ShardedState
 
@@ -138,6 +140,15 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         )
 
 
+def any_process_failed(acc: Any, failed: bool) -> bool:
+    """Whether `failed` holds on any process: a collective, which every process must reach (so that
+    all stop together instead of some waiting for ever in the next one)."""
+    if acc.num_processes == 1:
+        return failed
+    flag = torch.tensor([float(failed)], device=acc.device)
+    return bool(acc.reduce(flag, "sum").item() > 0)
+
+
 class Checkpointer:
     """Saves a run's checkpoints from every process (accelerate writes each process's part; under
     FSDP2 the sharded model and optimizer go into a DCP folder beside it, one file per rank), then the
@@ -158,19 +169,53 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        # Each phase's failure (a full disk, a quota) is agreed on by every process before the next
+        # collective, so that all stop together with one message and the previous checkpoint intact.
+        self._agreed(final, tmp, lambda: acc.save_state(str(tmp)))
         if self.sharded is not None:
-            self.sharded.save(tmp)
+            self._agreed(final, tmp, lambda: self.sharded.save(tmp))
         acc.wait_for_everyone()
+        self._agreed(final, tmp, lambda: self._finish(tmp, state) if acc.is_main_process else None)
         if acc.is_main_process:
-            configlib.dump(self.cfg, tmp / TRAIN_CONFIG)
-            info = {"step": state.step, "tokens": state.tokens, "time": time.time()}
-            (tmp / STATE_FILE).write_text(json.dumps(info) + "\n")
             tmp.rename(final)
             for old in checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _finish(self, tmp: Path, state: TrainState) -> None:
+        configlib.dump(self.cfg, tmp / TRAIN_CONFIG)
+        info = {"step": state.step, "tokens": state.tokens, "time": time.time()}
+        (tmp / STATE_FILE).write_text(json.dumps(info) + "\n")
+        respect_umask(tmp)  # accelerate writes the weights 0600
+
+    def _agreed(self, final: Path, tmp: Path, write: Callable[[], Any]) -> None:
+        """Run one phase of writing a checkpoint on every process; when it failed on any of them, remove
+        the partial checkpoint and raise UptrainError on all of them."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        error: BaseException | None = None
+        try:
+            write()
+        except (Exception, CheckpointException) as e:  # torch, safetensors and DCP raise many types
+            error = e
+        if not any_process_failed(self.acc, error is not None):
+            return
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        latest = self.latest()
+        kept = "; no checkpoint was saved yet"
+        if latest is not None:
+            kept = f", then resume from {latest.name}, which is intact"
+        if error is None:
+            reason = "another process could not write its part (see its message)"
+        else:
+            reason = write_failure(error, final.parent) or f"{type(error).__name__}: {first_line(error)}"
+        raise UptrainError(
+            f"cannot write checkpoint {final.name} in {final.parent}: {reason}; "
+            f"make room or lower checkpoint.keep{kept}"
+        ) from error
 
     def load(self, checkpoint: Path) -> None:
         """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""

@@ -328,7 +328,9 @@ class Trainer:
         else:
             weights = acc.get_state_dict(self.model)
         progress = {"step": self.state.step, "tokens": self.state.tokens, **last}
-        save_final_model(acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress)
+        save_final_model(
+            acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress, self.checkpointer.latest()
+        )
         acc.end_training()  # closes the trackers and the process group: after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}

@@ -18,11 +18,12 @@ from uptrain.data.documents import expand_files
 from uptrain.device import compute_device, inference_dtype
 from uptrain.errors import UptrainError
 from uptrain.io.cards import licence_files, source_licence, write_card
-from uptrain.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir
+from uptrain.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir, write_failure
 from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
 from uptrain.model.loading import load_tokenizer, read_model_config
 from uptrain.model.shape import count_parameters
+from uptrain.training.checkpointer import any_process_failed
 from uptrain.training.config import DistillConfig, ModelConfig, OptimConfig, TrainConfig
 
 
@@ -208,10 +209,22 @@ def save_final_model(
     cfg: TrainConfig,
     out: Path,
     progress: dict[str, Any] | None = None,
+    checkpoint: Path | None = None,
 ) -> None:
-    """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process)."""
+    """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process).
+    When it cannot be written (a full disk), every process raises UptrainError, naming `checkpoint`: the
+    final step's checkpoint, from which `uptrain export` writes the same folder later."""
+    error: UptrainError | None = None
     if acc.is_main_process:
-        write_model_folder(acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True, progress=progress)
+        try:
+            write_model_folder(
+                acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True, progress=progress
+            )
+        except UptrainError as e:
+            error = e
+    if any_process_failed(acc, error is not None):
+        hint = f"; after making room, `uptrain export {checkpoint} {out}` writes it" if checkpoint else ""
+        raise UptrainError(f"{error or 'the main process could not write the final model'}{hint}")
     acc.wait_for_everyone()
 
 
@@ -235,27 +248,48 @@ def write_model_folder(
     state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
     model.config.dtype = dtype
     model.config.use_cache = True
-    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        configlib.dump(cfg, tmp / TRAIN_CONFIG)
-        conversion = None
-        source = Path(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() else None
-        if source is not None and (source / CONVERSION_RECORD).is_file():
-            shutil.copy2(source / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
-            conversion = json.loads((source / CONVERSION_RECORD).read_text())
-        if source is not None:
-            licence_files(source, tmp)
-        write_card(
-            tmp,
-            title=f"{Path(out).parent.name if Path(out).name == 'model' else Path(out).name} (uptrained)",
-            conversion=conversion,
-            training=training_summary(cfg, progress or {}),
-            base_model=None if conversion else cfg.model.path,
-            licence=source_licence(source) if source is not None else None,
-        )
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
+    try:
+        with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+            _write_model(model, state_dict, tokenizer, cfg, out, tmp, extra, progress)
+    except UptrainError:
+        raise
+    except Exception as e:  # OSError, safetensors' own error, torch's RuntimeError: keep it if not a failed write
+        reason = write_failure(e, Path(out).parent)
+        if reason is None:
+            raise
+        raise UptrainError(f"cannot write {out}: {reason}; nothing was written there") from e
+
+
+def _write_model(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    tmp: Path,
+    extra: dict[str, str] | None,
+    progress: dict[str, Any] | None,
+) -> None:
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    configlib.dump(cfg, tmp / TRAIN_CONFIG)
+    conversion = None
+    source = Path(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() else None
+    if source is not None and (source / CONVERSION_RECORD).is_file():
+        shutil.copy2(source / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+        conversion = json.loads((source / CONVERSION_RECORD).read_text())
+    if source is not None:
+        licence_files(source, tmp)
+    write_card(
+        tmp,
+        title=f"{Path(out).parent.name if Path(out).name == 'model' else Path(out).name} (uptrained)",
+        conversion=conversion,
+        training=training_summary(cfg, progress or {}),
+        base_model=None if conversion else cfg.model.path,
+        licence=source_licence(source) if source is not None else None,
+    )
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
 
 
 def training_summary(cfg: TrainConfig, progress: dict[str, Any]) -> dict[str, str]:
