@@ -263,6 +263,7 @@ def test_inputs_refused_before_any_work(run_cli, models, tmp_path: Path) -> None
         (["--tasks", ","], "names no task"),
         (["--json", str(tmp_path)], "is a folder"),
         (["--json", "/proc/nowhere/e.json"], "cannot write there"),
+        (["--json", str(models["corpus"] / "doc0000.txt" / "e.json")], "doc0000.txt is a file, not a folder"),
         (["--tasks", "x", "--log-samples", "/proc/nowhere/s"], "--log-samples /proc/nowhere/s: cannot create it"),
         (["--tasks", "x", "--log-samples", str(models["corpus"] / "doc0000.txt")], "is a file; give a folder"),
         (["--tasks", "x", "--tasks-include", str(tmp_path / "missing")], "is not a folder"),

@@ -169,11 +169,9 @@ def _check_writable_file(path: Path) -> None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if (
-        not parent.is_dir()
-        or not os.access(parent, os.W_OK | os.X_OK)
-        or (path.exists() and not os.access(path, os.W_OK))
-    ):
+    if not parent.is_dir():
+        raise UptrainError(f"--json {path}: {parent} is a file, not a folder; choose another file")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UptrainError(f"--json {path}: cannot write there (permission denied); choose another file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,306 @@
+"""Every command against damaged and wrong inputs, as a new user would type them: count the Python
+tracebacks, the wrong exit statuses and the errors that are not one line.
+
+    python -m scripts.reliability_sweep --out runs/sweep          # ~4 min on 2 cores
+
+Each case runs `python -m uptrain ...` in a fresh process (what a user sees), on a tiny Llama built here.
+Expected: exit 1 with a last line `uptrain CMD: error: ...` (2 with `usage:` for a malformed command
+line, 141 and nothing on stderr for a closed stdout), never a traceback. The table goes to stdout and
+OUT/sweep.json; the exit status is 1 when any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    status: int = 1
+    close_stdout: bool = False
+
+
+def build(work: Path) -> dict[str, Path]:
+    """The inputs the cases damage: a tiny MHA source, its GQA conversion, text, a trained run."""
+    from uptrain import convert
+    from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+
+    mha = save_tiny_llama(work / "mha")
+    save_word_tokenizer(mha)
+    gqa = work / "gqa"
+    convert(str(mha), str(gqa), num_kv_heads=2, quiet=True)
+    corpus = write_corpus(work / "corpus", docs=300)
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
+    cfg["model"]["path"] = str(gqa)
+    cfg["data"]["files"] = [str(corpus / "*.txt")]
+    cfg["budget"]["steps"] = 10
+    cfg["checkpoint"]["every"] = 10
+    cfg["out"] = str(work / "run")
+    config = work / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "uptrain", "train", str(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the reference run failed:\n{done.stderr[-2000:]}")
+    return {"mha": mha, "gqa": gqa, "corpus": corpus, "config": config, "run": work / "run"}
+
+
+def damaged(work: Path, base: dict[str, Path]) -> dict[str, Path]:
+    """Copies of the inputs, each broken in one way."""
+    d: dict[str, Path] = {}
+
+    def copy(name: str, src: Path) -> Path:
+        d[name] = work / "damaged" / name
+        shutil.copytree(src, d[name])
+        return d[name]
+
+    shard = sorted(base["mha"].glob("model-*.safetensors"))[0]
+    os.truncate(copy("truncated_shard", base["mha"]) / shard.name, 100)
+    (copy("no_config", base["mha"]) / "config.json").unlink()
+    (copy("config_not_json", base["mha"]) / "config.json").write_text("{not json")
+    (copy("readme_not_utf8", base["mha"]) / "README.md").write_bytes(b"\xff\xfe caf\xe9")
+    index = copy("index_names_missing", base["mha"]) / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.extra.weight"] = shard.name
+    index.write_text(json.dumps(data))
+    gpt2 = copy("unsupported_family", base["mha"]) / "config.json"
+    gpt2.write_text(json.dumps({**json.loads(gpt2.read_text()), "model_type": "gpt2"}))
+    pickled = copy("pickle_only", base["gqa"])
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04\x95 not a torch pickle at all")
+    step = base["run"] / "checkpoints" / "step-00000010"
+    (copy("ckpt_config_not_yaml", step) / "uptrain_train.yaml").write_text("- just\n- a list\n")
+    os.truncate(copy("ckpt_truncated_optimizer", step) / "optimizer.bin", 50)
+    (copy("ckpt_bad_state", step) / "train_state.json").write_text("{")
+    os.truncate(copy("ckpt_truncated_weights", step) / "model.safetensors", 200)
+    sharded = copy("ckpt_sharded_without_launcher", step)
+    (sharded / "model.safetensors").unlink()
+    (sharded / "sharded").mkdir()
+    (sharded / "sharded" / ".metadata").write_bytes(b"\0" * 16)
+    run = work / "damaged" / "run_bad_record"
+    shutil.copytree(base["run"], run)
+    (run / "uptrain_run.json").write_text("{broken")
+    d["run_bad_record"] = run
+    texts = work / "damaged" / "texts"
+    texts.mkdir(parents=True)
+    for name, rows in {
+        "null.jsonl": [{"text": "a b c"}, {"text": None}],
+        "number.jsonl": [{"text": 42}],
+        "no_text.jsonl": [{"body": "a b c"}],
+    }.items():
+        (texts / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        d[name] = texts / name
+    (texts / "empty.txt").write_text("   \n")
+    d["empty.txt"] = texts / "empty.txt"
+    return d
+
+
+def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]:
+    out = work / "outs"
+    mha, gqa, cfg, step = base["mha"], base["gqa"], base["config"], base["run"] / "checkpoints" / "step-00000010"
+    conv = ["--num-kv-heads", "2", "--quiet"]
+    train = ["train", str(cfg)]
+    o = lambda name: str(out / name)  # noqa: E731 - a fresh output path per case
+    c = [
+        # convert
+        Case("convert: missing source", ["convert", str(work / "nope"), o("c1"), *conv]),
+        Case("convert: no config.json", ["convert", str(bad["no_config"]), o("c2"), *conv]),
+        Case("convert: config.json not JSON", ["convert", str(bad["config_not_json"]), o("c3"), *conv]),
+        Case("convert: G does not divide the heads", ["convert", str(mha), o("c4"), "--num-kv-heads", "3"]),
+        Case("convert: truncated shard", ["convert", str(bad["truncated_shard"]), o("c5"), *conv]),
+        Case("convert: index names a missing tensor", ["convert", str(bad["index_names_missing"]), o("c6"), *conv]),
+        Case("convert: OUT exists", ["convert", str(mha), str(gqa), *conv]),
+        Case("convert: OUT is a file", ["convert", str(mha), str(bad["empty.txt"]), *conv]),
+        Case("convert: pickle-only source", ["convert", str(bad["pickle_only"]), o("c9"), "--num-kv-heads", "1"]),
+        Case(
+            "convert: pickle weights_only rejects",
+            ["convert", str(bad["pickle_only"]), o("c9b"), "--num-kv-heads", "1", "--allow-pickle"],
+        ),  # fmt: skip
+        Case("convert: unsupported family", ["convert", str(bad["unsupported_family"]), o("c10"), *conv]),
+        Case(
+            "convert: empty calibration",
+            ["convert", str(mha), o("c11"), *conv, "--method", "svd", "--calibration", str(bad["empty.txt"])],
+        ),  # fmt: skip
+        Case(
+            "convert: missing calibration file",
+            ["convert", str(mha), o("c12"), *conv, "--method", "svd", "--calibration", str(work / "nope.txt")],
+        ),  # fmt: skip
+        Case("convert: Hub id offline", ["convert", "meta-llama/Llama-2-7b-hf", o("c13"), *conv]),
+        Case("convert: bad --push-to-hub name", ["convert", str(mha), o("c14"), *conv, "--push-to-hub", "me/a--b"]),
+        Case("convert: non-UTF-8 README", ["convert", str(bad["readme_not_utf8"]), o("c15"), *conv], status=0),
+        Case("convert: WORLD_SIZE=abc", ["convert", str(mha), o("c16"), *conv], env={"WORLD_SIZE": "abc"}),
+        # an empty variable is an unset one, as in the shell: the conversion runs
+        Case("convert: WORLD_SIZE empty", ["convert", str(mha), o("c17"), *conv], env={"WORLD_SIZE": ""}, status=0),
+        Case("convert: --num-kv-heads abc", ["convert", str(mha), o("c18"), "--num-kv-heads", "abc"], status=2),
+        # inspect
+        Case("inspect: missing folder", ["inspect", str(work / "nope")]),
+        Case("inspect: config not JSON", ["inspect", str(bad["config_not_json"])]),
+        Case("inspect: stdout closed early", ["inspect", str(mha)], status=141, close_stdout=True),
+        # train
+        Case("train: missing config", ["train", str(work / "nope.yaml")]),
+        Case("train: config not a mapping", ["train", str(bad["ckpt_config_not_yaml"] / "uptrain_train.yaml")]),
+        Case("train: unknown key", [*train, "--optim.lrr=1"]),
+        Case("train: malformed override", [*train, "--optim.lr=[1,"]),
+        Case("train: YAML tag in override", [*train, "--optim.lr=!!python/object:os.system x"]),
+        Case("train: unknown tracker", [*train, "--logging.trackers=[tensorbaord]"]),
+        Case("train: out is the model", [*train, f"--out={gqa}"]),
+        Case("train: files match nothing", [*train, f"--data.files=[{work / 'nothing'}/*.txt]", f"--out={o('t1')}"]),
+        Case("train: text null", [*train, f"--data.files=[{bad['null.jsonl']}]", f"--out={o('t2')}"]),
+        Case("train: text a number", [*train, f"--data.files=[{bad['number.jsonl']}]", f"--out={o('t3')}"]),
+        Case("train: no text column", [*train, f"--data.files=[{bad['no_text.jsonl']}]", f"--out={o('t4')}"]),
+        Case(
+            "train: mixture weights overflow",
+            [
+                *train,
+                f"--out={o('t5')}",
+                "--data.files=[]",
+                f"--data.mixture=[{{label: a, weight: 1e308, files: [{base['corpus']}/*.txt]}}, "
+                f"{{label: b, weight: 1e308, files: [{base['corpus']}/*.txt]}}]",
+            ],
+        ),  # fmt: skip
+        Case(
+            "train: mixture source matches nothing (dry run)",
+            [
+                *train,
+                "--dry-run",
+                "--data.files=[]",
+                f"--data.mixture=[{{label: a, weight: 1, files: [{work / 'nothing'}/*.txt]}}]",
+            ],
+        ),  # fmt: skip
+        Case("train: resume a non-checkpoint", [*train, f"--out={o('t6')}", "--resume", str(work)]),
+        Case(
+            "train: resume, saved config a list",
+            [*train, f"--out={o('t7')}", "--resume", str(bad["ckpt_config_not_yaml"])],
+        ),  # fmt: skip
+        Case(
+            "train: resume, truncated optimizer",
+            [*train, f"--out={o('t8')}", "--resume", str(bad["ckpt_truncated_optimizer"])],
+        ),  # fmt: skip
+        Case(
+            "train: resume, bad train_state.json", [*train, f"--out={o('t9')}", "--resume", str(bad["ckpt_bad_state"])]
+        ),  # fmt: skip
+        Case(
+            "train: resume, sharded without launcher",
+            [*train, f"--out={o('t10')}", "--resume", str(bad["ckpt_sharded_without_launcher"])],
+        ),  # fmt: skip
+        Case(
+            "train: resume, corrupt uptrain_run.json",
+            [*train, f"--out={bad['run_bad_record']}", "--resume", "auto", "--budget.steps=12"],
+            status=0,
+        ),  # fmt: skip
+        Case("train: pickle model", [*train, f"--model.path={bad['pickle_only']}", f"--out={o('t11')}"]),
+        Case("train: NNODES=two", [*train, "--dry-run"], env={"NNODES": "two"}, status=0),
+        # eval
+        Case("eval: missing model", ["eval", str(work / "nope"), "--no-speed"]),
+        Case("eval: missing reference", ["eval", str(gqa), "--reference", str(work / "nope"), "--no-speed"]),
+        Case("eval: pickle model", ["eval", str(bad["pickle_only"]), "--no-speed"]),
+        Case(
+            "eval: --log-samples cannot be created",
+            ["eval", str(gqa), "--tasks", "arc_easy", "--log-samples", str(bad["empty.txt"] / "x")],
+        ),  # fmt: skip
+        Case(
+            "eval: --tasks-include missing", ["eval", str(gqa), "--tasks", "x", "--tasks-include", str(work / "nope")]
+        ),  # fmt: skip
+        Case(
+            "eval: --json under a file", ["eval", str(gqa), "--json", str(bad["empty.txt"] / "r.json"), "--no-speed"]
+        ),  # fmt: skip
+        Case("eval: malformed override", ["eval", str(gqa), "--data.seq_len=[1,"]),
+        Case("eval: text null", ["eval", str(gqa), f"--data.files=[{bad['null.jsonl']}]", "--no-speed"]),
+        Case("eval: no text column", ["eval", str(gqa), f"--data.files=[{bad['no_text.jsonl']}]", "--no-speed"]),
+        # export
+        Case("export: not a checkpoint", ["export", str(base["run"]), o("e1")]),
+        Case("export: truncated weights", ["export", str(bad["ckpt_truncated_weights"]), o("e2")]),
+        Case("export: bad train_state.json", ["export", str(bad["ckpt_bad_state"]), o("e3")]),
+        Case("export: damaged sharded", ["export", str(bad["ckpt_sharded_without_launcher"]), o("e4")]),
+        Case("export: OUT exists", ["export", str(step), str(gqa)]),
+        Case("export: bad --push-to-hub name", ["export", str(step), o("e5"), "--push-to-hub", "x.git"]),
+        # plan
+        Case("plan: bad memory", ["plan", str(gqa), "--memory", "80XB"]),
+        Case("plan: missing model", ["plan", str(work / "nope"), "--memory", "80GB"]),
+        Case("plan: unknown option", ["plan", "--frobnicate"], status=2),
+    ]
+    return c
+
+
+def run_case(case: Case) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **case.env}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uptrain", *case.args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    if case.close_stdout:
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait()
+    else:
+        _, err = proc.communicate()
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line and "step/s]" not in line]
+    last = lines[-1] if lines else ""
+    traceback = "Traceback (most recent call last)" in err
+    command = case.args[0]
+    if case.status == 0:
+        said = True
+    elif case.status == 2:
+        said = last.startswith(f"uptrain {command}: error:") or last.startswith("uptrain: error:")
+    elif case.status == 141:
+        said = not err.strip()
+    else:
+        said = last.startswith(f"uptrain {command}: error: ")
+    return {
+        "case": case.name,
+        "status": proc.returncode,
+        "expected": case.status,
+        "traceback": traceback,
+        "one_line": said,
+        "ok": proc.returncode == case.status and not traceback and said,
+        "seconds": round(time.monotonic() - start, 1),
+        "last_line": last[:300],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="A folder for the inputs, outputs and sweep.json.")
+    parser.add_argument("--jobs", type=int, default=2, help="Cases run at once.")
+    args = parser.parse_args()
+    work = args.out.absolute()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base = build(work)
+    todo = cases(work, base, damaged(work, base))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run_case, todo))
+    width = max(len(r["case"]) for r in results)
+    for r in results:
+        mark = "ok " if r["ok"] else "BAD"
+        print(f"{mark} {r['case']:<{width}}  exit {r['status']:>3}  {r['last_line'][:110]}")
+    summary = {
+        "cases": len(results),
+        "tracebacks": sum(r["traceback"] for r in results),
+        "wrong_status": sum(r["status"] != r["expected"] for r in results),
+        "not_one_line": sum(not r["one_line"] for r in results),
+        "failed": sum(not r["ok"] for r in results),
+    }
+    print(json.dumps(summary))
+    (work / "sweep.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1) + "\n")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
