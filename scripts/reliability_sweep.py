@@ -115,7 +115,10 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
     mha, gqa, cfg, step = base["mha"], base["gqa"], base["config"], base["run"] / "checkpoints" / "step-00000010"
     conv = ["--num-kv-heads", "2", "--quiet"]
     train = ["train", str(cfg)]
-    o = lambda name: str(out / name)  # noqa: E731 - a fresh output path per case
+
+    def o(name: str) -> str:  # a fresh output path per case
+        return str(out / name)
+
     c = [
         # convert
         Case("convert: missing source", ["convert", str(work / "nope"), o("c1"), *conv]),
@@ -130,16 +133,16 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
         Case(
             "convert: pickle weights_only rejects",
             ["convert", str(bad["pickle_only"]), o("c9b"), "--num-kv-heads", "1", "--allow-pickle"],
-        ),  # fmt: skip
+        ),
         Case("convert: unsupported family", ["convert", str(bad["unsupported_family"]), o("c10"), *conv]),
         Case(
             "convert: empty calibration",
             ["convert", str(mha), o("c11"), *conv, "--method", "svd", "--calibration", str(bad["empty.txt"])],
-        ),  # fmt: skip
+        ),
         Case(
             "convert: missing calibration file",
             ["convert", str(mha), o("c12"), *conv, "--method", "svd", "--calibration", str(work / "nope.txt")],
-        ),  # fmt: skip
+        ),
         Case("convert: Hub id offline", ["convert", "meta-llama/Llama-2-7b-hf", o("c13"), *conv]),
         Case("convert: bad --push-to-hub name", ["convert", str(mha), o("c14"), *conv, "--push-to-hub", "me/a--b"]),
         Case("convert: non-UTF-8 README", ["convert", str(bad["readme_not_utf8"]), o("c15"), *conv], status=0),
@@ -172,7 +175,7 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
                 f"--data.mixture=[{{label: a, weight: 1e308, files: [{base['corpus']}/*.txt]}}, "
                 f"{{label: b, weight: 1e308, files: [{base['corpus']}/*.txt]}}]",
             ],
-        ),  # fmt: skip
+        ),
         Case(
             "train: mixture source matches nothing (dry run)",
             [
@@ -181,28 +184,28 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
                 "--data.files=[]",
                 f"--data.mixture=[{{label: a, weight: 1, files: [{work / 'nothing'}/*.txt]}}]",
             ],
-        ),  # fmt: skip
+        ),
         Case("train: resume a non-checkpoint", [*train, f"--out={o('t6')}", "--resume", str(work)]),
         Case(
             "train: resume, saved config a list",
             [*train, f"--out={o('t7')}", "--resume", str(bad["ckpt_config_not_yaml"])],
-        ),  # fmt: skip
+        ),
         Case(
             "train: resume, truncated optimizer",
             [*train, f"--out={o('t8')}", "--resume", str(bad["ckpt_truncated_optimizer"])],
-        ),  # fmt: skip
+        ),
         Case(
             "train: resume, bad train_state.json", [*train, f"--out={o('t9')}", "--resume", str(bad["ckpt_bad_state"])]
-        ),  # fmt: skip
+        ),
         Case(
             "train: resume, sharded without launcher",
             [*train, f"--out={o('t10')}", "--resume", str(bad["ckpt_sharded_without_launcher"])],
-        ),  # fmt: skip
+        ),
         Case(
             "train: resume, corrupt uptrain_run.json",
             [*train, f"--out={bad['run_bad_record']}", "--resume", "auto", "--budget.steps=12"],
             status=0,
-        ),  # fmt: skip
+        ),
         Case("train: pickle model", [*train, f"--model.path={bad['pickle_only']}", f"--out={o('t11')}"]),
         Case("train: NNODES=two", [*train, "--dry-run"], env={"NNODES": "two"}, status=0),
         # eval
@@ -212,13 +215,11 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
         Case(
             "eval: --log-samples cannot be created",
             ["eval", str(gqa), "--tasks", "arc_easy", "--log-samples", str(bad["empty.txt"] / "x")],
-        ),  # fmt: skip
+        ),
         Case(
             "eval: --tasks-include missing", ["eval", str(gqa), "--tasks", "x", "--tasks-include", str(work / "nope")]
-        ),  # fmt: skip
-        Case(
-            "eval: --json under a file", ["eval", str(gqa), "--json", str(bad["empty.txt"] / "r.json"), "--no-speed"]
-        ),  # fmt: skip
+        ),
+        Case("eval: --json under a file", ["eval", str(gqa), "--json", str(bad["empty.txt"] / "r.json"), "--no-speed"]),
         Case("eval: malformed override", ["eval", str(gqa), "--data.seq_len=[1,"]),
         Case("eval: text null", ["eval", str(gqa), f"--data.files=[{bad['null.jsonl']}]", "--no-speed"]),
         Case("eval: no text column", ["eval", str(gqa), f"--data.files=[{bad['no_text.jsonl']}]", "--no-speed"]),
@@ -242,8 +243,11 @@ def run_case(case: Case) -> dict:
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uptrain", *case.args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     if case.close_stdout:
         proc.stdout.close()
         err = proc.stderr.read()

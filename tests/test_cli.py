@@ -160,3 +160,16 @@ def test_empty_or_free_form_launcher_variables_never_lose_a_conversion(
     assert run_cli("convert", llama, out, "--num-kv-heads", "2", "--quiet")[0] == 0
     record = json.loads((out / "uptrain_conversion.json").read_text())["environment"]
     assert (record["machines"] if name == "NNODES" else record["processes"]) == recorded
+
+
+@pytest.mark.slow  # 61 fresh processes, ~2 min on 2 cores
+def test_the_reliability_sweep_finds_no_traceback_wrong_status_or_long_error(tmp_path: Path) -> None:
+    from tests import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.reliability_sweep", "--out", str(tmp_path / "sweep")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["summary"]
+    assert done.returncode == 0 and summary["failed"] == 0, done.stdout[-4000:]
+    assert summary["cases"] >= 60 and summary["tracebacks"] == 0
