@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from uptrain import config as configlib
@@ -140,13 +139,21 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         )
 
 
-def any_process_failed(acc: Any, failed: bool) -> bool:
-    """Whether `failed` holds on any process: a collective, which every process must reach (so that
-    all stop together instead of some waiting for ever in the next one)."""
+def failures_everywhere(acc: Any, failure: str | None) -> list[str]:
+    """Every process's failure (None: it succeeded), gathered on all of them: a collective, which every
+    process must reach, so that all stop together and each can say what went wrong where (the launcher may
+    end the process that failed before it prints)."""
     if acc.num_processes == 1:
-        return failed
-    flag = torch.tensor([float(failed)], device=acc.device)
-    return bool(acc.reduce(flag, "sum").item() > 0)
+        return [failure] if failure is not None else []
+    import torch.distributed as dist
+
+    gathered: list[str | None] = [None] * acc.num_processes
+    dist.all_gather_object(gathered, failure)
+    ranks: dict[str, list[str]] = {}
+    for rank, f in enumerate(gathered):
+        if f is not None:
+            ranks.setdefault(f, []).append(str(rank))
+    return [f"{f} ({'ranks' if len(r) > 1 else 'rank'} {', '.join(r)})" for f, r in ranks.items()]
 
 
 class Checkpointer:
@@ -194,12 +201,13 @@ class Checkpointer:
         the partial checkpoint and raise UptrainError on all of them."""
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-        error: BaseException | None = None
+        reason: str | None = None
         try:
             write()
         except (Exception, CheckpointException) as e:  # torch, safetensors and DCP raise many types
-            error = e
-        if not any_process_failed(self.acc, error is not None):
+            reason = write_failure(e, final.parent) or f"{type(e).__name__}: {first_line(e)}"
+        reasons = failures_everywhere(self.acc, reason)
+        if not reasons:
             return
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,14 +216,10 @@ class Checkpointer:
         kept = "; no checkpoint was saved yet"
         if latest is not None:
             kept = f", then resume from {latest.name}, which is intact"
-        if error is None:
-            reason = "another process could not write its part (see its message)"
-        else:
-            reason = write_failure(error, final.parent) or f"{type(error).__name__}: {first_line(error)}"
         raise UptrainError(
-            f"cannot write checkpoint {final.name} in {final.parent}: {reason}; "
+            f"cannot write checkpoint {final.name} in {final.parent}: {'; '.join(reasons)}; "
             f"make room or lower checkpoint.keep{kept}"
-        ) from error
+        )
 
     def load(self, checkpoint: Path) -> None:
         """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""

@@ -23,7 +23,7 @@ from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
 from uptrain.model.loading import load_tokenizer, read_model_config
 from uptrain.model.shape import count_parameters
-from uptrain.training.checkpointer import any_process_failed
+from uptrain.training.checkpointer import failures_everywhere
 from uptrain.training.config import DistillConfig, ModelConfig, OptimConfig, TrainConfig
 
 
@@ -214,17 +214,18 @@ def save_final_model(
     """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process).
     When it cannot be written (a full disk), every process raises UptrainError, naming `checkpoint`: the
     final step's checkpoint, from which `uptrain export` writes the same folder later."""
-    error: UptrainError | None = None
+    error: str | None = None
     if acc.is_main_process:
         try:
             write_model_folder(
                 acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True, progress=progress
             )
         except UptrainError as e:
-            error = e
-    if any_process_failed(acc, error is not None):
+            error = str(e)
+    failed = failures_everywhere(acc, error)
+    if failed:
         hint = f"; after making room, `uptrain export {checkpoint} {out}` writes it" if checkpoint else ""
-        raise UptrainError(f"{error or 'the main process could not write the final model'}{hint}")
+        raise UptrainError(f"{error or failed[0]}{hint}")
     acc.wait_for_everyone()
 
 
