@@ -326,7 +326,7 @@ def _assert_stopped_on_a_full_disk(code: int, err: str, out: Path) -> None:
     ours = [line for line in err.splitlines() if line.startswith("uptrain train: error:")]
     assert ours and all("cannot write checkpoint step-00000020" in line for line in ours), err[-3000:]
     assert all("make room" in line and "resume from step-00000010, which is intact" in line for line in ours), ours
-    assert all(": the disk is full (" in line and "free there) (rank 1);" in line for line in ours), ours
+    assert all(": the disk is full (" in line and "free there) (rank" in line for line in ours), ours  # DCP: ranks 0, 1
     assert not [line for line in err.splitlines() if line.startswith("[rank")], "a worker printed a traceback"
     assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000010"]  # intact, no partial folder
 
