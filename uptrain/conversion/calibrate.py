@@ -24,7 +24,6 @@ embeddings put the inputs in, and any tokens reveal those.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from uptrain.conversion.layered import LayeredSource
 from uptrain.conversion.refine import LayerRefiner, Window
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import expand_files, token_stream
@@ -147,10 +147,6 @@ class Calibration:
         return out
 
 
-class _Stop(Exception):
-    """Raised by the last layer's recorder: the recording forward needs nothing after it."""
-
-
 @torch.no_grad()
 def input_covariance(
     reader: CheckpointReader,
@@ -165,10 +161,8 @@ def input_covariance(
     """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
     `facts`, when given, receives the tokens used, the device and the seconds taken. With a `refiner`, each
     layer's converted attention is also refined on the windows while the layer is in memory."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
     calibration.check()
@@ -198,62 +192,17 @@ def input_covariance(
         print(f"calibration text has {len(stream):,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
     seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
     windows = [stream[b : b + seq][None].to(device) for b in range(0, len(stream), seq)]
-
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config).eval()
-    for name, _ in model.named_buffers():
-        set_module_tensor_to_device(model, name, device)
-    prefix = arch.attention.rsplit(".", 2)[0]  # "model.layers" from "model.layers.{layer}.self_attn"
-    layers = model.get_submodule(prefix)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != shape.layers:
-        raise UptrainError(f"{src}: expected {shape.layers} decoder layers under {prefix}; cannot calibrate this model")
-    head = model.get_output_embeddings()
-    heads = tuple(f"{n}." for n, m in model.named_modules() if m is head and n)  # the LM head is never run
-
-    # weights are read by the module's own names; a family whose checkpoints transformers renames
-    # or fuses at load time (MoE experts) cannot be run this way
-    missing = [n for n, _ in model.named_parameters() if not n.startswith(heads) and n not in reader.tensors]
-    if missing:
-        raise UptrainError(
-            f"--calibration runs {config.model_type} one layer at a time by parameter name, but {src} stores "
-            f"{missing[0]} (and {len(missing) - 1} more) under other names; pass --calibration none "
-            "(weights only) or use --method mean"
-        )
-
-    def load(names: list[str]) -> None:
-        for name in names:
-            set_module_tensor_to_device(model, name, device, value=reader.read(name), dtype=dtype)
-
-    load([n for n, _ in model.named_parameters() if not n.startswith((*heads, f"{prefix}."))])
-
-    # 2. record each layer's inputs per window: [hidden states], then {layer: [(args, kwargs)]}
-    hidden: list[torch.Tensor] = []
-    inputs: dict[int, list[tuple[tuple, dict]]] = {i: [] for i in range(shape.layers)}
-
-    def recorder(i: int):
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            x = args[0] if args else kwargs.pop("hidden_states")
-            if i == 0:
-                hidden.append(x)
-            inputs[i].append((args[1:], kwargs))
-            if i == shape.layers - 1:
-                raise _Stop
-            return x
-
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)  # an instance attribute shadows the class's forward
-    try:
-        for ids in windows:
-            with contextlib.suppress(_Stop):
-                model(ids, use_cache=False)
-    finally:
-        for layer in layers:
-            del layer.forward
-    if any(len(v) != len(windows) for v in inputs.values()):
-        reached = sum(len(v) == len(windows) for v in inputs.values())
-        raise UptrainError(f"calibration reached {reached} of {shape.layers} decoder layers; is this a decoder?")
+    source = LayeredSource(
+        reader,
+        arch,
+        shape,
+        windows,
+        device,
+        dtype,
+        "--calibration",
+        "; pass --calibration none (weights only) or use --method mean",
+    )
+    hidden = source.hidden
 
     # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
     store = CovarianceStore(folder)
@@ -278,18 +227,15 @@ def input_covariance(
         disable=quiet,
         file=sys.stderr,
     ):
-        names = [f"{prefix}.{i}.{n}" for n, _ in layers[i].named_parameters()]
-        load(names)
+        names = source.load_layer(i)
         acc[:] = [0.0, 0.0, 0]
         captured.clear()
-        attention = model.get_submodule(arch.attention.format(layer=i))
+        attention = source.model.get_submodule(arch.attention.format(layer=i))
         handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
         if refiner is not None:
             handles.append(attention.register_forward_hook(capture, with_kwargs=True))
         try:
-            for w, (args, kwargs) in enumerate(inputs[i]):
-                out = layers[i](hidden[w], *args, **kwargs)
-                hidden[w] = out[0] if isinstance(out, tuple) else out
+            hidden[:] = source.run_layer(i, hidden)
         finally:
             for handle in handles:
                 handle.remove()
@@ -304,8 +250,7 @@ def input_covariance(
             # on the converted layers' outputs, and faster)
             refiner.release(refiner.refine(i, sigma, captured))
             captured.clear()
-        for name in names:  # back to meta: one layer's weights in memory at a time
-            set_module_tensor_to_device(model, name, "meta")
+        source.unload(names)
     if facts is not None:
         facts |= {"tokens_used": len(stream), "device": device_name(device),
                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip

@@ -51,14 +51,24 @@ def score(model: Any, windows: list[Window], batch_size: int, reference: Any = N
                 mask[i, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
             target = ids[:, 1:]
             logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, L-1, V)
-            totals["nll"] -= logp.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
-            totals["count"] += mask.sum().item()
+            ref = None
             if reference is not None:
                 ref = torch.log_softmax(reference(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-                totals["ref_nll"] -= ref.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
-                totals["kl"] += (ref.exp() * (ref - logp)).sum(-1)[mask].sum().item()
-                totals["agree"] += (ref.argmax(-1) == logp.argmax(-1))[mask].sum().item()
+            add_scores(totals, logp, ref, target, mask)
     return totals
+
+
+def add_scores(
+    totals: dict[str, float], logp: torch.Tensor, ref: torch.Tensor | None, target: torch.Tensor, mask: torch.Tensor
+) -> None:
+    """Adds one batch's sums over the scored positions `mask` (B, L-1): the model's NLL of `target`, and with
+    the reference's log-probabilities `ref`, its NLL, KL(reference ‖ model) and top-1 agreement."""
+    totals["nll"] -= logp.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
+    totals["count"] += mask.sum().item()
+    if ref is not None:
+        totals["ref_nll"] -= ref.gather(-1, target[..., None]).squeeze(-1)[mask].sum().item()
+        totals["kl"] += (ref.exp() * (ref - logp)).sum(-1)[mask].sum().item()
+        totals["agree"] += (ref.argmax(-1) == logp.argmax(-1))[mask].sum().item()
 
 
 def quality(totals: dict[str, float], with_reference: bool) -> Quality:

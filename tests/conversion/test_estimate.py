@@ -1,0 +1,68 @@
+"""`plan --quality`'s estimate: each G's KL to the source computed layer by layer in memory equals what
+`uptrain eval --reference SOURCE` reports on the checkpoint `convert` writes with the same merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from uptrain.conversion.calibrate import Calibration
+from uptrain.conversion.estimate import merge_quality
+from uptrain.data.config import DataConfig
+from uptrain.data.documents import token_stream
+from uptrain.evaluation.quality import add_scores, strided
+from uptrain.io.folders import read_config
+from uptrain.io.reader import CheckpointReader
+from uptrain.model.families import lookup
+from uptrain.model.shape import shape_of_config_json
+from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+
+WINDOW, STRIDE, CALIBRATION_TOKENS = 32, 16, 1024
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> dict:
+    src = save_tiny_llama(tmp_path / "src", shard=None)
+    save_word_tokenizer(src)
+    return {
+        "src": src,
+        "calibration": f"{write_corpus(tmp_path / 'cal', docs=120, seed=1)}/*.txt",
+        "held": f"{write_corpus(tmp_path / 'held', docs=20, seed=2)}/*.txt",
+    }
+
+
+def estimate(source: dict, groups: list[int], folder: Path) -> dict[int, dict[str, float]]:
+    reader = CheckpointReader(source["src"])
+    config = read_config(source["src"])
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    tokenizer = AutoTokenizer.from_pretrained(source["src"])
+    held, _ = token_stream(DataConfig(files=[source["held"]]), tokenizer, 100_000)
+    calibration = Calibration(source["calibration"], CALIBRATION_TOKENS)
+    return merge_quality(
+        reader, arch, shape, groups, calibration, strided(held, WINDOW, STRIDE), add_scores, folder, quiet=True
+    )
+
+
+def test_the_estimate_equals_eval_of_the_converted_checkpoint(run_cli, source: dict, tmp_path: Path) -> None:
+    totals = estimate(source, [4, 2, 1], tmp_path / "sigma")
+    for g in (4, 2, 1):
+        out = tmp_path / f"g{g}"
+        code, _, err = run_cli("convert", source["src"], out, "--num-kv-heads", g, "--method", "svd", "--calibration",
+                               source["calibration"], "--calibration-tokens", CALIBRATION_TOKENS,
+                               "--refine-steps", "0", "--quiet")  # fmt: skip
+        assert code == 0, err
+        result = tmp_path / f"{g}.json"
+        code, _, err = run_cli("eval", out, "--reference", source["src"], f"--data.files=[{source['held']}]",
+                               "--window", WINDOW, "--stride", STRIDE, "--no-speed", "--json", result)  # fmt: skip
+        assert code == 0, err
+        evaluated = json.loads(result.read_text())["quality"]
+        t = totals[g]
+        assert t["count"] > 500
+        assert abs(t["kl"] / t["count"] - evaluated["kl"]) <= 1e-3, (g, t["kl"] / t["count"], evaluated["kl"])
+        assert abs(t["agree"] / t["count"] - evaluated["top1_agreement"]) <= 1e-3
+    kl = {g: totals[g]["kl"] / totals[g]["count"] for g in totals}
+    assert 0 < kl[4] < kl[1], kl  # a random model's heads are unlike: every merge costs, MQA most
