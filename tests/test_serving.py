@@ -185,3 +185,54 @@ def test_the_table_prints_even_when_nothing_fits_and_today_needs_no_conversion(r
     code, out, _ = run_cli("plan", *numbers, "--memory", "80GB", "--tp", "8", "--batch", "1")
     assert code == 0 and "what the model has today (GQA-8): it fits as it is, nothing to convert" in out
     assert "uptrain convert MODEL OUT --num-kv-heads 8" not in out
+
+
+def _repeated_heads(src: Path, out: Path) -> Path:
+    """An MHA exactly equivalent to the GQA-2 `src`: each KV head repeated for the query heads that read it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    weights = load_file(src / "model.safetensors")
+    for name, t in weights.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            weights[name] = t.reshape(kv, d, -1).repeat_interleave(heads // kv, 0).reshape(heads * d, -1).contiguous()
+    out.mkdir()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": heads}))
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def test_quality_finds_where_repeated_heads_merge_exactly_and_recommends_within_max_kl(run_cli, tmp_path) -> None:
+    from uptrain.synthetic import save_word_tokenizer, write_corpus
+
+    gqa = save_tiny_llama(tmp_path / "gqa", shard=None, num_key_value_heads=2, head_dim=8)
+    save_word_tokenizer(gqa)
+    mha = _repeated_heads(gqa, tmp_path / "mha")
+    text = f"{write_corpus(tmp_path / 'text', docs=300)}/*.txt"
+    common = ["--memory", "1GB", "--quality", text, "--calibration-tokens", "2048", "--quality-tokens", "1024",
+              "--quiet", "--json"]  # fmt: skip
+    code, out, err = run_cli("plan", mha, *common, "--max-kl", "0.005")
+    assert code == 0, err
+    plan = json.loads(out)
+    kl = {r["num_kv_heads"]: r["kl"] for r in plan["rows"]}
+    assert kl[8] == 0.0 and kl[4] <= 1e-3 and kl[2] <= 1e-3, kl  # the repeated heads merge exactly
+    assert kl[1] > 0.01, kl  # the two distinct heads do not
+    assert plan["recommended_num_kv_heads"] == 2 and plan["quality"]["note"] is None  # smallest cache within 0.005
+    code, out, err = run_cli("plan", mha, *[c for c in common if c != "--json"], "--max-kl", "0")
+    assert code == 0, err
+    assert "KL to source | top-1 |" in out and "recommended: G = " in out, out
+
+
+def test_quality_needs_weights_and_a_sane_max_kl(run_cli, llama, tmp_path) -> None:
+    code, _, err = run_cli("plan", llama, "--quality", "random", "--max-kl", "-1")
+    assert code == 1 and "--max-kl must be a KL per token, at least 0" in err, err
+    code, _, err = run_cli("plan", "--layers", "2", "--heads", "8", "--head-dim", "8", "--params", "1e6",
+                           "--quality", "random")  # fmt: skip
+    assert code == 1 and "--quality reads the weights" in err, err

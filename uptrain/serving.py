@@ -65,6 +65,10 @@ class ServingRow:
     reachable: bool
     """G divides today's KV-head count (so `uptrain convert` can produce it)."""
     current: bool
+    kl: float | None = None
+    """With `plan --quality`: KL(source ‖ G-head merge) per held-out token, before any uptraining."""
+    top1_agreement: float | None = None
+    """With `plan --quality`: how often the merge's most likely next token is the source's."""
 
 
 def serving_rows(
@@ -104,6 +108,22 @@ def serving_rows(
         )
     fitting = [r.num_kv_heads for r in rows if r.fits and r.tp_divisible and r.reachable]
     return rows, (max(fitting) if fitting else None)
+
+
+def choose_by_quality(rows: list[ServingRow], max_kl: float) -> tuple[int | None, str | None]:
+    """With measured quality: the smallest cache (smallest G) that fits and stays within `max_kl`; else the
+    fitting G with the lowest KL, and a line saying that none stays within it. (None, None): none fits."""
+    fitting = [r for r in rows if r.fits and r.tp_divisible and r.reachable and r.kl is not None]
+    if not fitting:
+        return None, None
+    within = [r for r in fitting if r.kl is not None and r.kl <= max_kl]
+    if within:
+        return min(within, key=lambda r: r.num_kv_heads).num_kv_heads, None
+    best = min(fitting, key=lambda r: r.kl if r.kl is not None else math.inf)
+    return best.num_kv_heads, (
+        f"no G that fits stays within --max-kl {max_kl:g}; G = {best.num_kv_heads} has the lowest KL ({best.kl:.3f}): "
+        "expect uptraining to be needed, or raise --max-kl"
+    )
 
 
 def served_model(
@@ -155,13 +175,19 @@ def why_none_fits(rows: list[ServingRow], memory: int, context: int, batch: int)
     return f"no G fits {batch} requests of {context:,} tokens; with MQA at most {mqa.max_requests:,} fit"
 
 
+def _quality_cells(r: ServingRow) -> str:
+    if r.kl is None or r.top1_agreement is None:
+        return " — | — |"
+    return f" {r.kl:.4f} | {r.top1_agreement:.1%} |"
+
+
 def _size(n: float, units: str) -> str:
     return f"{n / (2**30 if units == 'GiB' else 1e9):,.2f}"
 
 
 def print_plan(
     model: ServedModel, rows: list[ServingRow], best: int | None, memory: int, context: int, batch: int,
-    kv_dtype: str, tp: int, units: str,
+    kv_dtype: str, tp: int, units: str, quality_note: str | None = None,
 ) -> None:  # fmt: skip
     u, m = units, model.shape
     print(
@@ -175,11 +201,13 @@ def print_plan(
     if any(m.windows):
         print(f"sliding-window layers: {sum(w is not None for w in m.windows)} of {m.layers} (cache capped)")
     print()
+    measured = any(r.kl is not None for r in rows)
+    quality_head, quality_rule = (" KL to source | top-1 |", "---|---|") if measured else ("", "")
     print(
         f"| G | attention | H/G | KV per request ({u}) | KV for batch ({u}) | weights + KV per GPU ({u}) "
-        f"| fits | max requests | KV read per token ({u}) | notes |"
+        f"| fits | max requests | KV read per token ({u}) |{quality_head} notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"|---|---|---|---|---|---|---|---|---|{quality_rule}---|")
     for r in rows:
         notes = [n for n, on in (("today", r.current), ("recommended", r.num_kv_heads == best)) if on]
         if not r.tp_divisible:
@@ -190,14 +218,22 @@ def print_plan(
             f"| {r.num_kv_heads} | {r.attention} | {r.ratio:g} | {_size(r.kv_per_request, u)} "
             f"| {_size(r.kv_batch, u)} | {_size(r.weights_per_gpu, u)} + {_size(r.kv_batch_per_gpu, u)} = "
             f"{_size(r.total_per_gpu, u)} | {'yes' if r.fits else 'no'} | {r.max_requests:,} "
-            f"| {_size(r.kv_read_per_token, u)} | {', '.join(notes)} |"
+            f"| {_size(r.kv_read_per_token, u)} |{_quality_cells(r) if measured else ''} {', '.join(notes)} |"
         )
     print()
     if best is None:
         print(why_none_fits(rows, memory, context, batch))
         return
     row = next(r for r in rows if r.num_kv_heads == best)
-    if row.current:
+    if quality_note:
+        print(quality_note)
+    if row.kl is not None and not row.current:
+        print(
+            f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA, KL {row.kl:.3f} to the "
+            f"source before uptraining): uptrain convert MODEL OUT --num-kv-heads {best} --method svd "
+            "--calibration DATA"
+        )
+    elif row.current:
         print(
             f"recommended: G = {best}, what the model has today ({row.attention}): it fits as it is, nothing to convert"
         )

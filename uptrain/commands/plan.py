@@ -5,12 +5,20 @@ from __future__ import annotations
 import json as jsonlib
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from uptrain.errors import UptrainError
-from uptrain.serving import DTYPE_BYTES, draw, print_plan, served_model, serving_rows, why_none_fits
+from uptrain.serving import (
+    DTYPE_BYTES,
+    choose_by_quality,
+    draw,
+    print_plan,
+    served_model,
+    serving_rows,
+    why_none_fits,
+)
 from uptrain.units import parse_size
 
 
@@ -33,6 +41,11 @@ def plan(
     units: Literal["GB", "GiB"] = "GB",
     plot: str | None = None,
     json: bool = False,
+    quality: str | None = None,
+    quality_tokens: int = 8192,
+    calibration_tokens: int | None = None,
+    max_kl: float = 0.1,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Choose G for a serving budget: KV cache, memory and capacity for every G from MHA to MQA.
 
@@ -61,6 +74,17 @@ def plan(
         units: Print sizes in GB (10^9 bytes) or GiB (2^30 bytes).
         plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
         json: Print the plan as JSON.
+        quality: Measure each G's quality before converting: text files (globs), a Hub dataset id, or
+            `random`. One calibration pass over the first --calibration-tokens of it, then every reachable G
+            merged in memory as `convert --method svd` merges it, layer by layer (no checkpoint written), and
+            its KL to the source and top-1 agreement on the next --quality-tokens (held out). The
+            recommendation becomes the smallest cache that fits and stays within --max-kl.
+        quality_tokens: Held-out tokens the KL is measured on (after the calibration tokens).
+        calibration_tokens: Calibration tokens; default: 65,536 of text, 8,192 random (as convert).
+        max_kl: The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps
+            the merge's most likely next token the source's for roughly nine tokens in ten on the models
+            measured (docs/results.md); uptraining recovers much of the rest.
+        quiet: No progress bars.
     """
     _check_numbers(model, memory, context=context, batch=batch, tp=tp, num_kv_heads=num_kv_heads, layers=layers,
                    heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, params=params)  # fmt: skip
@@ -70,6 +94,21 @@ def plan(
     if num_kv_heads is not None and (num_kv_heads < 1 or m.shape.heads % num_kv_heads):
         valid = ", ".join(str(r.num_kv_heads) for r in rows)
         raise UptrainError(f"--num-kv-heads {num_kv_heads} does not divide the {m.shape.heads} heads (valid: {valid})")
+    quality_note = None
+    if quality is not None:
+        if model is None or Path(model).is_file():
+            raise UptrainError("--quality reads the weights: give MODEL as a checkpoint folder or Hub id")
+        if not (math.isfinite(max_kl) and max_kl >= 0):
+            raise UptrainError(f"--max-kl must be a KL per token, at least 0; got {max_kl}")
+        reachable = [r.num_kv_heads for r in rows if r.reachable and not r.current]
+        measured = measure_quality(model, quality, reachable, quality_tokens, calibration_tokens, quiet)
+        rows = [
+            replace(r, kl=0.0, top1_agreement=1.0) if r.current else replace(r, **measured[r.num_kv_heads])
+            if r.num_kv_heads in measured else r
+            for r in rows
+        ]  # fmt: skip
+        chosen, quality_note = choose_by_quality(rows, max_kl)
+        best = chosen if chosen is not None else best
     result = {
         "model": m.record(),
         "memory_per_gpu": mem,
@@ -82,13 +121,16 @@ def plan(
         "recommended_num_kv_heads": best,
         "reason": why_none_fits(rows, mem, context, batch) if best is None else None,
         "convert": best is not None and best != m.shape.kv_heads,
+        "quality": {"data": quality, "held_out_tokens": quality_tokens, "max_kl": max_kl, "note": quality_note}
+        if quality is not None
+        else None,
     }
     if plot:
         draw(m, rows, num_kv_heads or best or 1, mem, context, batch, DTYPE_BYTES[kv_dtype], tp, units, Path(plot))
     if json:
         print(jsonlib.dumps(result, indent=2))
     else:
-        print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units)
+        print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units, quality_note)
     return result
 
 
@@ -113,3 +155,52 @@ def _check_numbers(model: str | None, memory: str, *, params: float | None, **co
     if re.fullmatch(r"\s*[\d.]+\s*", memory):
         n = memory.strip()
         raise UptrainError(f"--memory {n}: give a unit, e.g. {n}GB (10^9 bytes) or {n}GiB (2^30 bytes)")
+
+
+def measure_quality(
+    model: str, data: str, groups: list[int], held_tokens: int, calibration_tokens: int | None, quiet: bool
+) -> dict[int, dict[str, float]]:
+    """{G: {"kl", "top1_agreement"}} of each G's svd merge against the source on held-out tokens of `data`."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from uptrain.conversion.calibrate import Calibration
+    from uptrain.conversion.estimate import merge_quality
+    from uptrain.data.documents import token_stream
+    from uptrain.evaluation.quality import add_scores, strided
+    from uptrain.io.folders import read_config
+    from uptrain.io.hub import fetch_weights, resolve_source
+    from uptrain.io.reader import CheckpointReader
+    from uptrain.model.families import lookup
+    from uptrain.model.shape import shape_of_config_json
+
+    if held_tokens < 2:
+        raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
+    calibration = Calibration(data, calibration_tokens)
+    calibration.check()
+    source = fetch_weights(resolve_source(model, None), False)
+    config = read_config(source.path)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    window = min(512, int(config.get("max_position_embeddings") or 512))
+    if calibration.kind == "random":
+        vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+        held = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calibration.seed + 1))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        stream, _ = token_stream(calibration.data(), tokenizer, calibration.num_tokens + held_tokens)
+        held = stream[calibration.num_tokens :]  # after the calibration tokens: never measured on what was fitted
+        if len(held) < 2:
+            raise UptrainError(
+                f"--quality {data} has {len(stream):,} tokens, all taken by the {calibration.num_tokens:,} calibration "
+                "tokens; pass more text or lower --calibration-tokens"
+            )
+    reader = CheckpointReader(source.path)
+    with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
+        totals = merge_quality(
+            reader, arch, shape, groups, calibration, strided(held, window, max(1, window // 2)), add_scores,
+            Path(folder), quiet=quiet,
+        )  # fmt: skip
+    return {g: {"kl": t["kl"] / t["count"], "top1_agreement": t["agree"] / t["count"]} for g, t in totals.items()}
