@@ -191,7 +191,6 @@ def _repeated_heads(src: Path, out: Path) -> Path:
     """An MHA exactly equivalent to the GQA-2 `src`: each KV head repeated for the query heads that read it."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     cfg = json.loads((src / "config.json").read_text())
