@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from uptrain.conversion.calibrate import Calibration
 from uptrain.conversion.estimate import merge_quality
+from uptrain.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, Refinement
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import token_stream
 from uptrain.evaluation.quality import add_scores, strided
@@ -34,7 +35,7 @@ def source(tmp_path: Path) -> dict:
     }
 
 
-def estimate(source: dict, groups: list[int], folder: Path) -> dict[int, dict[str, float]]:
+def estimate(source: dict, groups: list[int], folder: Path, refinement=None) -> dict[int, dict[str, float]]:
     reader = CheckpointReader(source["src"])
     config = read_config(source["src"])
     arch = lookup(config)
@@ -42,18 +43,22 @@ def estimate(source: dict, groups: list[int], folder: Path) -> dict[int, dict[st
     tokenizer = AutoTokenizer.from_pretrained(source["src"])
     held, _ = token_stream(DataConfig(files=[source["held"]]), tokenizer, 100_000)
     calibration = Calibration(source["calibration"], CALIBRATION_TOKENS)
-    return merge_quality(
-        reader, arch, shape, groups, calibration, strided(held, WINDOW, STRIDE), add_scores, folder, quiet=True
-    )
+    windows = strided(held, WINDOW, STRIDE)
+    return merge_quality(reader, arch, shape, groups, calibration, windows, add_scores, folder, refinement, quiet=True)
 
 
-def test_the_estimate_equals_eval_of_the_converted_checkpoint(run_cli, source: dict, tmp_path: Path) -> None:
-    totals = estimate(source, [4, 2, 1], tmp_path / "sigma")
+@pytest.mark.parametrize("refine", [0, None], ids=["closed-form", "refined-as-convert-does"])
+def test_the_estimate_equals_eval_of_the_converted_checkpoint(
+    run_cli, source: dict, tmp_path: Path, refine: int | None
+) -> None:
+    refinement = Refinement(DEFAULT_STEPS, DEFAULT_LR, 0) if refine is None else None
+    totals = estimate(source, [4, 2, 1], tmp_path / "work", refinement)
+    steps = ["--refine-steps", "0"] if refine == 0 else []  # convert's default with text: refined
     for g in (4, 2, 1):
         out = tmp_path / f"g{g}"
         code, _, err = run_cli("convert", source["src"], out, "--num-kv-heads", g, "--method", "svd", "--calibration",
-                               source["calibration"], "--calibration-tokens", CALIBRATION_TOKENS,
-                               "--refine-steps", "0", "--quiet")  # fmt: skip
+                               source["calibration"], "--calibration-tokens", CALIBRATION_TOKENS, *steps,
+                               "--quiet")  # fmt: skip
         assert code == 0, err
         result = tmp_path / f"{g}.json"
         code, _, err = run_cli("eval", out, "--reference", source["src"], f"--data.files=[{source['held']}]",

@@ -88,7 +88,14 @@ def _interrupting_packer(monkeypatch, sends: int, marker: Path) -> None:
     monkeypatch.setattr(datalib, "packer", factory)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGTERM,
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),  # the same path; kept out of the 5-minute default run
+        pytest.param(signal.SIGHUP, marks=pytest.mark.slow),
+    ],
+)
 def test_a_signal_while_tokenizing_stops_at_once_and_leaves_no_temporary_files(
     run_cli, tmp_path: Path, monkeypatch, sig: int
 ) -> None:

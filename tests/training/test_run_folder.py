@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -257,6 +258,7 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_keeps_the_last_ch
     assert code == 0 and "at step 10" in err, err
 
 
+@pytest.mark.slow  # the full-disk test above runs the same path by default
 def test_an_os_error_while_checkpointing_names_it(run_cli, tiny_run: dict, monkeypatch) -> None:
     cfg = config(tiny_run)
     real_save = torch.save

@@ -45,6 +45,7 @@ def plan(
     quality_tokens: int = 8192,
     calibration_tokens: int | None = None,
     max_kl: float = 0.1,
+    refine_steps: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Choose G for a serving budget: KV cache, memory and capacity for every G from MHA to MQA.
@@ -77,10 +78,13 @@ def plan(
         quality: Measure each G's quality before converting: text files (globs), a Hub dataset id, or
             `random`. One calibration pass over the first --calibration-tokens of it, then every reachable G
             merged in memory as `convert --method svd` merges it, layer by layer (no checkpoint written), and
-            its KL to the source and top-1 agreement on the next --quality-tokens (held out). The
+            its KL to the source and top-1 agreement on the next --quality-tokens (held out; windows of 512
+            side by side). The
             recommendation becomes the smallest cache that fits and stays within --max-kl.
         quality_tokens: Held-out tokens the KL is measured on (after the calibration tokens).
         calibration_tokens: Calibration tokens; default: 65,536 of text, 8,192 random (as convert).
+        refine_steps: Refinement steps per layer, as `convert --refine-steps`; default: convert's (36 with
+            text, 0 with random tokens). Each G is refined during the one calibration pass.
         max_kl: The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps
             the merge's most likely next token the source's for roughly nine tokens in ten on the models
             measured (docs/results.md); uptraining recovers much of the rest.
@@ -101,7 +105,7 @@ def plan(
         if not (math.isfinite(max_kl) and max_kl >= 0):
             raise UptrainError(f"--max-kl must be a KL per token, at least 0; got {max_kl}")
         reachable = [r.num_kv_heads for r in rows if r.reachable and not r.current]
-        measured = measure_quality(model, quality, reachable, quality_tokens, calibration_tokens, quiet)
+        measured = measure_quality(model, quality, reachable, quality_tokens, calibration_tokens, refine_steps, quiet)
         rows = [
             replace(r, kl=0.0, top1_agreement=1.0) if r.current else replace(r, **measured[r.num_kv_heads])
             if r.num_kv_heads in measured else r
@@ -158,16 +162,25 @@ def _check_numbers(model: str | None, memory: str, *, params: float | None, **co
 
 
 def measure_quality(
-    model: str, data: str, groups: list[int], held_tokens: int, calibration_tokens: int | None, quiet: bool
+    model: str,
+    data: str,
+    groups: list[int],
+    held_tokens: int,
+    calibration_tokens: int | None,
+    refine_steps: int | None,
+    quiet: bool,
 ) -> dict[int, dict[str, float]]:
-    """{G: {"kl", "top1_agreement"}} of each G's svd merge against the source on held-out tokens of `data`."""
+    """{G: {"kl", "top1_agreement"}} of each G's merge (as `convert --method svd --calibration DATA` makes it)
+    against the source on held-out tokens of `data`."""
     import tempfile
 
     import torch
     from transformers import AutoTokenizer
 
     from uptrain.conversion.calibrate import Calibration
+    from uptrain.conversion.convert import refinement_for
     from uptrain.conversion.estimate import merge_quality
+    from uptrain.conversion.refine import DEFAULT_LR
     from uptrain.data.documents import token_stream
     from uptrain.evaluation.quality import add_scores, strided
     from uptrain.io.folders import read_config
@@ -180,10 +193,12 @@ def measure_quality(
         raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
     calibration = Calibration(data, calibration_tokens)
     calibration.check()
+    refinement = refinement_for(calibration, refine_steps, DEFAULT_LR, 0)
     source = fetch_weights(resolve_source(model, None), False)
     config = read_config(source.path)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
+    # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
     window = min(512, int(config.get("max_position_embeddings") or 512))
     if calibration.kind == "random":
         vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
@@ -200,7 +215,7 @@ def measure_quality(
     reader = CheckpointReader(source.path)
     with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
         totals = merge_quality(
-            reader, arch, shape, groups, calibration, strided(held, window, max(1, window // 2)), add_scores,
-            Path(folder), quiet=quiet,
+            reader, arch, shape, groups, calibration, strided(held, window, window), add_scores,
+            Path(folder), refinement, quiet=quiet,
         )  # fmt: skip
     return {g: {"kl": t["kl"] / t["count"], "top1_agreement": t["agree"] / t["count"]} for g, t in totals.items()}

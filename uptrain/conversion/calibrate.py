@@ -156,15 +156,17 @@ def input_covariance(
     folder: Path,
     quiet: bool = False,
     facts: dict[str, Any] | None = None,
-    refiner: LayerRefiner | None = None,
+    refiner: LayerRefiner | list[LayerRefiner] | None = None,
 ) -> CovarianceStore:
     """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
-    `facts`, when given, receives the tokens used, the device and the seconds taken. With a `refiner`, each
+    `facts`, when given, receives the tokens used, the device and the seconds taken. With a `refiner` (or
+    several, one per G: `plan --quality`), each
     layer's converted attention is also refined on the windows while the layer is in memory."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
+    refiners = refiner if isinstance(refiner, list) else [refiner] if refiner is not None else []
     calibration.check()
     tokens = calibration.num_tokens
     src = reader.folder
@@ -222,7 +224,7 @@ def input_covariance(
 
     for i in tqdm(
         range(shape.layers),
-        desc=f"calibration{' + refinement' if refiner else ''} ({len(stream):,} tokens)",
+        desc=f"calibration{' + refinement' if refiners else ''} ({len(stream):,} tokens)",
         unit="layer",
         disable=quiet,
         file=sys.stderr,
@@ -232,7 +234,7 @@ def input_covariance(
         captured.clear()
         attention = source.model.get_submodule(arch.attention.format(layer=i))
         handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
-        if refiner is not None:
+        if refiners:
             handles.append(attention.register_forward_hook(capture, with_kwargs=True))
         try:
             hidden[:] = source.run_layer(i, hidden)
@@ -246,10 +248,10 @@ def input_covariance(
         sigma[:-1, :-1] = (xx / n).cpu()
         sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
         store.put(i, sigma)
-        if refiner is not None:  # fitted on the source's own attention inputs (docs/results.md: better than
+        for one in refiners:  # fitted on the source's own attention inputs (docs/results.md: better than
             # on the converted layers' outputs, and faster)
-            refiner.release(refiner.refine(i, sigma, captured))
-            captured.clear()
+            one.release(one.refine(i, sigma, captured))
+        captured.clear()
         source.unload(names)
     if facts is not None:
         facts |= {"tokens_used": len(stream), "device": device_name(device),

@@ -167,7 +167,7 @@ def convert_checkpoint(
                                                           calibration_split, seed)  # fmt: skip
     if calib is not None:
         calib.check()  # before any weight is downloaded or written
-    refinement = _refinement(calib, refine_steps, refine_lr, seed)
+    refinement = refinement_for(calib, refine_steps, refine_lr, seed)
     steps = conversion_steps(reader, arch, shape, options, dtype)
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
@@ -255,7 +255,7 @@ def convert_checkpoint(
     return record, writer.total_size
 
 
-def _refinement(calib: Any, steps: int | None, lr: float, seed: int) -> Refinement | None:
+def refinement_for(calib: Any, steps: int | None, lr: float, seed: int) -> Refinement | None:
     """What layer-wise refinement does: on by default when the source reads text, asked for otherwise."""
     if steps is None:
         steps = DEFAULT_STEPS if calib is not None and calib.kind != "random" else 0

@@ -11,6 +11,7 @@ that `uptrain eval --reference SOURCE` reports on the converted checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from uptrain.conversion.calibrate import Calibration, input_covariance
 from uptrain.conversion.convert import conversion_steps
 from uptrain.conversion.layered import LayeredSource
+from uptrain.conversion.refine import LayerRefiner, RefinedStore, Refinement
 from uptrain.conversion.steps import MergeOptions, Step
 from uptrain.device import compute_device, inference_dtype
 from uptrain.errors import UptrainError
@@ -43,20 +45,31 @@ def merge_quality(
     held: list[Window],
     add_scores: Scorer,
     folder: Path,
+    refinement: Refinement | None = None,
     seed: int = 0,
     quiet: bool = False,
 ) -> dict[int, dict[str, float]]:
     """{G: the scorer's totals of the source (reference) against its G-head merge} over the `held` windows.
-    `folder` holds the Σ files while this runs."""
+    With `refinement`, each G's merge is refined layer by layer during the calibration pass, as `convert`
+    refines it. `folder` holds the Σ files (and refined tensors) while this runs."""
     from tqdm.auto import tqdm
 
     device = compute_device()
     dtype = inference_dtype(device)
-    sigma = input_covariance(reader, arch, shape, calibration, folder, quiet)
-    merges = {
-        g: _layer_steps(conversion_steps(reader, arch, shape, MergeOptions(g, "svd", "contiguous", seed, sigma)).steps)
-        for g in groups
-    }
+    options = {g: MergeOptions(g, "svd", "contiguous", seed) for g in groups}
+    refiners = {}
+    if refinement is not None:
+        refiners = {
+            g: LayerRefiner(refinement, reader, arch, shape, options[g], RefinedStore(folder / f"refined-g{g}"))
+            for g in groups
+        }
+    sigma = input_covariance(reader, arch, shape, calibration, folder / "sigma", quiet, None, list(refiners.values()))
+    merges = {}
+    for g in groups:
+        steps = conversion_steps(reader, arch, shape, dataclasses.replace(options[g], sigma=sigma))
+        if g in refiners:  # refined layers (where refining lowered the held-out error) replace the closed form
+            steps = steps.made_by({name: refiners[g].store.job(name) for name in refiners[g].store})
+        merges[g] = _layer_steps(steps.steps)
     source = LayeredSource(reader, arch, shape, [ids[None].to(device) for ids, _ in held], device, dtype, "--quality")
     paths: dict[int, list[torch.Tensor]] = {g: list(source.hidden) for g in groups}
     reference = source.hidden
