@@ -224,9 +224,11 @@ def test_quality_finds_where_repeated_heads_merge_exactly_and_recommends_within_
     assert kl[8] == 0.0 and kl[4] <= 1e-3 and kl[2] <= 1e-3, kl  # the repeated heads merge exactly
     assert kl[1] > 0.01, kl  # the two distinct heads do not
     assert plan["recommended_num_kv_heads"] == 2 and plan["quality"]["note"] is None  # smallest cache within 0.005
-    code, out, err = run_cli("plan", mha, *[c for c in common if c != "--json"], "--max-kl", "0")
+    code, out, err = run_cli("plan", mha, *[c for c in common if c != "--json"], "--max-kl", "0", "--plot",
+                             tmp_path / "plan.png")  # fmt: skip
     assert code == 0, err
     assert "KL to source | top-1 |" in out and "recommended: G = " in out, out
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # with the KV-vs-KL panel
 
 
 def test_quality_needs_weights_and_a_sane_max_kl(run_cli, llama, tmp_path) -> None:

@@ -259,7 +259,19 @@ def draw(
         raise UptrainError(f"--plot needs matplotlib: {install_hint('plot')}") from e
     scale = 2**30 if units == "GiB" else 1e9
     xs = sorted({max(1, int(context * f)) for f in (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4)})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = [r for r in rows if r.kl is not None]
+    if measured:  # `plan --quality`: what each G costs beside what it saves
+        fig, (ax, qx) = plt.subplots(1, 2, figsize=(13, 4.5))
+        per_token = [m.kv_bytes(1, itemsize=kv_itemsize, kv_heads=r.num_kv_heads) / 1e3 for r in measured]
+        qx.plot(per_token, [r.kl for r in measured], marker="o", linestyle="none")
+        for x, r in zip(per_token, measured, strict=True):
+            qx.annotate(f"G={r.num_kv_heads}", (x, r.kl), textcoords="offset points", xytext=(5, 5))
+        qx.set_xscale("log")
+        qx.set_xlabel("KV cache per token (kB)")
+        qx.set_ylabel("KL to the source per token, before uptraining")
+        qx.set_title("quality each G costs (plan --quality)")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for g in sorted({m.heads, chosen, 1}, reverse=True):
         per_gpu = max(1, math.ceil(g / tp))
         ys = [m.kv_bytes(x, batch=batch, itemsize=kv_itemsize, kv_heads=per_gpu) / scale for x in xs]
