@@ -17,7 +17,7 @@ from uptrain.data.blocks import prepare
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import token_stream
 from uptrain.device import compute_device, device_name, inference_dtype
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.evaluation.attention import register as register_attention
 from uptrain.evaluation.generation import generation
 from uptrain.evaluation.quality import Window, quality, score, strided
@@ -62,10 +62,9 @@ def load_model(path: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         if not local:  # both readings failed: say the likely one first
             raise UptrainError(
-                f"{path}: no such model folder here, and no Hub repo of that name could be loaded "
-                f"({str(e).splitlines()[0]})"
+                f"{path}: no such model folder here, and no Hub repo of that name could be loaded ({first_line(e)})"
             ) from e
-        raise UptrainError(f"cannot load {path}: {str(e).splitlines()[0]}") from e
+        raise UptrainError(f"cannot load {path}: {first_line(e)}") from e
     return model, tokenizer
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.version import install_hint
 
 
@@ -50,7 +50,7 @@ def run_tasks(
         )
     except ConnectionError as e:
         raise UptrainError(
-            f"the data of the lm-eval tasks cannot be reached ({str(e).splitlines()[0]}); run where the Hugging "
+            f"the data of the lm-eval tasks cannot be reached ({first_line(e)}); run where the Hugging "
             "Face Hub is reachable, or with HF_DATASETS_CACHE pointing at a cache that holds it"
         ) from e
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 from uptrain.io.hub import looks_like_repo_id
 
 
@@ -24,9 +24,9 @@ def read_model_config(where: str, revision: str | None = None) -> Any:
     except (OSError, ValueError) as e:
         if not path.exists():  # read as a Hub id, and that failed too: name both readings
             raise UptrainError(
-                f"{where}: no such folder here, and no Hub repo of that name could be loaded ({str(e).splitlines()[0]})"
+                f"{where}: no such folder here, and no Hub repo of that name could be loaded ({first_line(e)})"
             ) from e
-        raise UptrainError(f"cannot read the model config at {where}: {str(e).splitlines()[0]}") from e
+        raise UptrainError(f"cannot read the model config at {where}: {first_line(e)}") from e
 
 
 def _from_json(path: Path) -> Any:
@@ -45,4 +45,4 @@ def load_tokenizer(where: str, revision: str | None = None, setting: str = "mode
     try:
         return AutoTokenizer.from_pretrained(where, revision=revision)
     except (OSError, ValueError, TypeError) as e:
-        raise UptrainError(f"cannot load a tokenizer from {where} ({str(e).splitlines()[0]}); set {setting}") from e
+        raise UptrainError(f"cannot load a tokenizer from {where} ({first_line(e)}); set {setting}") from e

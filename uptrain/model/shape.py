@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from uptrain.errors import UptrainError
+from uptrain.errors import UptrainError, first_line
 
 
 def attention_kind(heads: int, kv_heads: int) -> str:
@@ -168,7 +168,7 @@ def shape_of_config_json(config: dict[str, Any], kv_heads_field: str = "num_key_
     try:
         cfg = CONFIG_MAPPING[config["model_type"]].from_dict(config)
     except Exception as e:  # transformers raises several types for a malformed config
-        raise UptrainError(f"config.json could not be read by transformers: {str(e).splitlines()[0]}") from e
+        raise UptrainError(f"config.json could not be read by transformers: {first_line(e)}") from e
     return ModelShape.from_config(cfg, kv_heads_field=kv_heads_field)
 
 

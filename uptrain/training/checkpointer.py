@@ -56,7 +56,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "tokens")):
             raise ValueError("no whole step and tokens in it")
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UptrainError(f"{path} is damaged ({str(e).splitlines()[0]}); use another checkpoint") from e
+        raise UptrainError(f"{path} is damaged ({first_line(e)}); use another checkpoint") from e
     return state
 
 
@@ -116,9 +116,7 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
     try:
         saved = yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise UptrainError(
-            f"{checkpoint / TRAIN_CONFIG} is damaged ({str(e).splitlines()[0]}); use another checkpoint"
-        ) from e
+        raise UptrainError(f"{checkpoint / TRAIN_CONFIG} is damaged ({first_line(e)}); use another checkpoint") from e
     if not isinstance(saved, dict):
         raise UptrainError(
             f"{checkpoint / TRAIN_CONFIG} is damaged (not a mapping of config sections); use another checkpoint"
