@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,17 +156,16 @@ def input_covariance(
     folder: Path,
     quiet: bool = False,
     facts: dict[str, Any] | None = None,
-    refiner: LayerRefiner | list[LayerRefiner] | None = None,
+    refiners: Sequence[LayerRefiner] = (),
 ) -> CovarianceStore:
     """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
-    `facts`, when given, receives the tokens used, the device and the seconds taken. With a `refiner` (or
-    several, one per G: `plan --quality`), each
-    layer's converted attention is also refined on the windows while the layer is in memory."""
+    `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
+    per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
+    windows while the layer is in memory."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
-    refiners = refiner if isinstance(refiner, list) else [refiner] if refiner is not None else []
     calibration.check()
     tokens = calibration.num_tokens
     src = reader.folder

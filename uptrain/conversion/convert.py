@@ -203,7 +203,8 @@ def convert_checkpoint(
             facts: dict[str, Any] = {}
             if refinement is not None:
                 refiner = LayerRefiner(refinement, reader, arch, shape, options, RefinedStore(tmp / REFINED))
-            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts, refiner)
+            refiners = [refiner] if refiner is not None else []
+            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts, refiners)
             record["calibration"] |= facts
             options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
             steps = conversion_steps(reader, arch, shape, options, dtype)

@@ -78,7 +78,7 @@ def merge_quality(
         for i in range(shape.layers):
             names = source.load_layer(i)
             for g in groups:
-                with _merged(source, arch, i, g, shape.heads, merges[g].get(i, []), reader):
+                with _merged(source, arch, i, g, shape.heads, merges[g].get(i, [])):
                     paths[g] = source.run_layer(i, paths[g])
                 bar.update()
             reference = source.run_layer(i, reference)
@@ -113,9 +113,9 @@ class _merged:
     """Layer i with its K/V tensors replaced by the G-head merge (and the attention told G), restored on exit."""
 
     def __init__(
-        self, source: LayeredSource, arch: Architecture, i: int, g: int, heads: int, steps: list[Step], reader: Any
+        self, source: LayeredSource, arch: Architecture, i: int, g: int, heads: int, steps: list[Step]
     ) -> None:
-        self.source, self.steps, self.reader = source, steps, reader
+        self.source, self.steps = source, steps
         self.attention = source.model.get_submodule(arch.attention.format(layer=i))
         self.settings = {"num_key_value_groups": heads // g, "num_key_value_heads": g}
         self.saved: dict[str, Any] = {}
@@ -125,7 +125,7 @@ class _merged:
         for step in self.steps:
             module_name, _, attr = step.spec.name.rpartition(".")
             module = model.get_submodule(module_name)
-            value = torch.cat(list(step.chunks(self.reader))).reshape(step.spec.shape)
+            value = torch.cat(list(step.chunks(self.source.reader))).reshape(step.spec.shape)
             self.saved[step.spec.name] = getattr(module, attr)
             setattr(module, attr, torch.nn.Parameter(value.to(self.source.device, self.source.dtype), False))
         if not any(hasattr(self.attention, k) for k in self.settings):
