@@ -79,6 +79,8 @@ def rows(calibration: str, lr: float) -> list[Row]:
         Row("MQA, svd + calibration + refinement (--refine-steps 64)", [*calib, "--refine-steps", "64"]),
         Row("MQA, mean", ["--method", "mean"]),
         Row("MQA, svd + calibration + refinement (--refine-steps 128)", [*calib, "--refine-steps", "128"]),
+        # the best start with the distillation that keeps most of the source, over a whole curve
+        Row("MQA, refinement (128) + KL only (w = 1)", [*calib, "--refine-steps", "128"], distill=1.0),
         # distillation from the original source and the recipe, from the refined start at equal tokens
         Row("CE (the recipe)", calib, probe=True),
         Row("CE + KL (w = 0.5)", calib, distill=0.5, probe=True),

@@ -27,10 +27,10 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -147,6 +147,25 @@ class Calibration:
         return out
 
 
+class Alongside(Protocol):
+    """More work on each layer while the calibration pass holds it in memory (`plan --quality` runs its
+    held-out windows through the source and through each G's merge there, rather than in a second pass)."""
+
+    windows: list[torch.Tensor]
+    """Token ids (B, L) the source records beside the calibration windows; not part of Σ."""
+    units: int
+    """Progress-bar units each layer's `layer` call accounts for."""
+
+    def begin(self, source: LayeredSource, first: int) -> None:
+        """Before layer 0: `source` holds `windows` as its windows first, first + 1, ..."""
+
+    def layer(
+        self, i: int, sigma: torch.Tensor, converted: list[dict[str, torch.Tensor]], done: Callable[[], None]
+    ) -> None:
+        """Layer i is loaded and its Σ̃ is `sigma`; `converted` holds each refiner's tensors for it; call `done`
+        once per unit of work."""
+
+
 @torch.no_grad()
 def input_covariance(
     reader: CheckpointReader,
@@ -157,11 +176,12 @@ def input_covariance(
     quiet: bool = False,
     facts: dict[str, Any] | None = None,
     refiners: Sequence[LayerRefiner] = (),
+    alongside: Alongside | None = None,
 ) -> CovarianceStore:
     """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
     `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
     per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
-    windows while the layer is in memory."""
+    windows while the layer is in memory; `alongside` does its own work on each layer after that."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -193,17 +213,20 @@ def input_covariance(
         print(f"calibration text has {len(stream):,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
     seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
     windows = [stream[b : b + seq][None].to(device) for b in range(0, len(stream), seq)]
+    more = [] if alongside is None else [ids.to(device) for ids in alongside.windows]
     source = LayeredSource(
         reader,
         arch,
         shape,
-        windows,
+        windows + more,
         device,
         dtype,
         "--calibration",
         "; pass --calibration none (weights only) or use --method mean",
     )
-    hidden = source.hidden
+    hidden = source.hidden[: len(windows)]
+    if alongside is not None:
+        alongside.begin(source, len(windows))
 
     # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
     store = CovarianceStore(folder)
@@ -221,37 +244,41 @@ def input_covariance(
         x, rest, kw = _attention_call(args, kwargs)
         captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out))
 
-    for i in tqdm(
-        range(shape.layers),
-        desc=f"calibration{' + refinement' if refiners else ''} ({len(stream):,} tokens)",
-        unit="layer",
-        disable=quiet,
-        file=sys.stderr,
-    ):
-        names = source.load_layer(i)
-        acc[:] = [0.0, 0.0, 0]
-        captured.clear()
-        attention = source.model.get_submodule(arch.attention.format(layer=i))
-        handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
-        if refiners:
-            handles.append(attention.register_forward_hook(capture, with_kwargs=True))
-        try:
-            hidden[:] = source.run_layer(i, hidden)
-        finally:
-            for handle in handles:
-                handle.remove()
-        xx, xs, n = acc
-        if n == 0:
-            raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
-        sigma = torch.ones(shape.hidden + 1, shape.hidden + 1)
-        sigma[:-1, :-1] = (xx / n).cpu()
-        sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
-        store.put(i, sigma)
-        for one in refiners:  # fitted on the source's own attention inputs (docs/results.md: better than
-            # on the converted layers' outputs, and faster)
-            one.release(one.refine(i, sigma, captured))
-        captured.clear()
-        source.unload(names)
+    units = 1 + (alongside.units if alongside is not None else 0)  # per layer
+    what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")
+    with tqdm(total=shape.layers * units, desc=f"{what} ({len(stream):,} tokens)", unit="layer", disable=quiet,
+              file=sys.stderr) as bar:  # fmt: skip
+        for i in range(shape.layers):
+            names = source.load_layer(i)
+            acc[:] = [0.0, 0.0, 0]
+            captured.clear()
+            attention = source.model.get_submodule(arch.attention.format(layer=i))
+            handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
+            if refiners:
+                handles.append(attention.register_forward_hook(capture, with_kwargs=True))
+            try:
+                hidden[:] = source.run_layer(i, hidden)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            xx, xs, n = acc
+            if n == 0:
+                raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
+            sigma = torch.ones(shape.hidden + 1, shape.hidden + 1)
+            sigma[:-1, :-1] = (xx / n).cpu()
+            sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
+            store.put(i, sigma)
+            # fitted on the source's own attention inputs (docs/results.md: better than on the converted
+            # layers' outputs, and faster)
+            refined = [one.refine(i, sigma, captured) for one in refiners]
+            captured.clear()
+            bar.update()
+            if alongside is not None:
+                tensors = [one.tensors(i, m) for one, m in zip(refiners, refined, strict=True)]
+                alongside.layer(i, sigma, tensors, bar.update)
+            for one, module in zip(refiners, refined, strict=True):
+                one.release(module)
+            source.unload(names)
     if facts is not None:
         facts |= {"tokens_used": len(stream), "device": device_name(device),
                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip

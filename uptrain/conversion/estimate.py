@@ -1,18 +1,17 @@
 """What each G costs in quality before any checkpoint is written (`uptrain plan --quality`).
 
-One calibration pass measures Σ of every layer's attention input (as `convert --calibration` does).
-Then the held-out windows run through the source one decoder layer at a time (`LayeredSource`), and
-beside them, for every G, through the same layer with its K/V merged as `convert --method svd` merges
-them (the merge computed in memory from Σ; nothing written). Memory holds one layer's weights, its G
-merges, and the hidden states of the held-out tokens once per G and once for the source. At the end
-each path's logits are scored against the source's on the same positions: the KL and top-1 agreement
-that `uptrain eval --reference SOURCE` reports on the converted checkpoint.
+One pass over the source, one decoder layer at a time (`LayeredSource`): while a layer is loaded,
+the calibration windows give its Σ (and refine each G's merge, as `convert --calibration` does), and
+then the held-out windows run through it twice over: as the source has it, and for every G with its
+K/V merged as `convert --method svd` merges them (the merge computed in memory; nothing written).
+Memory holds one layer's weights, its G merges, the calibration hidden states, and the held-out
+hidden states once per G and once for the source. At the end each path's logits are scored against
+the source's on the same positions: the KL and top-1 agreement that `uptrain eval --reference SOURCE`
+reports on the converted checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 import torch
 
 from uptrain.conversion.calibrate import Calibration, input_covariance
-from uptrain.conversion.convert import conversion_steps
+from uptrain.conversion.checks import TensorChecks
 from uptrain.conversion.layered import LayeredSource
-from uptrain.conversion.refine import LayerRefiner, RefinedStore, Refinement
-from uptrain.conversion.steps import MergeOptions, Step
-from uptrain.device import compute_device, inference_dtype
+from uptrain.conversion.refine import LayerRefiner, RefinedStore, Refinement, closed_form
+from uptrain.conversion.steps import MergeOptions
 from uptrain.errors import UptrainError
 from uptrain.io.reader import CheckpointReader
 from uptrain.model.families import Architecture
@@ -32,7 +30,7 @@ from uptrain.model.shape import ModelShape
 
 Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
 Scorer = Callable[[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
-"""Adds one window's sums to totals: (totals, log-probs of the model, of the reference, targets, scored mask)."""
+"""Adds one batch's sums to totals: (totals, log-probs of the model, of the reference, targets, scored mask)."""
 
 
 @torch.no_grad()
@@ -48,14 +46,11 @@ def merge_quality(
     refinement: Refinement | None = None,
     seed: int = 0,
     quiet: bool = False,
+    batch_size: int = 4,
 ) -> dict[int, dict[str, float]]:
-    """{G: the scorer's totals of the source (reference) against its G-head merge} over the `held` windows.
-    With `refinement`, each G's merge is refined layer by layer during the calibration pass, as `convert`
+    """{G: the scorer's totals of the source (reference) against its G-head merge} over the `held` windows
+    (run `batch_size` at a time). With `refinement`, each G's merge is refined layer by layer, as `convert`
     refines it. `folder` holds the Σ files (and refined tensors) while this runs."""
-    from tqdm.auto import tqdm
-
-    device = compute_device()
-    dtype = inference_dtype(device)
     options = {g: MergeOptions(g, "svd", "contiguous", seed) for g in groups}
     refiners = {}
     if refinement is not None:
@@ -63,70 +58,91 @@ def merge_quality(
             g: LayerRefiner(refinement, reader, arch, shape, options[g], RefinedStore(folder / f"refined-g{g}"))
             for g in groups
         }
-    sigma = input_covariance(reader, arch, shape, calibration, folder / "sigma", quiet, None, list(refiners.values()))
-    merges = {}
-    for g in groups:
-        steps = conversion_steps(reader, arch, shape, dataclasses.replace(options[g], sigma=sigma))
-        if g in refiners:  # refined layers (where refining lowered the held-out error) replace the closed form
-            steps = steps.made_by({name: refiners[g].store.job(name) for name in refiners[g].store})
-        merges[g] = _layer_steps(steps.steps)
-    source = LayeredSource(reader, arch, shape, [ids[None].to(device) for ids, _ in held], device, dtype, "--quality")
-    paths: dict[int, list[torch.Tensor]] = {g: list(source.hidden) for g in groups}
-    reference = source.hidden
-    with tqdm(total=shape.layers * (len(groups) + 1), desc="quality per G", unit="layer", disable=quiet,
-              file=sys.stderr) as bar:  # fmt: skip
-        for i in range(shape.layers):
-            names = source.load_layer(i)
-            for g in groups:
-                with _merged(source, arch, i, g, shape.heads, merges[g].get(i, [])):
-                    paths[g] = source.run_layer(i, paths[g])
-                bar.update()
-            reference = source.run_layer(i, reference)
-            bar.update()
-            source.unload(names)
-    totals = {g: dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0) for g in groups}
-    source.load_head()
-    for w, (ids, first) in enumerate(held):
-        ref = torch.log_softmax(source.logits(w, reference[w])[:, :-1].float(), -1)  # (1, L-1, V)
-        target = ids[None, 1:].to(ref.device)
-        mask = torch.zeros_like(target, dtype=torch.bool)
-        mask[0, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
-        for g in groups:
-            logp = torch.log_softmax(source.logits(w, paths[g][w])[:, :-1].float(), -1)
-            add_scores(totals[g], logp, ref, target, mask)
-    return totals
+    held_pass = _HeldOut(reader, arch, shape, options, list(refiners), held, batch_size)
+    refining = list(refiners.values())
+    input_covariance(reader, arch, shape, calibration, folder / "sigma", quiet, None, refining, held_pass)
+    return held_pass.totals(add_scores)
 
 
-def _layer_steps(steps: list[Step]) -> dict[int, list[Step]]:
-    """The computed (merged) tensors of each layer, by layer index."""
-    out: dict[int, list[Step]] = {}
-    for step in steps:
-        if not step.copied:
-            layer = next((int(p) for p in step.spec.name.split(".") if p.isdigit()), None)
-            if layer is None:
-                raise UptrainError(f"merged tensor {step.spec.name} belongs to no layer; cannot estimate this model")
-            out.setdefault(layer, []).append(step)
-    return out
+class _HeldOut:
+    """The held-out windows through every layer of the source and of each G's merge, done while the
+    calibration pass holds the layer (`calibrate.Alongside`): one model, each layer's weights read once."""
+
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        arch: Architecture,
+        shape: ModelShape,
+        options: dict[int, MergeOptions],
+        refined: list[int],
+        held: list[Window],
+        batch_size: int,
+    ) -> None:
+        self.reader, self.arch, self.shape, self.options, self.refined = reader, arch, shape, options, refined
+        self.checks = TensorChecks(reader.tensors, shape)
+        by_length: dict[int, list[Window]] = {}
+        for w in held:
+            by_length.setdefault(len(w[0]), []).append(w)
+        self.batches = [
+            group[b : b + batch_size] for group in by_length.values() for b in range(0, len(group), batch_size)
+        ]
+        self.windows = [torch.stack([ids for ids, _ in batch]) for batch in self.batches]  # each (B, L)
+        self.units = len(options) + 1  # each G's merge, then the source
+
+    def begin(self, source: LayeredSource, first: int) -> None:
+        self.source, self.first = source, first
+        self.reference = source.hidden[first:]  # the source's hidden states, per batch (B, L, hidden)
+        self.paths = {g: list(self.reference) for g in self.options}  # each G's
+
+    def layer(
+        self, i: int, sigma: torch.Tensor, converted: list[dict[str, torch.Tensor]], done: Callable[[], None]
+    ) -> None:
+        for g, options in self.options.items():
+            if g in self.refined:  # what convert writes: refined, or the closed form where refining did not help
+                tensors = converted[self.refined.index(g)]
+            else:
+                tensors, _ = closed_form(self.reader, self.checks, self.arch, self.shape, options, i, sigma)
+            with _merged(self.source, self.arch, i, g, self.shape.heads, tensors):
+                self.paths[g] = self.source.run_layer(i, self.paths[g], self.first)
+            done()
+        self.reference = self.source.run_layer(i, self.reference, self.first)
+        done()
+
+    def totals(self, add_scores: Scorer) -> dict[int, dict[str, float]]:
+        """Each G's sums against the source, from the final hidden states (after the last layer)."""
+        totals = {g: dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0) for g in self.options}
+        self.source.load_head()
+        for b, batch in enumerate(self.batches):
+            w = self.first + b
+            ref = torch.log_softmax(self.source.logits(w, self.reference[b])[:, :-1].float(), -1)  # (B, L-1, V)
+            target = self.windows[b][:, 1:].to(ref.device)
+            mask = torch.zeros_like(target, dtype=torch.bool)
+            for row, (_, first) in enumerate(batch):
+                mask[row, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
+            for g in self.options:
+                logp = torch.log_softmax(self.source.logits(w, self.paths[g][b])[:, :-1].float(), -1)
+                add_scores(totals[g], logp, ref, target, mask)
+        return totals
 
 
 class _merged:
-    """Layer i with its K/V tensors replaced by the G-head merge (and the attention told G), restored on exit."""
+    """Layer i with its converted tensors (G-head K/V, refined Q/O) in place of the source's and the attention
+    told G, restored on exit."""
 
     def __init__(
-        self, source: LayeredSource, arch: Architecture, i: int, g: int, heads: int, steps: list[Step]
+        self, source: LayeredSource, arch: Architecture, i: int, g: int, heads: int, tensors: dict[str, torch.Tensor]
     ) -> None:
-        self.source, self.steps = source, steps
+        self.source, self.tensors = source, tensors
         self.attention = source.model.get_submodule(arch.attention.format(layer=i))
         self.settings = {"num_key_value_groups": heads // g, "num_key_value_heads": g}
         self.saved: dict[str, Any] = {}
 
     def __enter__(self) -> None:
         model = self.source.model
-        for step in self.steps:
-            module_name, _, attr = step.spec.name.rpartition(".")
+        for name, value in self.tensors.items():
+            module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
-            value = torch.cat(list(step.chunks(self.source.reader))).reshape(step.spec.shape)
-            self.saved[step.spec.name] = getattr(module, attr)
+            self.saved[name] = getattr(module, attr)
             setattr(module, attr, torch.nn.Parameter(value.to(self.source.device, self.source.dtype), False))
         if not any(hasattr(self.attention, k) for k in self.settings):
             raise UptrainError(f"{type(self.attention).__name__} keeps its KV-head count elsewhere; cannot estimate it")

@@ -126,11 +126,11 @@ class LayeredSource:
         for name in names:
             set_module_tensor_to_device(self.model, name, "meta")
 
-    def run_layer(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every window's hidden states through layer i (loaded)."""
+    def run_layer(self, i: int, hidden: list[torch.Tensor], first: int = 0) -> list[torch.Tensor]:
+        """Hidden states of windows first, first+1, ... (one per entry of `hidden`) through layer i (loaded)."""
         out = []
-        for w, (args, kwargs) in enumerate(self.inputs[i]):
-            y = self.layers[i](hidden[w], *args, **kwargs)
+        for x, (args, kwargs) in zip(hidden, self.inputs[i][first : first + len(hidden)], strict=True):
+            y = self.layers[i](x, *args, **kwargs)
             out.append(y[0] if isinstance(y, tuple) else y)
         return out
 

@@ -150,6 +150,26 @@ def _visits(train: list[int], seed: int) -> Iterator[int]:
         yield from (train[i] for i in torch.randperm(len(train), generator=gen).tolist())
 
 
+def closed_form(
+    reader: Any,
+    checks: TensorChecks,
+    arch: Architecture,
+    shape: ModelShape,
+    options: MergeOptions,
+    layer: int,
+    sigma: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """One layer's converted attention tensors as `uptrain convert` writes them without refinement (merged
+    with `sigma`, that layer's Σ̃), and the merge's errors (None for merges that report none)."""
+    steps = layer_steps(layer, checks, arch, shape, dataclasses.replace(options, sigma={layer: sigma}))
+    tensors = {
+        step.spec.name: torch.cat(list(step.chunks(reader))).reshape(step.spec.shape)
+        for replaced in steps.replaced.values()
+        for step in replaced
+    }
+    return tensors, next((m.errors for m in steps.merges), None)
+
+
 class RefinedStore(Mapping[str, torch.Tensor]):
     """{tensor name: refined tensor}, one safetensors file per layer in `folder`, read one tensor at a time."""
 
@@ -209,18 +229,6 @@ class LayerRefiner:
         self.layers: list[dict[str, Any]] = []
         """Per layer: the closed-form merge's groups and errors, and what refinement did."""
 
-    def closed_form(self, layer: int, sigma: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """The layer's converted attention tensors as `uptrain convert` writes them without refinement."""
-        options = dataclasses.replace(self.options, sigma={layer: sigma})
-        steps = layer_steps(layer, self.checks, self.arch, self.shape, options)
-        tensors = {
-            step.spec.name: torch.cat(list(step.chunks(self.reader)))
-            for replaced in steps.replaced.values()
-            for step in replaced
-        }
-        errors = next((m.errors for m in steps.merges), None)
-        return tensors, errors
-
     def refine(self, layer: int, sigma: torch.Tensor, windows: list[Window]) -> torch.nn.Module:
         """The layer's converted attention (float32, on the device), refined; its tensors are in the store
         when refinement lowered the held-out error. Call `release` when done with the module."""
@@ -228,7 +236,7 @@ class LayerRefiner:
 
         prefix = self.arch.attention.format(layer=layer)
         attention = self.model.get_submodule(prefix)
-        tensors, errors = self.closed_form(layer, sigma)
+        tensors, errors = closed_form(self.reader, self.checks, self.arch, self.shape, self.options, layer, sigma)
         for name, _ in attention.named_parameters():
             full = f"{prefix}.{name}"
             value = tensors[full] if full in tensors else self.reader.read(full)
@@ -240,6 +248,12 @@ class LayerRefiner:
             self.store.put(layer, {f"{prefix}.{n}": p for n, p in attention.named_parameters()})
         self.layers.append({"layer": layer, **(errors or {}), "refinement": result})
         return attention
+
+    def tensors(self, layer: int, attention: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """{checkpoint name: tensor} of `refine`'s module: what `uptrain convert` writes for the layer (refined, or
+        the closed form where refining did not help)."""
+        prefix = self.arch.attention.format(layer=layer)
+        return {f"{prefix}.{n}": p for n, p in attention.named_parameters()}
 
     def release(self, attention: torch.nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
