@@ -31,6 +31,17 @@ def inference_dtype(device: torch.device, requested: str = "auto", cpu: torch.dt
     return torch.bfloat16 if device.type == "cuda" else cpu
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: the execution device of its input embedding when accelerate placed the model
+    over several devices (`device_map`; its hooks move activations on), else the device of its parameters."""
+    get = getattr(model, "get_input_embeddings", None)
+    hook = getattr(get(), "_hf_hook", None) if get is not None else None
+    where = getattr(hook, "execution_device", None)
+    if where is not None:
+        return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+    return next(model.parameters()).device
+
+
 def autocast_precision(setting: str) -> str:
     """accelerate's mixed_precision for training: 'auto' is bf16 where the accelerator supports it, else 'no'."""
     if setting != "auto":

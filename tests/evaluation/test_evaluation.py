@@ -316,3 +316,50 @@ def test_a_tiny_held_out_text_is_scored_with_a_warning(run_cli, models, tmp_path
     (tmp_path / "few" / "a.txt").write_text("the cat sat on the mat")
     code, _, err = run_eval(run_cli, models["gqa"], f"--data.files=[{tmp_path}/few/*.txt]", "--no-speed")
     assert code == 0 and "warning: only" in err and "is noise" in err
+
+
+def test_device_map_on_a_forced_split_gives_the_plain_figures(run_cli, models, tmp_path: Path) -> None:
+    """--device-map auto with too little CPU memory for the weights: some layers are offloaded to disk, the model
+    and its reference are loaded one after the other, and every figure equals the plain path's."""
+    common = [
+        "--reference", models["mha"], f"--data.files=[{models['corpus']}/*.txt]", "--data.seq_len=32",
+        "--max-tokens", "400", "--batch-size", "3", "--new-tokens", "4", "--prompt-tokens", "8",
+    ]  # fmt: skip
+    code, _, err = run_eval(run_cli, models["mqa"], *common, "--json", tmp_path / "plain.json")
+    assert code == 0, err
+    scratch = tmp_path / "scratch"
+    code, _, err = run_eval(
+        run_cli, models["mqa"], *common, "--json", tmp_path / "split.json",
+        "--device-map", "auto", "--max-memory", "cpu=250kB", "--offload-folder", scratch,
+    )  # fmt: skip
+    assert code == 0, err
+    plain, split = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "split"))
+    for key in ("nll", "reference_nll", "kl", "top1_agreement"):
+        assert math.isclose(split["quality"][key], plain["quality"][key], rel_tol=1e-5, abs_tol=1e-7), key
+    assert split["data"] == plain["data"] and split["model"] == plain["model"]
+    assert split["reference"] == plain["reference"]
+    for who in ("model", "reference"):  # the cache is measured on the placed model too
+        assert split["kv_cache"][who]["measured_bytes"] == plain["kv_cache"][who]["measured_bytes"]
+    assert list(scratch.iterdir()) == []  # offloaded weights and stored log-probabilities are gone
+
+
+def test_device_map_really_splits_the_model(models, tmp_path: Path) -> None:
+    """The placement the test above relies on: with 250 kB of CPU memory, the embedding and the first layer
+    stay in memory and the rest sits on disk."""
+    from uptrain.evaluation.evaluate import Placement
+
+    model, _ = load_model(
+        str(models["mqa"]), "float32", torch.device("cpu"), Placement("auto", {"cpu": 250_000}, tmp_path)
+    )
+    assert model.hf_device_map["model.layers.0"] == "cpu" and model.hf_device_map["model.layers.1"] == "disk"
+
+
+def test_device_map_options_refused_in_one_line(run_cli, models, tmp_path: Path) -> None:
+    for args, expected in (
+        (["--max-memory", "cpu=1GB"], "add --device-map auto"),
+        (["--device-map", "auto", "--max-memory", "lots"], "DEVICE=SIZE pairs"),
+        (["--device-map", "auto", "--max-memory", "cpu=many"], "cannot read size"),
+        (["--device-map", "auto", "--offload-folder", next(models["corpus"].glob("*.txt"))], "is a file"),
+    ):
+        code, _, err = run_eval(run_cli, models["mqa"], "--no-speed", *args)
+        assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, (args, err)

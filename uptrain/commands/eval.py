@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -12,9 +14,10 @@ from uptrain import config as configlib
 from uptrain.config import Overrides
 from uptrain.data.config import DataConfig
 from uptrain.errors import UptrainError
-from uptrain.evaluation.evaluate import HeldOutText, evaluate_model
+from uptrain.evaluation.evaluate import HeldOutText, Placement, evaluate_model
 from uptrain.evaluation.result import print_compare, print_result
 from uptrain.training.config import TrainConfig
+from uptrain.units import parse_size
 
 
 def _held_out_text(config: str | None, overrides: list[str]) -> HeldOutText | None:
@@ -55,6 +58,9 @@ def evaluate(
     tasks_batch_size: int | None = None,
     chat_template: bool = False,
     log_samples: str | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    offload_folder: str | None = None,
     overrides: Annotated[list[str] | None, Overrides(DataConfig, section="data")] = None,
 ) -> dict[str, Any]:
     """Evaluate a (converted) model: perplexity, KL and agreement with its source, KV cache, decode speed.
@@ -88,6 +94,13 @@ def evaluate(
         tasks_batch_size: Batch size for the lm-eval tasks (default: --batch-size).
         chat_template: Wrap task prompts in the tokenizer's chat template (instruction-tuned models).
         log_samples: Write every scored example of each task to this folder (TASK.jsonl).
+        device_map: Place each model over several devices with accelerate (auto, balanced, sequential, or one
+            device like cpu or cuda:1), for models larger than one GPU: what does not fit the GPUs goes to the
+            CPU, then to disk. With --reference the two are loaded one after the other; the reference's
+            log-probabilities wait on disk in between (scored tokens x vocabulary x 4 bytes).
+        max_memory: Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB.
+        offload_folder: Where --device-map puts offloaded weights and the reference's log-probabilities
+            (a temporary folder inside it, removed at the end); default: the system's temporary folder.
         overrides: --data.key=value settings for the held-out text.
     """
     if compare:
@@ -115,28 +128,39 @@ def evaluate(
         _check_creatable_folder(Path(log_samples), "--log-samples")
     if tasks_include and not Path(tasks_include).is_dir():
         raise UptrainError(f"--tasks-include {tasks_include} is not a folder; give the folder of your task YAML files")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise UptrainError("--max-memory and --offload-folder place a model with --device-map; add --device-map auto")
+    memory = _max_memory(max_memory) if max_memory is not None else None
+    if offload_folder is not None:
+        _check_creatable_folder(Path(offload_folder), "--offload-folder")
     text = _held_out_text(config, overrides or [])
-    result = evaluate_model(
-        model,
-        reference=reference,
-        text=text,
-        max_tokens=max_tokens,
-        window=window,
-        stride=stride,
-        batch_size=batch_size,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        decode_batch=decode_batch,
-        dtype=dtype,
-        speed=not no_speed,
-        tasks=tasks,
-        tasks_limit=tasks_limit,
-        tasks_include=tasks_include,
-        num_fewshot=num_fewshot,
-        tasks_batch_size=tasks_batch_size,
-        chat_template=chat_template,
-        log_samples=log_samples,
-    )
+    with contextlib.ExitStack() as stack:
+        placement = None
+        if device_map is not None:  # scratch space of ours, removed however the evaluation ends
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="uptrain-eval-", dir=offload_folder))
+            placement = Placement(device_map, memory, Path(folder))
+        result = evaluate_model(
+            model,
+            reference=reference,
+            text=text,
+            max_tokens=max_tokens,
+            window=window,
+            stride=stride,
+            batch_size=batch_size,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            decode_batch=decode_batch,
+            dtype=dtype,
+            speed=not no_speed,
+            tasks=tasks,
+            tasks_limit=tasks_limit,
+            tasks_include=tasks_include,
+            num_fewshot=num_fewshot,
+            tasks_batch_size=tasks_batch_size,
+            chat_template=chat_template,
+            log_samples=log_samples,
+            placement=placement,
+        )
     out = asdict(result)
     print_result(out)
     if json:
@@ -148,6 +172,21 @@ def evaluate(
         except OSError as e:  # a full disk: the table above is printed; leave no partial file
             tmp.unlink(missing_ok=True)
             raise UptrainError(f"--json {target}: cannot write it ({e.strerror}); the results are printed above") from e
+    return out
+
+
+def _max_memory(text: str) -> dict[int | str, int]:
+    """'0=70GiB,cpu=200GiB' -> {0: 70·2³⁰, 'cpu': 200·2³⁰}."""
+    out: dict[int | str, int] = {}
+    for part in text.split(","):
+        where, sep, size = part.strip().partition("=")
+        where = where.strip()
+        if not sep or not (where.isdigit() or where in ("cpu", "mps")):
+            raise UptrainError(
+                f"--max-memory {text}: write it as DEVICE=SIZE pairs, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                "(GPU indices, cpu or mps)"
+            )
+        out[int(where) if where.isdigit() else where] = parse_size(size)
     return out
 
 

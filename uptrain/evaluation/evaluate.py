@@ -6,7 +6,10 @@ result.py (docs/eval-schema.md).
 
 from __future__ import annotations
 
+import gc
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,12 @@ from uptrain.device import compute_device, device_name, inference_dtype
 from uptrain.errors import UptrainError, first_line
 from uptrain.evaluation.attention import register as register_attention
 from uptrain.evaluation.generation import generation
-from uptrain.evaluation.quality import Window, quality, score, strided
+from uptrain.evaluation.quality import Window, batches, log_probs, quality, score, strided
 from uptrain.evaluation.result import SCHEMA_VERSION, DataInfo, EvalResult, ModelInfo
 from uptrain.evaluation.tasks import run_tasks
 from uptrain.io.hub import looks_like_repo_id
 from uptrain.model.shape import ModelShape
+from uptrain.units import format_bytes
 from uptrain.version import __version__
 
 
@@ -42,22 +46,39 @@ FEW_TOKENS = 1000
 """Below this many scored tokens, eval warns that perplexity and KL are too noisy to compare."""
 
 
-def load_model(path: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
-    """A model in eval mode on `device` (dtype 'auto': bfloat16 on GPUs, float32 on CPUs), and its tokenizer."""
+@dataclass(frozen=True)
+class Placement:
+    """accelerate's big-model placement, for models that do not fit one device (`eval --device-map`)."""
+
+    device_map: str
+    """'auto', 'balanced', 'balanced_low_0', 'sequential' or one device ('cpu', 'cuda:1')."""
+    max_memory: dict[int | str, str] | None
+    """Memory per device, e.g. {0: '70GiB', 'cpu': '200GiB'}; what does not fit goes to disk."""
+    folder: Path
+    """Scratch space: offloaded weights, and the reference's log-probabilities; removed at the end."""
+
+
+def load_model(path: str, dtype: str, device: torch.device, placement: Placement | None = None) -> tuple[Any, Any]:
+    """A model in eval mode on `device` (dtype 'auto': bfloat16 on GPUs, float32 on CPUs), or placed over
+    several devices by `placement`, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path).exists()
     if not local and not looks_like_repo_id(path):
         raise UptrainError(f"{path}: no such model folder (and not a Hub repo id like org/name)")
     try:
-        kwargs = {"dtype": inference_dtype(device, dtype)}
+        kwargs: dict[str, Any] = {"dtype": inference_dtype(device, dtype)}
+        if placement is not None:
+            offload = tempfile.mkdtemp(prefix="offload-", dir=placement.folder)
+            kwargs |= {"device_map": placement.device_map, "max_memory": placement.max_memory,
+                       "offload_folder": offload}  # fmt: skip
         try:  # decode that reads shared K/V heads once (see uptrain.evaluation.attention)
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=register_attention(), **kwargs)
         except ValueError as e:  # a family without transformers' attention interface: its default attention
             if "attn_implementation" not in str(e) and "attention" not in str(e):
                 raise
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        model = model.to(device).eval()
+        model = (model if placement is not None else model.to(device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         if not local:  # both readings failed: say the likely one first
@@ -84,7 +105,7 @@ def model_info(path: str, model: Any) -> ModelInfo:
 
 
 def text_windows(
-    text: HeldOutText, tokenizer: Any, model: Any, max_tokens: int, window: int | None, stride: int | None
+    text: HeldOutText, tokenizer: Any, config: Any, max_tokens: int, window: int | None, stride: int | None
 ) -> tuple[list[Window], DataInfo]:
     """The windows to score, and what they are."""
     cfg = text.data
@@ -94,7 +115,7 @@ def text_windows(
         tokens = sum(len(w) - 1 for w, _ in windows)
         source = f"held-out blocks of {text.run_config}"
         return windows, DataInfo(source, "blocks", tokens, len(windows), cfg.seq_len, cfg.seq_len)
-    limit = getattr(model.config, "max_position_embeddings", None) or cfg.seq_len
+    limit = getattr(config, "max_position_embeddings", None) or cfg.seq_len
     window = window if window is not None else min(cfg.seq_len, limit)
     if window > limit:
         raise UptrainError(f"--window {window} is above the model's max_position_embeddings {limit}")
@@ -136,27 +157,52 @@ def evaluate_model(
     tasks_batch_size: int | None = None,
     chat_template: bool = False,
     log_samples: str | None = None,
+    placement: Placement | None = None,
 ) -> EvalResult:
-    """Everything `uptrain eval` measures (see its --help), as an EvalResult."""
+    """Everything `uptrain eval` measures (see its --help), as an EvalResult. With `placement`, each model is
+    placed over devices by accelerate, and with a reference the two are loaded one after the other: the
+    reference's log-probabilities of every batch go to the placement's folder, then the model is scored
+    against them (the same figures as with both resident)."""
     device = compute_device()
-    net, tokenizer = load_model(model, dtype, device)
-    ref = ref_tok = None
-    if reference:
-        ref, ref_tok = load_model(reference, dtype, device)
-        if ref_tok.get_vocab() != tokenizer.get_vocab() or ref.config.vocab_size != net.config.vocab_size:
-            raise UptrainError(
-                f"{model} and {reference} use different tokenizers; KL and agreement need the same vocabulary"
-            )
-    result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net))
+    one_at_a_time = placement is not None and reference is not None
+    net = ref = None
+    if one_at_a_time:
+        ref, ref_tok = load_model(reference, dtype, device, placement)
+        tokenizer, config = _tokenizer_and_config(model)
+    else:
+        net, tokenizer = load_model(model, dtype, device, placement)
+        config = net.config
+        if reference:
+            ref, ref_tok = load_model(reference, dtype, device)
     if ref is not None:
-        result.reference = model_info(reference or "", ref)
+        _check_vocabulary(model, tokenizer, config, reference or "", ref_tok, ref.config)
+    reference_info = model_info(reference or "", ref) if ref is not None else None
+    windows, data = text_windows(text, tokenizer, config, max_tokens, window, stride) if text else ([], None)
+    kv_cache, decode = {}, {}
+    stored: list[Path] = []
+    if one_at_a_time:  # the reference first, then out of memory before the model comes in
+        assert placement is not None
+        if text is not None:
+            stored = _store_log_probs(ref, windows, batch_size, placement.folder)
+        if speed:
+            kv_cache["reference"], decode["reference"] = generation(ref, prompt_tokens, new_tokens, decode_batch)
+        ref = None
+        _release()
+        net, tokenizer = load_model(model, dtype, device, placement)
+    result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net), reference_info, data)
     if text is not None:
-        windows, result.data = text_windows(text, tokenizer, net, max_tokens, window, stride)
-        result.quality = quality(score(net, windows, batch_size, ref), ref is not None)
+        if stored:
+            totals = score(net, windows, batch_size, reference_log_probs=lambda b: _load_log_probs(stored[b]))
+        else:
+            totals = score(net, windows, batch_size, ref)
+        result.quality = quality(totals, reference is not None)
     if speed:
         for name, m in (("model", net), ("reference", ref)):
             if m is not None:
-                result.kv_cache[name], result.decode[name] = generation(m, prompt_tokens, new_tokens, decode_batch)
+                kv_cache[name], decode[name] = generation(m, prompt_tokens, new_tokens, decode_batch)
+        # the model's entry first, whichever ran first
+        result.kv_cache = {k: kv_cache[k] for k in ("model", "reference") if k in kv_cache}
+        result.decode = {k: decode[k] for k in ("model", "reference") if k in decode}
     if tasks:
         result.tasks, result.task_settings = run_tasks(
             net,
@@ -170,3 +216,55 @@ def evaluate_model(
             log_samples=Path(log_samples) if log_samples else None,
         )
     return result
+
+
+def _tokenizer_and_config(path: str) -> tuple[Any, Any]:
+    """A model's tokenizer and config, without its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UptrainError(f"cannot load {path}: {first_line(e)}") from e
+
+
+def _check_vocabulary(model: str, tok: Any, config: Any, reference: str, ref_tok: Any, ref_config: Any) -> None:
+    if ref_tok.get_vocab() != tok.get_vocab() or ref_config.vocab_size != config.vocab_size:
+        raise UptrainError(
+            f"{model} and {reference} use different tokenizers; KL and agreement need the same vocabulary"
+        )
+
+
+def _store_log_probs(model: Any, windows: list[Window], batch_size: int, folder: Path) -> list[Path]:
+    """Each batch's log-probabilities (float32, as scored) in a file of its own under `folder`; refuses at once
+    when the disk there cannot hold them all."""
+    from safetensors.torch import save_file
+
+    out = Path(tempfile.mkdtemp(prefix="reference-", dir=folder))
+    positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches(windows, batch_size))
+    need, free = positions * model.config.vocab_size * 4, shutil.disk_usage(out).free
+    if need > free:
+        raise UptrainError(
+            f"--device-map with --reference keeps the reference's log-probabilities on disk: {format_bytes(need)} "
+            f"for these {positions:,} positions, but {out.parent} has {format_bytes(free)} free; lower "
+            "--max-tokens or pass --offload-folder on a larger disk"
+        )
+    paths = []
+    with torch.no_grad():
+        for b, (ids, _) in enumerate(batches(windows, batch_size)):
+            paths.append(out / f"batch-{b:06d}.safetensors")
+            save_file({"log_probs": log_probs(model, ids).cpu().contiguous()}, str(paths[-1]))
+    return paths
+
+
+def _load_log_probs(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["log_probs"]
+
+
+def _release() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from uptrain.device import input_device
 from uptrain.evaluation.result import Decode, KVCache
 from uptrain.model.shape import ModelShape
 
@@ -70,7 +71,7 @@ def generation(
 
     static: a preallocated StaticCache and the decode step compiled with CUDA graphs, as a serving
     stack runs it (on a GPU; the first, warm-up pass compiles)."""
-    device = next(model.parameters()).device
+    device = input_device(model)  # with --device-map, where the embedding runs
     cfg = model.config
     ids = torch.randint(4, cfg.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)

@@ -11,10 +11,12 @@ agreement are averaged over the same tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from uptrain.device import input_device
 from uptrain.evaluation.result import Quality
 
 Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
@@ -34,27 +36,48 @@ def strided(tokens: torch.Tensor, window: int, stride: int) -> list[Window]:
     return out
 
 
-@torch.no_grad()
-def score(model: Any, windows: list[Window], batch_size: int, reference: Any = None) -> dict[str, float]:
-    """Sum of NLL (and of the reference's NLL, KL and agreement) over the scored positions."""
-    device = next(model.parameters()).device
-    totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0)
+Batch = tuple[torch.Tensor, torch.Tensor]  # (token ids (B, L), scored positions (B, L-1))
+
+
+def batches(windows: list[Window], batch_size: int) -> Iterator[Batch]:
+    """The windows in batches of equal length, in a fixed order (every model scored sees the same batches)."""
     by_length: dict[int, list[Window]] = {}
     for w in windows:
         by_length.setdefault(len(w[0]), []).append(w)
     for group in by_length.values():
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            ids = torch.stack([w[0] for w in chunk]).to(device)  # (B, L)
-            mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
+            ids = torch.stack([w[0] for w in chunk])  # (B, L)
+            mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
             for i, (_, first) in enumerate(chunk):
                 mask[i, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
-            target = ids[:, 1:]
-            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, L-1, V)
-            ref = None
-            if reference is not None:
-                ref = torch.log_softmax(reference(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-            add_scores(totals, logp, ref, target, mask)
+            yield ids, mask
+
+
+def log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the model's next-token logits, float32 (B, L-1, V), on the device the logits come out on."""
+    return torch.log_softmax(model(input_ids=ids.to(input_device(model)), use_cache=False).logits[:, :-1].float(), -1)
+
+
+@torch.no_grad()
+def score(
+    model: Any,
+    windows: list[Window],
+    batch_size: int,
+    reference: Any = None,
+    reference_log_probs: Callable[[int], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Sum of NLL (and of the reference's NLL, KL and agreement) over the scored positions. The reference is a
+    model run beside this one, or `reference_log_probs(b)`: batch b's log-probabilities, computed before."""
+    totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0)
+    for b, (ids, mask) in enumerate(batches(windows, batch_size)):
+        logp = log_probs(model, ids)
+        ref = None
+        if reference is not None:
+            ref = log_probs(reference, ids).to(logp.device)
+        elif reference_log_probs is not None:
+            ref = reference_log_probs(b).to(logp.device)
+        add_scores(totals, logp, ref, ids[:, 1:].to(logp.device), mask.to(logp.device))
     return totals
 
 
