@@ -84,14 +84,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="uptrain-bench-decode-") as tmp:
         source = make_source(Path(tmp) / "mha", args.preset, args.prompt + args.new, dtype, layers)
-        for g in groups:
-            path = source if g == heads else Path(tmp) / f"g{g}"
-            if g != heads:
-                convert(str(source), str(path), num_kv_heads=g, quiet=True)
-            for attn in args.attn:
+        paths = {heads: source}
+        for g in groups[1:]:
+            paths[g] = Path(tmp) / f"g{g}"
+            convert(str(source), str(paths[g]), num_kv_heads=g, quiet=True)
+        # every G with one attention before the next: a run cut short still compares the G's
+        for attn in args.attn:
+            for g in groups:
                 for mode in args.cache:
                     model = AutoModelForCausalLM.from_pretrained(
-                        path, dtype=getattr(torch, dtype), attn_implementation=attn
+                        paths[g], dtype=getattr(torch, dtype), attn_implementation=attn
                     )
                     model.to(device).eval()
                     kv, dec = generation(model, args.prompt, args.new, args.batch, static=mode == "static")
@@ -110,7 +112,7 @@ def main() -> None:
     print("| KV heads | attention, cache | KV bytes/token | KV cache held | peak memory | decode tok/s | vs MHA |")
     print("|---|---|---|---|---|---|---|")
     base = {attn: dec.decode_tokens_per_s for g, attn, _, dec in rows if g == heads}
-    for g, attn, kv, dec in rows:
+    for g, attn, kv, dec in sorted(rows, key=lambda row: groups.index(row[0])):  # by G, as measured within
         peak = "-" if dec.peak_memory_bytes is None else format_bytes(dec.peak_memory_bytes, binary=True)
         print(
             f"| {g}{' (MHA)' if g == heads else ' (MQA)' if g == 1 else ''} | {attn} | {kv.bytes_per_token:,} "
