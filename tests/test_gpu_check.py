@@ -77,8 +77,8 @@ def test_a_part_past_its_limit_is_killed_with_what_it_started_and_keeps_its_figu
     work.mkdir()
     out.mkdir()
     monkeypatch.setenv("FAKE_PART_PIDS", str(pids))
-    entry = gpu_check.run_part(fake("hang", "hang"), ("hang",), work, out, limit=5)
-    assert entry["status"] == "timed out" and entry["why"] == "stopped after 5 s"
+    entry = gpu_check.run_part(fake("hang", "hang"), ("hang",), work, out, limit=3)
+    assert entry["status"] == "timed out" and entry["why"] == "stopped after 3 s"
     assert entry["figures"] == {"value": 0.5}  # what it measured before the limit
     assert [alive(int(pid)) for pid in pids.read_text().split()] == [False, False]  # the grandchild too
     assert not (work / "hang").exists() and (out / "hang.log").is_file()
