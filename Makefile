@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The torch that CI tests; `make setup TORCH=torch` takes the newest release instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-all demo bench lint clean
+.PHONY: setup test test-all demo bench lint clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed-dev
 
@@ -37,6 +37,25 @@ lint: setup
 	$(BIN)/ruff check uptrain tests scripts
 	$(BIN)/ruff format --check uptrain tests scripts
 	$(BIN)/lint-imports
+
+# The prepared GPU check (README, "On a GPU"). A bare GPU machine has python3 with torch and transformers but
+# lacks datasets, dill and multiprocess, and reaches no registry: `make gpu-wheels` puts them here, as wheels
+# for its Python 3.12 on x86-64, with uptrain's own wheel, into .gpu-wheels/ (ignored: carry it). The pins are
+# the versions this project runs with; after changing one, empty the folder (two versions stop the install).
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PIP := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip
+
+gpu-wheels:
+	$(GPU_PIP) wheel --quiet --no-deps --wheel-dir .gpu-wheels .
+	$(GPU_PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--dest .gpu-wheels $(GPU_WHEELS)
+	@ls .gpu-wheels && du -sh .gpu-wheels
+
+# Not on `setup`: on the GPU machine it runs that machine's python3 and torch (scripts/gpu_check.sh); here,
+# .venv's python, and without a GPU a dry run of every part with tiny shapes. Tables: $$OUT or gpu-check-out/.
+gpu-check:
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,7 +4,8 @@ Both train the same converted GQA checkpoint on the same packed blocks with the 
 geometry (micro-batch x accumulation), optimizer (fused AdamW), schedule and clipping, for the
 same number of steps, each in a fresh process on this machine. Throughput is measured over the
 steady-state steps only (the first `--warmup-steps` steps, data preparation, evaluation and
-saving are excluded on both sides) and reported as training tokens per second, with the ratio.
+saving are excluded on both sides) and reported as training tokens per second, with the ratio,
+MFU and peak memory on a GPU. `--json FILE` keeps the figures, rewritten after every run.
 
     python -m scripts.bench_train                  # CPU-sized model (defaults below)
     python -m scripts.bench_train --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
@@ -68,14 +69,21 @@ VARIANTS = {  # name -> `uptrain train` overrides
 }
 
 
-def run_uptrain(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str, extra: list[str]) -> float:
+Run = tuple[float, int | None]
+"""tokens/s, and peak GPU memory in bytes (None on a CPU)"""
+
+
+def run_uptrain(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str, extra: list[str]) -> Run:
     cfg = work / f"uptrain-{tag}.yaml"
     cfg.write_text(yaml.safe_dump(uptrain_config(model, corpus, work / f"run-{tag}", args)))
-    subprocess.run([sys.executable, "-m", "uptrain", "train", str(cfg), *extra], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "uptrain", "train", str(cfg), *extra], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"uptrain train {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (work / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
     # one window per `warmup_steps` steps; the first holds the warm-up. Equal windows: harmonic mean.
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
-    return len(windows) / sum(1 / w for w in windows)
+    peaks = [r["peak_memory_bytes"] for r in rows if "peak_memory_bytes" in r]
+    return len(windows) / sum(1 / w for w in windows), max(peaks, default=None)
 
 
 TRAINER_CHILD = r"""
@@ -111,11 +119,13 @@ targs = TrainingArguments(
 )
 Trainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator, callbacks=[clock]).train()
 steps = args["steps"] - args["warmup_steps"]
-print(json.dumps({"tokens_per_s": steps * args["micro_batch"] * args["accum"] * args["seq_len"] / clock.seconds}))
+peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+print(json.dumps({"tokens_per_s": steps * args["micro_batch"] * args["accum"] * args["seq_len"] / clock.seconds,
+                  "peak_memory_bytes": peak}))
 """
 
 
-def run_trainer(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str) -> float:
+def run_trainer(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str) -> Run:
     payload = {
         "model": str(model),
         "corpus": str(corpus),
@@ -129,7 +139,36 @@ def run_trainer(model: Path, corpus: Path, work: Path, args: argparse.Namespace,
     proc = subprocess.run([sys.executable, "-c", TRAINER_CHILD, json.dumps(payload)], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"Trainer run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["tokens_per_s"], result["peak_memory_bytes"]
+
+
+def figures(args: argparse.Namespace, params: int, runs: dict[str, list[Run]], device: str, gpu: bool) -> dict:
+    """What --json keeps: the set-up, every run, and each trainer's best run with its MFU."""
+    from uptrain.training.budget import mfu
+
+    trainer = max((r[0] for r in runs["transformers Trainer"]), default=None)
+    best = {}
+    for name, done in runs.items():
+        if done:
+            tps, peak = max(done, key=lambda r: r[0])
+            best[name] = {
+                "tokens_per_s": tps,
+                "vs_trainer": tps / trainer if trainer else None,
+                "mfu": mfu(tps, params, args.peak_tflops, 1) if gpu else None,
+                "peak_memory_bytes": peak,
+            }
+    shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": max(1, args.heads // 4)}
+    batch = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum, "steps": args.steps}
+    return {
+        "model": {**shape, "params_matmul": params},
+        **batch,
+        "timed_steps": args.steps - args.warmup_steps,
+        "device": device,
+        "peak_tflops": args.peak_tflops,
+        "runs": {name: [r[0] for r in done] for name, done in runs.items()},
+        "best": best,
+    }
 
 
 def main() -> None:
@@ -146,45 +185,52 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="uptrain configurations to time beside the Trainer")  # fmt: skip
+    ap.add_argument("--json", type=Path, help="also write the figures here (rewritten after every run)")
     args = ap.parse_args()
     if args.steps % args.warmup_steps:
         sys.exit("--steps must be a multiple of --warmup-steps")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
     from transformers import AutoConfig
 
     from uptrain.model.shape import count_parameters
-    from uptrain.training.budget import mfu
+    from uptrain.units import format_bytes
 
+    gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory(prefix="uptrain-bench-train-") as tmp:
         work = Path(tmp)
         corpus = make_corpus(work / "data", docs=2000)
         model = make_model(work / "model", args)
         params = count_parameters(AutoConfig.from_pretrained(model), matmul_only=True)
         variants = {name: VARIANTS[name] for name in args.variants}
-        results: dict[str, list[float]] = {**{name: [] for name in variants}, "transformers Trainer": []}
+        runs: dict[str, list[Run]] = {**{name: [] for name in variants}, "transformers Trainer": []}
         for i in range(args.repeat):
             for j, (name, extra) in enumerate(variants.items()):
-                results[name].append(run_uptrain(model, corpus, work, args, f"{i}-{j}", extra))
-            results["transformers Trainer"].append(run_trainer(model, corpus, work, args, str(i)))
-            print(f"  run {i}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()), file=sys.stderr)
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+                runs[name].append(run_uptrain(model, corpus, work, args, f"{i}-{j}", extra))
+                if args.json:  # a run cut short by a time limit keeps what finished
+                    args.json.write_text(json.dumps(figures(args, params, runs, device, gpu), indent=1))
+            runs["transformers Trainer"].append(run_trainer(model, corpus, work, args, str(i)))
+            if args.json:
+                args.json.write_text(json.dumps(figures(args, params, runs, device, gpu), indent=1))
+            print(f"  run {i}: " + ", ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in runs.items()), file=sys.stderr)
     print(
         f"\nLlama-shaped model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads -> GQA-"
         f"{max(1, args.heads // 4)}; seq {args.seq_len}, micro-batch {args.micro_batch} x {args.accum} accumulation, "
         f"{args.steps} steps ({args.steps - args.warmup_steps} timed); {device}"
     )
-    best = {k: max(v) for k, v in results.items()}
-    # MFU on a GPU: 6·N FLOPs per token over the peak given by --peak-tflops (H100 SXM bf16 dense: 989)
-    print("| trainer | tokens/s (best) | all runs | vs Trainer | MFU |")
-    print("|---|---|---|---|---|")
-    for name, value in best.items():
-        runs = ", ".join(f"{v:,.0f}" for v in results[name])
-        util = f"{mfu(value, params, args.peak_tflops, 1):.1%}" if torch.cuda.is_available() else "-"
-        print(f"| {name} | {value:,.0f} | {runs} | {value / best['transformers Trainer']:.2f} | {util} |")
-    fastest = max(best[name] for name in args.variants)
-    print(f"\nratio fastest uptrain / Trainer: {fastest / best['transformers Trainer']:.2f} (target >= 1.0)")
+    # MFU on a GPU: 6·N FLOPs per token over --peak-tflops, 989 by default: the dense bf16 peak of the H100
+    # SXM and the H200 in NVIDIA's datasheets (1,979 with 2:4 sparsity)
+    result = figures(args, params, runs, device, gpu)
+    print("| trainer | tokens/s (best) | all runs | vs Trainer | MFU | peak memory |")
+    print("|---|---|---|---|---|---|")
+    for name, best in result["best"].items():
+        every = ", ".join(f"{v:,.0f}" for v in result["runs"][name])
+        util = "-" if best["mfu"] is None else f"{best['mfu']:.1%}"
+        peak = "-" if best["peak_memory_bytes"] is None else format_bytes(best["peak_memory_bytes"], binary=True)
+        print(f"| {name} | {best['tokens_per_s']:,.0f} | {every} | {best['vs_trainer']:.2f} | {util} | {peak} |")
+    fastest = max(result["best"][name]["vs_trainer"] for name in args.variants)
+    print(f"\nratio fastest uptrain / Trainer: {fastest:.2f} (target >= 1.0)")
 
 
 if __name__ == "__main__":
