@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from uptrain.data import blocks as datalib
+from uptrain.data import streams
 from uptrain.data.config import DataConfig
 from uptrain.errors import UptrainError
 from uptrain.synthetic import save_word_tokenizer, write_corpus
@@ -133,9 +134,9 @@ def test_streaming_resumes_where_it_stopped(tmp_path: Path, tokenizer) -> None:
 
 def test_streaming_holds_out_documents_by_hash() -> None:
     texts = [f"document number {i}" for i in range(20_000)]
-    held = [t for t in texts if datalib._held_out(t)]
+    held = [t for t in texts if streams._held_out(t)]
     assert 0.005 < len(held) / len(texts) < 0.015  # about 1 %
-    assert held == [t for t in texts if datalib._held_out(t)]  # deterministic
+    assert held == [t for t in texts if streams._held_out(t)]  # deterministic
 
 
 def mixture_config(tmp_path: Path, **data) -> DataConfig:

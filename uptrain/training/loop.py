@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from uptrain import config as configlib
-from uptrain.data.blocks import BlockData, StreamData, prepare
+from uptrain.data.blocks import BlockData, prepare
 from uptrain.data.config import data_sources
+from uptrain.data.streams import StreamData
 from uptrain.device import autocast_precision, device_name, environment, multi_process_cpu
 from uptrain.errors import STOP_SIGNALS, Stopped
 from uptrain.training.budget import TrainBudget, mfu
