@@ -183,7 +183,6 @@ def test_a_tiny_weight_costs_no_more_than_a_large_one() -> None:
     ("change", "message"),
     [
         ({"files": ["x.txt"]}, "data.mixture replaces data.dataset/files"),
-        ({"streaming": True}, "does not stream yet"),
         ({"mixture": [{"label": "a", "weight": 0, "files": ["x"]}]}, "weight must be a positive number"),
         ({"mixture": [{"label": "a b", "weight": 1, "files": ["x"]}]}, "label must be a short name"),
         ({"mixture": [{"label": "a", "weight": 1}]}, "needs exactly one of dataset"),

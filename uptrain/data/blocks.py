@@ -31,7 +31,7 @@ import torch
 from uptrain.data.config import DataConfig, mixture_parts
 from uptrain.data.documents import load_documents, packer, require_column
 from uptrain.data.forked import run_in_child
-from uptrain.data.streams import StreamData, prepare_stream
+from uptrain.data.streams import StreamData, StreamMixture, prepare_stream, prepare_stream_mixture
 from uptrain.errors import UptrainError
 
 
@@ -149,10 +149,12 @@ def prepare(
     rank: int = 0,
     world: int = 1,
     main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> BlockData | StreamData:
+) -> BlockData | StreamData | StreamMixture:
     """Load, tokenize and pack the data; split off validation; set up this process's reading."""
     if tokenizer.eos_token_id is None:
         raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
+    if cfg.streaming and cfg.mixture:
+        return prepare_stream_mixture(cfg, tokenizer, seed, micro_batch_size, rank, world)
     if cfg.streaming:
         return prepare_stream(cfg, tokenizer, seed, micro_batch_size, rank, world)
     if cfg.mixture:
