@@ -20,9 +20,9 @@ shards is shuffled per epoch by datasets. A checkpoint holds, per source, the da
 the current window starts and how far into it this process has read, so resuming is bitwise with
 any shuffle buffer (same data, same number of processes). What a resume costs, per source and
 process: datasets skips the files (shards) before the window without opening them and reads the one
-it stopped in from its start up to the window, discarding what came before (a Hub parquet shard is
-streamed again up to there: at most one shard); then the window's documents are read again and the
-PACK_DOCS-document batch it stopped in is tokenized again.
+the window starts in from its beginning up to there, discarding what it reads (a Hub parquet shard
+is streamed again up to there: at most one shard); then the window's documents are read again and
+the PACK_DOCS-document batch it stopped in is tokenized again.
 """
 
 from __future__ import annotations
