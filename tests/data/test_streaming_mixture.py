@@ -206,3 +206,32 @@ def test_a_process_whose_part_holds_no_block_is_told_so(tmp_path: Path, corpora,
     data = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=4)
     with pytest.raises(UptrainError, match=r"data.mixture\[tiny\]: process 0's part of the stream holds no block"):
         data.micro_batch(0)
+
+
+def test_a_restore_does_not_say_a_shuffle_buffer_is_refilled(tmp_path: Path, corpora, tokenizer) -> None:
+    """datasets warns on a restore from .txt files that its shuffle buffer is refilled; a source's buffer
+    here holds one document (the windows shuffle), so nothing is lost and nothing is said."""
+    import logging
+
+    folder = tmp_path / "web"
+    folder.mkdir()
+    for i, line in enumerate(Path(corpora["web"][0]).read_text().splitlines()[:700]):
+        (folder / f"doc{i:04d}.txt").write_text(json.loads(line)["text"])
+    cfg = config({**corpora, "web": [str(folder / "*.txt")]})
+    data = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=8)
+    for i in range(100):
+        data.micro_batch(i)
+    state = data.state_dict()
+    assert state["sources"]["web"]["window"] >= 1, "restored to a window after the first: datasets reloads a state"
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("datasets.iterable_dataset")
+    logger.addHandler(handler)
+    try:
+        resumed = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=8)
+        resumed.load_state_dict(state)
+        resumed.micro_batch(100)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in said if "shuffle buffer" in m], said
