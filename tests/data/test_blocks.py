@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from uptrain.data import blocks as datalib
+from uptrain.data import streams
 from uptrain.data.config import DataConfig
 from uptrain.errors import UptrainError
 from uptrain.synthetic import save_word_tokenizer, write_corpus
@@ -133,9 +134,9 @@ def test_streaming_resumes_where_it_stopped(tmp_path: Path, tokenizer) -> None:
 
 def test_streaming_holds_out_documents_by_hash() -> None:
     texts = [f"document number {i}" for i in range(20_000)]
-    held = [t for t in texts if datalib._held_out(t)]
+    held = [t for t in texts if streams._held_out(t)]
     assert 0.005 < len(held) / len(texts) < 0.015  # about 1 %
-    assert held == [t for t in texts if datalib._held_out(t)]  # deterministic
+    assert held == [t for t in texts if streams._held_out(t)]  # deterministic
 
 
 def mixture_config(tmp_path: Path, **data) -> DataConfig:
@@ -182,7 +183,6 @@ def test_a_tiny_weight_costs_no_more_than_a_large_one() -> None:
     ("change", "message"),
     [
         ({"files": ["x.txt"]}, "data.mixture replaces data.dataset/files"),
-        ({"streaming": True}, "does not stream yet"),
         ({"mixture": [{"label": "a", "weight": 0, "files": ["x"]}]}, "weight must be a positive number"),
         ({"mixture": [{"label": "a b", "weight": 1, "files": ["x"]}]}, "label must be a short name"),
         ({"mixture": [{"label": "a", "weight": 1}]}, "needs exactly one of dataset"),

@@ -178,6 +178,12 @@ def test_run_configs_parse_and_plan_on_8_gpus(name: str, arch: dict) -> None:
     assert plan.grad_accum * 8 * cfg.batch.micro_batch_size == cfg.batch.global_batch_size
 
 
+def test_the_mixture_run_config_streams_its_sources() -> None:
+    """150 B tokens are streamed, not tokenized up front."""
+    cfg = configlib.load(TrainConfig, ROOT / "configs" / "olmo-1b-gqa4-mixture.yaml")
+    assert cfg.data.streaming and [(s.label, s.weight) for s in cfg.data.mixture] == [("web", 0.7), ("domain", 0.3)]
+
+
 # --- bad configs fail before any work -------------------------------------------------------
 
 

@@ -99,3 +99,65 @@ def test_a_ddp_step_checkpoint_exports_to_the_final_model(runs: dict[int, Path],
     exported, final = tensors(runs[2] / "exported"), tensors(run / "model")
     assert exported.keys() == final.keys()
     assert all(torch.equal(t, exported[k]) for k, t in final.items())
+
+
+# The real CLI; rank 0 sends SIGTERM to the launcher during optimizer step STOP_AT_STEP, as Slurm would.
+STOPPER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import uptrain.training.loop as loop
+
+    stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
+    def step(self):
+        if self.state.step == stop_at - 1 and self.acc.is_main_process:
+            os.kill(os.getppid(), signal.SIGTERM)
+        return original(self)
+    loop.Trainer.step = step
+    from uptrain.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow  # three launches of 2 processes (~1 min on 2 cores); one process runs by default (test_training)
+def test_a_two_process_streamed_mixture_stopped_and_resumed_ends_bitwise(tmp_path: Path) -> None:
+    """Each process streams its own part of both sources; SIGTERM at step 7 (agreed at 10, the next
+    read-back), resume, and the weights and every logged loss are those of the uninterrupted 2-process run."""
+    from uptrain.synthetic import write_corpus
+
+    tiny = make_tiny_run(tmp_path)
+    other = write_corpus(tmp_path / "other.jsonl", docs=1000, seed=7, fmt="jsonl")  # ~5 held out per process
+    mixture = [
+        {"label": "main", "weight": 0.7, "files": tiny["config"]["data"]["files"]},  # 400 .txt: split by file
+        {"label": "other", "weight": 0.3, "files": [str(other)]},  # one .jsonl: split by document
+    ]
+    data = {"mixture": mixture, "streaming": True, "seq_len": 32, "validation_blocks": 4, "shuffle_buffer": 300}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({**tiny["config"], "data": data, "budget": {"steps": 16}}))
+    stopper = tmp_path / "stopper.py"
+    stopper.write_text(STOPPER)
+
+    def run(out: Path, *extra: str, program: list[str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "STOP_AT_STEP": "7"}
+        runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        cmd = [*runner, *(program or ["-m", "uptrain"]), "train", str(config), f"--out={out}", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stop = run(tmp_path / "stopped", program=[str(stopper)])
+    assert "stopped by SIGTERM at step 10: checkpoint saved" in stop.stderr, stop.stderr[-3000:]
+    one = [sys.executable, "-m", "uptrain", "train", str(config), f"--out={tmp_path / 'stopped'}", "--resume"]
+    alone = subprocess.run(one, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert alone.returncode == 1 and "holds the stream positions of 2 processes, not 1" in alone.stderr, alone.stderr
+    resume = run(tmp_path / "stopped", "--resume")
+    assert resume.returncode == 0 and "at step 10" in resume.stderr, resume.stderr[-3000:]
+    reference, resumed = tensors(tmp_path / "straight" / "model"), tensors(tmp_path / "stopped" / "model")
+    assert all(torch.equal(t, resumed[name]) for name, t in reference.items()), "bitwise the same weights"
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped") and len(losses(tmp_path / "straight")) == 4
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "step-00000010" / "custom_checkpoint_0.pkl")
+    assert [(s["rank"], s["world"]) for s in state["data"]] == [(0, 2), (1, 2)]  # each process's own position

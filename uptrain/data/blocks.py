@@ -12,16 +12,13 @@ depend on the number of processes. Global micro-batch i is positions [i·P·b, (
 step sees the same blocks whether it runs on 1 process or 8, and the position in the data is a
 function of the step: resuming needs no data state.
 
-Streaming: each process reads its own part of the stream (`split_dataset_by_node`), shuffles
-with a buffer and packs on the fly; held-out documents are picked by a hash of their text, and
-the stream's position is saved in checkpoints.
+Streamed data (`data.streaming`) is read in `uptrain.data.streams`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,11 +29,10 @@ import numpy as np
 import torch
 
 from uptrain.data.config import DataConfig, mixture_parts
-from uptrain.data.documents import load_documents, texts
+from uptrain.data.documents import load_documents, packer, require_column
 from uptrain.data.forked import run_in_child
+from uptrain.data.streams import StreamData, StreamMixture, prepare_stream, prepare_stream_mixture
 from uptrain.errors import UptrainError
-
-HOLDOUT_PERCENT = 1  # streaming: documents whose text hashes into this percentage are held out
 
 
 def _token_fingerprint(tokenizer: Any) -> str:
@@ -45,32 +41,11 @@ def _token_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def packer(tokenizer: Any, text_column: str, seq_len: int) -> Callable[[dict[str, list]], dict[str, list]]:
-    """A batched map function: documents -> tokens (+EOS after each) -> whole blocks of seq_len.
-    The tail that does not fill a block is dropped (at most seq_len - 1 tokens per map batch)."""
-    eos = tokenizer.eos_token_id
-
-    def pack(batch: dict[str, list]) -> dict[str, list]:
-        docs = tokenizer(texts(batch[text_column], text_column), add_special_tokens=True, return_attention_mask=False)
-        docs = docs["input_ids"]
-        stream = list(itertools.chain.from_iterable(d if d and d[-1] == eos else [*d, eos] for d in docs))
-        usable = len(stream) // seq_len * seq_len
-        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
-
-    return pack
-
-
-def _column_check(ds: Any, column: str) -> None:
-    names = ds.column_names
-    if names is not None and column not in names:
-        raise UptrainError(f"the data has no column '{column}' (columns: {', '.join(names)}); set data.text_column")
-
-
 def pack_dataset(ds: Any, tokenizer: Any, cfg: DataConfig) -> Any:
     """A map-style Dataset of documents -> a Dataset of int32 blocks (cached, multi-process)."""
     from datasets import Features, Sequence, Value
 
-    _column_check(ds, cfg.text_column)
+    require_column(ds, cfg.text_column)
     procs = cfg.num_proc or min(16, os.cpu_count() or 1)
     procs = max(1, min(procs, len(ds) // 1000))  # forking costs more than it saves on small data
     if procs > 1:
@@ -165,53 +140,6 @@ class BlockData:
         pass
 
 
-def _held_out(text: str) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 100 < HOLDOUT_PERCENT
-
-
-class StreamData:
-    """A stream split by process (`split_dataset_by_node`), shuffled with a buffer, packed on the fly."""
-
-    streaming = True
-
-    def __init__(self, stream: Any, validation: torch.Tensor, micro_batch_size: int) -> None:
-        self.stream, self.validation = stream, validation
-        self.micro_batch_size = micro_batch_size
-        self._iterator: Iterator[dict[str, Any]] | None = None
-
-    def micro_batch(self, micro_index: int) -> torch.Tensor:
-        if self._iterator is None:
-            self._iterator = iter(self.stream)
-        rows = []
-        for _ in range(self.micro_batch_size):
-            try:
-                rows.append(next(self._iterator)["input_ids"])
-            except StopIteration:  # next epoch over the stream
-                self.stream.set_epoch(getattr(self.stream, "epoch", 0) + 1)
-                self._iterator = iter(self.stream)
-                rows.append(next(self._iterator)["input_ids"])
-        return torch.tensor(np.asarray(rows), dtype=torch.int64)
-
-    def validation_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.validation), batch_size):
-            yield self.validation[start : start + batch_size]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
-        self._iterator = None
-
-
-def _stream_blocks(stream: Any, tokenizer: Any, cfg: DataConfig) -> Any:
-    stream = stream.select_columns([cfg.text_column])
-    return stream.map(
-        packer(tokenizer, cfg.text_column, cfg.seq_len), batched=True, batch_size=256, remove_columns=[cfg.text_column]
-    )
-
-
 def prepare(
     cfg: DataConfig,
     tokenizer: Any,
@@ -221,12 +149,14 @@ def prepare(
     rank: int = 0,
     world: int = 1,
     main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> BlockData | StreamData:
+) -> BlockData | StreamData | StreamMixture:
     """Load, tokenize and pack the data; split off validation; set up this process's reading."""
     if tokenizer.eos_token_id is None:
         raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
+    if cfg.streaming and cfg.mixture:
+        return prepare_stream_mixture(cfg, tokenizer, seed, micro_batch_size, rank, world)
     if cfg.streaming:
-        return _prepare_stream(cfg, tokenizer, seed, micro_batch_size, rank, world)
+        return prepare_stream(cfg, tokenizer, seed, micro_batch_size, rank, world)
     if cfg.mixture:
         return _prepare_mixture(cfg, tokenizer, seed, micro_batch_size, rank, world, main_process_first)
     train, validation = _packed(cfg, tokenizer, main_process_first)
@@ -304,25 +234,3 @@ def interleaving(labels: list[str], sizes: list[int], weights: list[float], seed
         where = np.flatnonzero(choice == i)
         index[where] = starts[i] + np.arange(len(where)) % size  # the source's blocks in order, cycled
     return index
-
-
-def _prepare_stream(
-    cfg: DataConfig, tokenizer: Any, seed: int, micro_batch_size: int, rank: int, world: int
-) -> StreamData:
-    from datasets.distributed import split_dataset_by_node
-
-    raw = split_dataset_by_node(load_documents(cfg), rank, world)
-    held = load_documents(cfg, validation=True)
-    column = cfg.text_column
-    if held is None:
-        held = raw.filter(lambda ex: _held_out(ex[column]))
-        raw = raw.filter(lambda ex: not _held_out(ex[column]))
-    else:
-        held = split_dataset_by_node(held, rank, world)
-    want = cfg.validation_blocks // world + (rank < cfg.validation_blocks % world)
-    val_rows = [row["input_ids"] for row in itertools.islice(_stream_blocks(held, tokenizer, cfg), want)]
-    if not val_rows:
-        raise UptrainError("found no held-out validation documents in the stream; set data.validation_split")
-    validation = torch.tensor(np.asarray(val_rows), dtype=torch.int64)
-    train = _stream_blocks(raw.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer), tokenizer, cfg)
-    return StreamData(train, validation, micro_batch_size)

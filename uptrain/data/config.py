@@ -33,9 +33,11 @@ class MixtureSource:
     text_column: str = "text"
     """Column holding the documents' text."""
     validation_split: str | None = None
-    """A Hub split held out for validation; default: the first data.validation_blocks blocks of this source."""
+    """A Hub split held out for validation; default: the first data.validation_blocks blocks of this source
+    (streamed: documents held out by a hash of their text)."""
     validation_files: list[str] = field(default_factory=list)
-    """Local files held out for validation; default: the first data.validation_blocks blocks of this source."""
+    """Local files held out for validation; default: the first data.validation_blocks blocks of this source
+    (streamed: documents held out by a hash of their text)."""
 
     def __post_init__(self) -> None:
         where = f"data.mixture[{self.label}]"
@@ -60,7 +62,7 @@ class DataConfig:
     mixture: list[MixtureSource] = field(default_factory=list)
     """Several weighted sources instead of dataset/files, e.g. [{label: web, weight: 0.7, dataset: ...},
     {label: code, weight: 0.3, files: [...]}]; blocks are interleaved reproducibly by weight, and the
-    validation loss is reported per source."""
+    validation loss is reported per source. With data.streaming each source is streamed."""
     files: list[str] = field(default_factory=list)
     """Local data instead of a Hub dataset: .txt, .jsonl/.json or .parquet files; globs allowed."""
     text_column: str = "text"
@@ -79,7 +81,9 @@ class DataConfig:
     streaming: bool = False
     """Stream the data instead of downloading and tokenizing it up front (very large corpora)."""
     shuffle_buffer: int = 10_000
-    """Streaming only: documents in the shuffle buffer."""
+    """Streaming only: documents shuffled together. One source: datasets' shuffle buffer, which a resume
+    refills with later documents (bitwise only with 1). A mixture: each source's windows of this many
+    documents (at least 256), shuffled by the seed, which resume bitwise."""
     num_proc: int | None = None
     """Processes for tokenization; default: the CPU count (at most 16)."""
     cache_dir: str | None = None
@@ -89,8 +93,6 @@ class DataConfig:
         if self.mixture:
             if self.dataset or self.files or self.validation_files or self.validation_split:
                 raise UptrainError("data.mixture replaces data.dataset/files/validation_*: give those per source")
-            if self.streaming:
-                raise UptrainError("data.mixture does not stream yet; set data.streaming: false")
             labels = [s.label for s in self.mixture]
             if len(set(labels)) != len(labels):
                 raise UptrainError(f"data.mixture labels must differ, got {', '.join(labels)}")

@@ -1,9 +1,11 @@
-"""Documents: a Hub dataset or local .txt/.jsonl/.parquet files, through `datasets`; and one token stream of them."""
+"""Documents: a Hub dataset or local .txt/.jsonl/.parquet files, through `datasets`; and token streams of them."""
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,28 @@ def texts(values: list[Any], column: str) -> list[str]:
                 f"'{column}': fix or drop those rows (or set the text column)"
             )
     return values
+
+
+def packer(tokenizer: Any, text_column: str, seq_len: int) -> Callable[[dict[str, list]], dict[str, list]]:
+    """A batched map function: documents -> tokens (+EOS after each) -> whole blocks of seq_len.
+    The tail that does not fill a block is dropped (at most seq_len - 1 tokens per map batch)."""
+    eos = tokenizer.eos_token_id
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        docs = tokenizer(texts(batch[text_column], text_column), add_special_tokens=True, return_attention_mask=False)
+        docs = docs["input_ids"]
+        stream = list(itertools.chain.from_iterable(d if d and d[-1] == eos else [*d, eos] for d in docs))
+        usable = len(stream) // seq_len * seq_len
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    return pack
+
+
+def require_column(ds: Any, column: str) -> None:
+    """Refuse data without the text column, naming the columns it has (streams may not know theirs: None)."""
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise UptrainError(f"the data has no column '{column}' (columns: {', '.join(names)}); set data.text_column")
 
 
 def token_stream(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> tuple[torch.Tensor, str]:

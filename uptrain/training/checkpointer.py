@@ -2,8 +2,9 @@
 
 A checkpoint is accelerate's saved state (model, optimizer, schedule, RNG states, and the
 `TrainState` registered with it), the resolved config, and train_state.json (step, tokens, time)
-in OUT/checkpoints/step-N. The data position is a function of the step (uptrain.data.blocks), so
-this is all a run needs to continue exactly.
+in OUT/checkpoints/step-N. The data position is a function of the step (uptrain.data.blocks), or,
+streamed, every process's stream position in the `TrainState` (uptrain.data.streams), so this is all
+a run needs to continue exactly (one streamed source with a shuffle buffer: see data.shuffle_buffer).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 One optimizer step = every process runs `grad_accum` micro-batches under
 `accelerator.accumulate`, then the optimizer and the LR schedule step once. The state of a run
 is the step and the tokens seen; the data position is a function of the step (see
-`uptrain.data.blocks`), so a checkpoint resumes the run exactly. SIGTERM/SIGINT ask for a
+`uptrain.data.blocks`), and streamed data saves each process's stream position beside it
+(`uptrain.data.streams`), so a checkpoint resumes the run exactly. SIGTERM/SIGINT ask for a
 checkpoint at the end of the current step and a clean exit; a non-finite loss stops the run
 before it can overwrite a good checkpoint.
 """
@@ -19,10 +20,11 @@ from typing import Any
 import torch
 
 from uptrain import config as configlib
-from uptrain.data.blocks import BlockData, StreamData, prepare
+from uptrain.data.blocks import BlockData, prepare
 from uptrain.data.config import data_sources
+from uptrain.data.streams import StreamData, StreamMixture
 from uptrain.device import autocast_precision, device_name, environment, multi_process_cpu
-from uptrain.errors import STOP_SIGNALS, Stopped
+from uptrain.errors import STOP_SIGNALS, Stopped, UptrainError
 from uptrain.training.budget import TrainBudget, mfu
 from uptrain.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain.training.config import TrainConfig
@@ -108,7 +110,7 @@ class Trainer:
             trained = freeze_untrained(model, cfg.optim.trainable)
             total = sum(p.numel() for p in model.parameters())
             self.metrics.log(f"optim.trainable={cfg.optim.trainable!r}: training {trained:,} of {total:,} parameters")
-        self.data: BlockData | StreamData = prepare(
+        self.data: BlockData | StreamData | StreamMixture = prepare(
             cfg.data,
             tokenizer,
             seed=cfg.seed,
@@ -147,7 +149,12 @@ class Trainer:
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state)
         if resume is not None:
             self.checkpointer.load(resume)
-            if self.state.data is not None:
+            if self.state.data is not None:  # streamed: each process's position in its own part of the data
+                if len(self.state.data) != acc.num_processes:
+                    raise UptrainError(
+                        f"{resume} holds the stream positions of {len(self.state.data)} processes, not "
+                        f"{acc.num_processes}: streamed data is split by process; resume with {len(self.state.data)}"
+                    )
                 self.data.load_state_dict(self.state.data[acc.process_index])
             self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
         self.metrics.start(self.state.step)
