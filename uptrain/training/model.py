@@ -133,11 +133,19 @@ def load_model(m: ModelConfig, info: RunModel, *, meta: bool = False, compile: b
     return model
 
 
-def load_teacher(d: DistillConfig, m: ModelConfig) -> torch.nn.Module:
+def load_teacher(d: DistillConfig, m: ModelConfig, *, meta: bool = False) -> torch.nn.Module:
+    """The frozen teacher, on the CPU, in eval mode; with `meta`, only its structure (FSDP2 ranks but 0)."""
     from transformers import AutoModelForCausalLM
 
     dtype = inference_dtype(compute_device(), cpu=getattr(torch, m.dtype))
-    teacher = AutoModelForCausalLM.from_pretrained(d.teacher, dtype=dtype, attn_implementation=m.attn_implementation)
+    if meta:
+        config = read_model_config(d.teacher)  # type: ignore[arg-type]
+        with torch.device("meta"):
+            teacher = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(
+            d.teacher, dtype=dtype, attn_implementation=m.attn_implementation
+        )
     teacher.requires_grad_(False)
     return teacher.eval()
 
