@@ -66,6 +66,7 @@ def test_dry_run_prints_the_plan_and_does_nothing(run_cli, tiny_run: dict) -> No
     assert code == 0, err
     assert "optimizer steps  1,000" in err and "global batch     8 sequences x 32 = 256 tokens" in err
     assert "per process      4 sequences x 2 accumulation steps x 1 process(es)" in err
+    assert "(N)   " in err and "all but the input embedding table, a lookup" in err  # the tiny model is untied
     assert not Path(tiny_run["config"]["out"]).exists()
     mixture = {"files": [], "mixture": [{"label": "plays", "weight": 1.0, "files": ["/nowhere/*.txt"]}]}
     cfg = write(
