@@ -39,7 +39,8 @@ def test_converted_model_trains_and_validation_loss_falls(run_cli, tiny_run: dic
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20, 30]
     assert val[-1] < 0.6 * val[0], val
     train_rows = [r for r in rows if "loss" in r]
-    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= train_rows[-1].keys()
+    assert {"lr", "grad_norm", "tokens_per_s"} <= train_rows[-1].keys()
+    assert not any("mfu" in r for r in rows)  # a CPU run: utilisation of a GPU's peak would mean nothing
     assert train_rows[-1]["tokens"] == 30 * 8 * 32
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.num_key_value_heads == 2

@@ -301,8 +301,9 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "tokens_per_s": tps,
-                        "mfu": mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes),
                     }
+                    if acc.device.type != "cpu":  # budget.gpu_peak_tflops is an accelerator's peak, not a CPU's
+                        last["mfu"] = mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes)
                     if self.teacher is not None:  # the loss mixes in the KL term: show the CE alone too
                         last["ce"] = ce
                     if acc.device.type == "cuda":
