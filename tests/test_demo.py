@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from uptrain.demo import corpus as corpuslib
@@ -72,6 +74,55 @@ def test_the_demo_pipeline_end_to_end(pipeline: demolib.Pipeline) -> None:
     # a second run reuses the source model instead of pretraining it again
     pipeline.run = lambda args: pytest.fail(f"the cached source should not be trained again: {args}")
     assert pipeline.source_run() == run
+
+
+def test_the_source_pretraining_repeats_in_another_home_and_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two newcomers: each home has its own cache (corpus copy, tokenizer, datasets cache, run folder), and
+    each command runs in a fresh process with its own string-hash seed, as `make demo` runs them. The
+    pretraining logs the same losses and ends at bitwise the same weights: nothing in it reads the home,
+    a path, a directory listing order or Python's hash()."""
+    from tests.families import tensors
+
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(TINY_ARCH))
+    for name in ("XDG_CACHE_HOME", "HF_HOME", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # every cache follows the home
+    runs = []
+    for home, hash_seed in (("home-a", "1"), ("another-home-b", "2")):
+        monkeypatch.setenv("HOME", str(tmp_path / home))
+        corpus = tmp_path / home / "corpus"
+        write_corpus(corpus / "train", docs=300, seed=1)
+        write_corpus(corpus / "heldout", docs=30, seed=2)
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+
+        def run(args: list[str], env: dict[str, str] = env) -> None:
+            proc = subprocess.run([sys.executable, "-m", "uptrain", *args], env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+
+        pipeline = demolib.Pipeline(
+            out=tmp_path / home / "out", corpus=corpus, architecture=arch, vocab_size=300, run=run,
+            pretrain_overrides=[*SHRINK, "--budget.tokens=4096", "--optim.warmup=2", "--logging.every=4"],
+            log=lambda text: None,
+        )  # fmt: skip
+        runs.append(pipeline.source_run())
+        assert runs[-1].is_relative_to(tmp_path / home / ".cache" / "uptrain")
+    logged = [[{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in map(json.loads,
+              (run / "metrics.jsonl").read_text().splitlines())] for run in runs]  # fmt: skip
+    assert logged[0] == logged[1] and len(logged[0]) >= 5
+    first, second = (tensors(run / "model") for run in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_demo_names_what_its_digits_depend_on() -> None:
+    import tokenizers
+    import transformers
+
+    line = demolib.environment_line()
+    assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
+    assert f"tokenizers {tokenizers.__version__}" in line and f"{torch.get_num_threads()} torch threads" in line
+    assert line.endswith(f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
 
 
 def test_the_corpus_is_fetched_once_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

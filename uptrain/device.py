@@ -98,7 +98,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "huggingface_hub", "safetensors", "lm_eval")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "datasets",
+    "huggingface_hub",
+    "safetensors",
+    "lm_eval",
+)
 
 
 def _machines() -> int | str:

@@ -12,6 +12,7 @@ import torch
 
 from tests.families import CASES, Case, build, kv_views, load, make_heads_identical, mean_pool, tensors
 from uptrain import convert
+from uptrain.evaluation.generation import returned_cache
 from uptrain.io.folders import CONVERSION_RECORD
 
 
@@ -94,7 +95,7 @@ def test_generate_caches_g_heads_per_layer(converted: Converted) -> None:
     ids = torch.tensor([[1, 5, 7, 9, 11]])
     out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 9)
-    layers = out.past_key_values.layers
+    layers = returned_cache(out).layers
     assert len(layers) == model.config.num_hidden_layers
     for layer in layers:
         assert layer.keys.shape[1] == converted.case.groups

@@ -24,6 +24,7 @@ from uptrain.conversion.refine import DEFAULT_STEPS, Refinement, split_windows
 from uptrain.data.config import DataConfig
 from uptrain.data.documents import token_stream
 from uptrain.errors import UptrainError
+from uptrain.evaluation.generation import returned_cache
 from uptrain.io.folders import CONVERSION_RECORD
 from uptrain.synthetic import save_word_tokenizer, write_corpus
 
@@ -133,7 +134,7 @@ def test_refined_output_is_a_standard_gqa_checkpoint(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "refined")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     out = model(ids, use_cache=True)
-    layer = out.past_key_values.layers[0]
+    layer = returned_cache(out).layers[0]
     assert layer.keys.shape == layer.values.shape == (1, 2, 5, model.config.head_dim)
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 9)
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.integrations import sdpa_attention
 
 from uptrain.evaluation.attention import register
+from uptrain.evaluation.generation import cache_keyword
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=2, vocab_size=96, max_position_embeddings=128)  # fmt: skip
@@ -27,12 +28,13 @@ def decode(model, impl: str, compiled: bool = False, steps: int = 4) -> torch.Te
     cache = StaticCache(config=model.config, max_cache_len=32)
     ids = torch.randint(0, CONFIG["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(1))
     step = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model.forward
+    keyword = cache_keyword(model)  # past_key_values, or cache where transformers renamed it
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(20))
+        out = model(ids, **{keyword: cache}, use_cache=True, cache_position=torch.arange(20))
         logits = [out.logits[:, -1]]
         for i in range(steps):
             nxt = logits[-1].argmax(-1, keepdim=True)
-            out = step(nxt, past_key_values=cache, use_cache=True, cache_position=torch.tensor([20 + i]))
+            out = step(nxt, **{keyword: cache}, use_cache=True, cache_position=torch.tensor([20 + i]))
             logits.append(out.logits[:, -1])
     return torch.stack(logits)
 

@@ -104,6 +104,26 @@ def test_kv_cache_formula_equals_the_measured_cache(models, variant: str) -> Non
     assert decode.decode_tokens_per_s > 0 and decode.new_tokens == 5
 
 
+def test_decoding_uses_the_cache_api_this_transformers_has_not_deprecated(models, capfd) -> None:
+    """Every `uptrain eval` printed "past_key_values is deprecated and will be removed in version 5.40.0":
+    the decode loop passes and reads the cache under the name this transformers' forward takes. The suite
+    ignores FutureWarning and DeprecationWarning (pyproject), so they are recorded here explicitly, and
+    transformers' own logged deprecation note (printed once per process) is reset first."""
+    import logging
+    import warnings
+
+    model, _ = load_model(str(models["gqa"]), "float32", torch.device("cpu"))
+    logging.Logger.warning_once.cache_clear()  # transformers' "print once" memory, as a fresh process has it
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kv, _ = generation(model, prompt_tokens=8, new_tokens=3, batch=1)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, deprecations
+    assert "deprecated" not in capfd.readouterr().err
+    assert kv.match  # and the cache it read back is the one the model filled
+
+
 @pytest.mark.parametrize("case_id", ["mistral", "gemma2", "gemma3_text"])
 def test_kv_cache_formula_accounts_for_sliding_windows(case_id: str) -> None:
     case = next(c for c in CASES if c.id == case_id)  # sliding_window 16; gemma alternates layer types

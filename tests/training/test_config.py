@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from tests import ROOT
 from uptrain import config as configlib
 from uptrain.errors import UptrainError
-from uptrain.model.shape import count_parameters
+from uptrain.model.shape import count_parameters, matmul_parameters
 from uptrain.training.budget import train_budget
 from uptrain.training.config import OptimConfig, TrainConfig
 from uptrain.training.model import lr_factor
@@ -129,6 +129,29 @@ def test_llama2_7b_five_percent_plan_matches_hand_computation() -> None:
     assert plan.grad_accum == 4  # 1024 / (4 x 64)
     assert plan.flops == 6 * 5_802_037_248 * 100_000_595_968 == 3_481_243_095_771_207_696_384
     assert round(plan.gpu_hours, 1) == 2444.4  # / (989 TFLOP/s x 40 % MFU) / 3600 s
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_n_is_every_matmul_and_the_plan_says_what_it_counts(tied: bool) -> None:
+    """A tied embedding table is the output head: N holds it once, as the head's matmul; an untied one is a
+    lookup and is left out. N is then the same number either way; the plan's words say which case it is."""
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    every = sum(p.numel() for p in model.parameters())  # a tied tensor once
+    layer = 2 * 64 * 64 + 2 * 64 * 16 + 3 * 64 * 96 + 2 * 64  # q, o; k, v (2 KV heads x 8); MLP; two norms
+    n, is_tied = matmul_parameters(config)
+    assert is_tied == tied == (model.lm_head.weight is model.model.embed_tokens.weight)
+    assert n == 2 * layer + 64 + 96 * 64  # + final norm + the head's matmul
+    assert n == (every if tied else every - 96 * 64)
+    plan = train_budget(steps=1, seq_len=8, global_batch_size=1, micro_batch_size=1, num_processes=1, params=n,
+                        tied_embeddings=is_tied)  # fmt: skip
+    (line,) = [x for x in plan.lines() if x.startswith("parameters (N)")]
+    tied_words = "all of them; the embedding table is tied to the output head, whose matmul is real compute"
+    assert line.endswith((tied_words if tied else "all but the input embedding table, a lookup") + ")")
+    assert "excluded" not in line
 
 
 def test_plan_from_tokens_and_from_steps() -> None:

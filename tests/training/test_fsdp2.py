@@ -294,6 +294,39 @@ def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: di
     assert any(not torch.equal(weights[k], tensors(root / "two" / "model")[k]) for k in weights), "bf16 did run"
 
 
+def checkpoint_files(step: Path) -> dict[str, int | None]:
+    """A checkpoint's files with their byte sizes (None for those that name the run, its folder or the time)."""
+    skip = ("uptrain_train.yaml", "train_state.json", ".metadata")  # DCP's .metadata records the folder's path
+    return {p.relative_to(step).as_posix(): None if p.name in skip else p.stat().st_size
+            for p in sorted(step.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_a_distillation_teacher_is_sharded_too_and_kept_out_of_checkpoints(runs: dict) -> None:
+    """With distill.teacher, two sharded processes follow the one-process run, and the step checkpoint holds
+    exactly the files (and byte sizes) of a run without a teacher: no rank saves the frozen source."""
+    root, tiny = runs["root"], runs["tiny"]
+    distill = [f"--distill.teacher={tiny['source']}", "--distill.weight=0.5", "--distill.temperature=2.0",
+               "--budget.steps=10"]  # fmt: skip
+    one = subprocess.run([sys.executable, *train(root / "run.yaml", root / "distill-one", *distill)],
+                         env=environment(), capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    code, log = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
+                                  program=train(root / "run.yaml", root / "distill-two", *distill)))  # fmt: skip
+    assert code == 0, log[-3000:]
+    assert_same_run(root / "distill-one", root / "distill-two")
+    for x, y in zip(rows(root / "distill-one"), rows(root / "distill-two"), strict=True):
+        if "ce" in x:  # the KL term took part, and agrees too
+            assert x["ce"] != x["loss"] and abs(x["ce"] - y["ce"]) <= TOLERANCE * abs(x["ce"]), x["step"]
+    step = "checkpoints/step-00000010"
+    assert checkpoint_files(root / "distill-two" / step) == checkpoint_files(root / "two" / step)
+    import torch.distributed.checkpoint as dcp
+
+    stored = [set(dcp.FileSystemReader(str(root / run / step / SHARDED_FOLDER)).read_metadata().state_dict_metadata)
+              for run in ("two", "distill-two")]  # fmt: skip
+    assert stored[0] == stored[1]  # the same tensors, none of the teacher's
+    assert "Removed shared tensor" not in log
+
+
 @pytest.mark.slow  # two more launches (~25 s); the one-process optim.trainable test runs by default
 def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> None:
     """optim.trainable under FSDP2: only attention moves, and two sharded processes match one process."""

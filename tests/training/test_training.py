@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests import make_tiny_run
 from tests.families import tensors
 from uptrain.synthetic import write_corpus
 from uptrain.training import loop as trainlib
@@ -38,7 +39,8 @@ def test_converted_model_trains_and_validation_loss_falls(run_cli, tiny_run: dic
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20, 30]
     assert val[-1] < 0.6 * val[0], val
     train_rows = [r for r in rows if "loss" in r]
-    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= train_rows[-1].keys()
+    assert {"lr", "grad_norm", "tokens_per_s"} <= train_rows[-1].keys()
+    assert not any("mfu" in r for r in rows)  # a CPU run: utilisation of a GPU's peak would mean nothing
     assert train_rows[-1]["tokens"] == 30 * 8 * 32
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.num_key_value_heads == 2
@@ -65,6 +67,7 @@ def test_dry_run_prints_the_plan_and_does_nothing(run_cli, tiny_run: dict) -> No
     assert code == 0, err
     assert "optimizer steps  1,000" in err and "global batch     8 sequences x 32 = 256 tokens" in err
     assert "per process      4 sequences x 2 accumulation steps x 1 process(es)" in err
+    assert "(N)   " in err and "all but the input embedding table, a lookup" in err  # the tiny model is untied
     assert not Path(tiny_run["config"]["out"]).exists()
     mixture = {"files": [], "mixture": [{"label": "plays", "weight": 1.0, "files": ["/nowhere/*.txt"]}]}
     cfg = write(
@@ -86,8 +89,11 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int, sig: int = signal.SIGTE
     monkeypatch.setattr(trainlib.Trainer, "step", step_then_signal)
 
 
-def test_stop_then_resume_equals_an_uninterrupted_run(run_cli, tiny_run: dict, monkeypatch) -> None:
+@pytest.mark.parametrize("teacher", [False, True], ids=["plain", "distillation"])
+def test_stop_then_resume_equals_an_uninterrupted_run(run_cli, tiny_run: dict, monkeypatch, teacher: bool) -> None:
     cfg = tiny_run["config"]
+    if teacher:  # the teacher is in no checkpoint: resume loads it again from its folder
+        cfg = {**cfg, "distill": {"teacher": str(tiny_run["source"]), "weight": 0.5, "temperature": 2.0}}
     root = tiny_run["root"]
     straight = write({**cfg, "out": str(root / "straight")}, root / "straight.yaml")
     assert run_cli("train", straight)[0] == 0
@@ -183,6 +189,56 @@ def test_distillation_from_the_mha_source(run_cli, tiny_run: dict) -> None:
     assert AutoModelForCausalLM.from_pretrained(Path(cfg["out"]) / "model").config.num_key_value_heads == 2
     logged = [r for r in metrics(Path(cfg["out"])) if "loss" in r]
     assert all("ce" in r and r["ce"] != r["loss"] for r in logged)  # the KL term is part of the loss
+
+
+def checkpoint_files(run: Path) -> dict[str, dict[str, int | None]]:
+    """Each checkpoint's files with their byte sizes (None for the two that name the run and the time)."""
+    return {
+        c.name: {
+            p.relative_to(c).as_posix(): None if p.name in (TRAIN_CONFIG, "train_state.json") else p.stat().st_size
+            for p in sorted(c.rglob("*"))
+            if p.is_file()
+        }
+        for c in checkpoints(run)
+    }
+
+
+def test_distillation_checkpoints_hold_no_teacher(run_cli, tmp_path: Path, caplog) -> None:
+    """A frozen teacher is the unchanged source: checkpoints of a distillation run hold exactly the files, of
+    exactly the sizes, of a run without one. The model ties its embeddings, which accelerate's save reports as
+    a removed shared tensor: expected for tied weights, so not printed."""
+    tiny = make_tiny_run(tmp_path, tie_word_embeddings=True)
+    root, cfg = tiny["root"], {**tiny["config"], "checkpoint": {"every": 5, "keep": 2}}
+    for name, distill in (("plain", {}), ("distilled", {"teacher": str(tiny["source"]), "weight": 0.5})):
+        path = write({**cfg, "out": str(root / name), "distill": distill}, root / f"{name}.yaml")
+        code, _, err = run_cli("train", path, "--budget.steps=10")
+        assert code == 0, err
+        assert "Removed shared tensor" not in err
+    plain, distilled = checkpoint_files(root / "plain"), checkpoint_files(root / "distilled")
+    assert list(plain) == ["step-00000005", "step-00000010"]
+    assert distilled == plain
+    assert not any(name.startswith("model_1") for files in distilled.values() for name in files)
+    rows = [r for r in metrics(root / "distilled") if "loss" in r]
+    assert rows and all(r["ce"] != r["loss"] for r in rows)  # the teacher did take part
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]  # logged, not printed
+
+
+def test_only_the_models_own_tied_weights_are_quiet_when_saved() -> None:
+    """The "Removed shared tensor" note is dropped for the model's tied names only (DDP prefixes them with
+    module.); any other sharing is still reported."""
+    import logging
+
+    from uptrain.training.checkpointer import _ExpectedTies
+
+    def kept(names: set[str] | str) -> bool:
+        text = f"[RANK 0] Removed shared tensor {names} while saving. This should be OK, but check ..."
+        return _ExpectedTies({"model.embed_tokens.weight", "lm_head.weight"}).filter(
+            logging.LogRecord("accelerate.utils.other", logging.WARNING, __file__, 0, text, None, None)
+        )
+
+    assert not kept({"lm_head.weight"}) and not kept({"module.lm_head.weight"})
+    assert kept({"lm_head.weight", "model.layers.0.mlp.up_proj.weight"})
+    assert kept("something else entirely")
 
 
 def test_only_the_trainable_parameters_move(run_cli, tiny_run: dict) -> None:

@@ -75,7 +75,8 @@ def evaluate(
     Args:
         model: Model folder or Hub id to evaluate.
         reference: The source model (e.g. the MHA checkpoint) to compare with on the same tokens.
-        config: A `uptrain train` config: score its run's held-out validation blocks.
+        config: A `uptrain train` config: score its run's held-out validation blocks, each on its own as
+            training does (its validation perplexity; strided windows with context score lower).
         compare: Saved --json results to print side by side (no evaluation).
         json: Write the result as JSON to this file.
         max_tokens: Tokens of held-out text to score at most.

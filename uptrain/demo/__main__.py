@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from uptrain.demo.pipeline import Pipeline, demo, run_in_process, run_subprocess, table
+from uptrain.demo.pipeline import Pipeline, demo, environment_line, run_in_process, run_subprocess, table
 
 # held-out perplexity on 20k tokens, windows of the 256-token training length (stride 192);
 # decode speed at batch 16 after a 512-token prompt
@@ -38,6 +38,7 @@ def main() -> None:
         f"overlap; decode speed: batch 16 after a 512-token prompt, {rows[0]['eval']['device']}\n"
     )
     print(table(rows))
+    print(f"\n{environment_line()}")  # what the digits depend on: README's table names its own
     print(f"\nmodels and eval results in {args.out}/; took {time.perf_counter() - start:.0f} s")
 
 

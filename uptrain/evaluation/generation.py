@@ -7,6 +7,7 @@ timed too): prefill, then one token per step, synchronised on GPUs, after a warm
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -43,22 +44,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cache_keyword(model: Any) -> str:
+    """The name under which `model`'s forward takes a KV cache: transformers renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40), while earlier 5.x releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, as `cache` or (earlier transformers) `past_key_values`; reading the
+    old name where the new one exists warns."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _greedy(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any, step: Any) -> tuple[Any, float, float]:
     """Prefill, then new_tokens - 1 greedy decode steps; returns the cache and both times (seconds).
     A plain loop, not `generate`: no per-step host syncs, so the time is the model's."""
-    device, prompt = ids.device, ids.shape[1]
+    device, prompt, keyword = ids.device, ids.shape[1], cache_keyword(model)
     if cache is not None:
         cache.reset()  # a static cache is reused (its tensors are the CUDA graphs' inputs)
     _sync(device)
     start = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=device),
+    out = model(ids, **{keyword: cache}, use_cache=True, cache_position=torch.arange(prompt, device=device),
                 logits_to_keep=1)  # fmt: skip
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+    cache, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)  # (B, 1)
     _sync(device)
     prefill = time.perf_counter() - start
     for i in range(new_tokens - 1):
         pos = torch.tensor([prompt + i], device=device)
-        nxt = step(nxt, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
+        nxt = step(nxt, **{keyword: cache}, use_cache=True, cache_position=pos).logits[:, -1:].argmax(-1)
     _sync(device)
     return cache, prefill, time.perf_counter() - start - prefill
 

@@ -176,15 +176,25 @@ def count_parameters(config: Any, matmul_only: bool = False) -> int:
     """Parameters of the model a config describes, counted on a weightless (meta) model; tied weights once.
     matmul_only: leave out the input embedding table (a lookup) unless it is tied to the output head —
     the N of the 6·N·D training FLOPs."""
+    total, tied, embedding = _parameter_facts(config)
+    return total if tied or not matmul_only else total - embedding
+
+
+def matmul_parameters(config: Any) -> tuple[int, bool]:
+    """(N of the 6·N·D training FLOPs, whether the output head is the input embedding table): a tied
+    table counts once, as the head's matmul; an untied one is a lookup and is left out."""
+    total, tied, embedding = _parameter_facts(config)
+    return (total if tied else total - embedding), tied
+
+
+def _parameter_facts(config: Any) -> tuple[int, bool, int]:
+    """(parameters, head tied to the input embeddings, elements of the input embedding table), on a meta model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    if not matmul_only:
-        return total
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed
-    return total if tied else total - embed.numel()
+    return sum(p.numel() for p in model.parameters()), tied, embed.numel()

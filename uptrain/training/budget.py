@@ -2,8 +2,9 @@
 
 Training FLOPs follow the usual 6·N·D estimate (forward 2·N·D, backward 4·N·D) with N the
 parameters that take part in matrix multiplies — the input embedding table is a lookup and
-is left out unless it is tied to the output head — and D the tokens trained on. The same
-6·N per token gives the logged MFU.
+is left out unless it is tied to the output head, whose matmul over the vocabulary is real
+compute whichever tensor holds its weight — and D the tokens trained on. The same 6·N per
+token gives the MFU logged on GPUs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class TrainBudget:
     """N: parameters that do matrix multiplies."""
     gpu_peak_tflops: float
     assumed_mfu: float
+    tied_embeddings: bool = False
+    """The output head is the input embedding table (N then holds it once, as the head)."""
 
     @property
     def global_batch_tokens(self) -> int:
@@ -54,6 +57,13 @@ class TrainBudget:
     def gpu_hours(self) -> float:
         return self.flops / (self.gpu_peak_tflops * 1e12 * self.assumed_mfu) / 3600.0
 
+    @property
+    def counted(self) -> str:
+        """What N counts, in words."""
+        if self.tied_embeddings:
+            return "all of them; the embedding table is tied to the output head, whose matmul is real compute"
+        return "all but the input embedding table, a lookup"
+
     def lines(self) -> list[str]:
         return [
             f"tokens           {self.tokens:,} ({format_count(self.tokens)}; requested {self.requested_tokens:,})",
@@ -62,7 +72,7 @@ class TrainBudget:
             f"{self.global_batch_tokens:,} tokens",
             f"per process      {self.micro_batch_size} sequences x {self.grad_accum} accumulation steps "
             f"x {self.num_processes} process(es)",
-            f"parameters (N)   {self.params:,} ({format_count(self.params)}, input embeddings excluded)",
+            f"parameters (N)   {self.params:,} ({format_count(self.params)}: {self.counted})",
             f"training FLOPs   {self.flops:.3e} (6·N·D)",
             f"GPU-hours        {self.gpu_hours:,.1f} at {self.gpu_peak_tflops:g} TFLOP/s peak and "
             f"{self.assumed_mfu:.0%} MFU",
@@ -95,6 +105,7 @@ def train_budget(
     params: int,
     gpu_peak_tflops: float = 989.0,
     assumed_mfu: float = 0.4,
+    tied_embeddings: bool = False,
 ) -> TrainBudget:
     per_step = micro_batch_size * num_processes
     if global_batch_size % per_step:
@@ -115,6 +126,7 @@ def train_budget(
         params=params,
         gpu_peak_tflops=gpu_peak_tflops,
         assumed_mfu=assumed_mfu,
+        tied_embeddings=tied_embeddings,
     )
 
 

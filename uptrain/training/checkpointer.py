@@ -9,10 +9,13 @@ a run needs to continue exactly (one streamed source with a shuffle buffer: see 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from uptrain import config as configlib
 from uptrain.errors import UptrainError, first_line
 from uptrain.io.folders import TRAIN_CONFIG, respect_umask, write_failure
 from uptrain.training.config import RESUMABLE_CHANGES, TrainConfig
-from uptrain.training.sharding import SHARDED_FOLDER, ShardedState
+from uptrain.training.sharding import SHARDED_FOLDER, ShardedState, tied_names
 
 STATE_FILE = "train_state.json"
 
@@ -138,6 +141,39 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         )
 
 
+class _ExpectedTies(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" when every name it removed is one of the
+    model's own tied weights (a head tied to the input embeddings): safetensors stores a shared tensor once,
+    and loading the checkpoint into the model, which is tied, fills both names. Other sharing still warns."""
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        found = re.search(r"Removed shared tensor \{(.*?)\}", message)
+        if found is None:
+            return True
+        removed = {name.strip().strip("'\"").removeprefix("module.") for name in found.group(1).split(",")}
+        return not removed <= self.tied
+
+
+@contextlib.contextmanager
+def _quiet_expected_ties(model: Any) -> Iterator[None]:
+    tied = {name for group in tied_names(model) for name in group} if model is not None else set()
+    if not tied:
+        yield
+        return
+    logger = logging.getLogger("accelerate.utils.other")  # where accelerate's safetensors save warns
+    note = _ExpectedTies(tied)
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def failures_everywhere(acc: Any, failure: str | None) -> list[str]:
     """Every process's failure (None: it succeeded), gathered on all of them: a collective, which every
     process must reach, so that all stop together and each can say what went wrong where (the launcher may
@@ -160,8 +196,16 @@ class Checkpointer:
     FSDP2 the sharded model and optimizer go into a DCP folder beside it, one file per rank), then the
     main process adds the config and the state file, renames the folder into place and rotates."""
 
-    def __init__(self, acc: Any, run_dir: Path, cfg: TrainConfig, sharded: ShardedState | None = None) -> None:
+    def __init__(
+        self,
+        acc: Any,
+        run_dir: Path,
+        cfg: TrainConfig,
+        sharded: ShardedState | None = None,
+        model: Any = None,
+    ) -> None:
         self.acc, self.run_dir, self.cfg, self.sharded = acc, run_dir, cfg, sharded
+        self.model = model  # the model accelerate saves, unwrapped: its tied weights are stored once
 
     def save(self, state: TrainState, data: Any) -> Path:
         """accelerate state + train state into checkpoints/step-N (written aside, then renamed)."""
@@ -177,7 +221,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         # Each phase's failure (a full disk, a quota) is agreed on by every process before the next
         # collective, so that all stop together with one message and the previous checkpoint intact.
-        self._agreed(final, tmp, lambda: acc.save_state(str(tmp)))
+        with _quiet_expected_ties(self.model):
+            self._agreed(final, tmp, lambda: acc.save_state(str(tmp)))
         if self.sharded is not None:
             self._agreed(final, tmp, lambda: self.sharded.save(tmp))
         acc.wait_for_everyone()

@@ -74,7 +74,8 @@ class BudgetConfig:
     steps: int | None = None
     """Optimizer steps to run."""
     gpu_peak_tflops: float = 989.0
-    """Peak dense bf16 TFLOP/s of one accelerator, for the GPU-hours estimate and MFU (H100 SXM: 989)."""
+    """Peak dense bf16 TFLOP/s of one accelerator, for the GPU-hours estimate and MFU (H100 SXM: 989); runs on
+    CPUs log no MFU."""
     assumed_mfu: float = 0.4
     """Model FLOPs utilisation assumed for the GPU-hours estimate."""
 

@@ -105,7 +105,7 @@ class Trainer:
         with acc.main_process_first():  # one process downloads / loads into the cache first
             on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
             model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
-            teacher = load_teacher(cfg.distill, cfg.model) if cfg.distill.teacher else None
+            teacher = load_teacher(cfg.distill, cfg.model, meta=on_meta) if cfg.distill.teacher else None
         if cfg.optim.trainable is not None:
             trained = freeze_untrained(model, cfg.optim.trainable)
             total = sum(p.numel() for p in model.parameters())
@@ -132,6 +132,11 @@ class Trainer:
             )
             if cfg.model.compile:
                 compile_layers(self.model)
+            if teacher is not None:
+                main = acc.is_main_process
+                teacher = shard_model(
+                    teacher, sharding, device=acc.device, precision=precision, main_process=main, frozen=True
+                )
             self.optimizer = build_optimizer(self.model, cfg.optim, acc.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.optim, budget.steps)
             acc.register_for_checkpointing(self.scheduler)
@@ -145,8 +150,12 @@ class Trainer:
             optimizer = build_optimizer(model, cfg.optim, acc.device)
             scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.teacher = acc.prepare_model(teacher, evaluation_mode=True) if teacher is not None else None
-        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state)
+            if teacher is not None:
+                teacher = teacher.to(acc.device)
+        # The teacher is the unchanged source, loaded again on resume: it is placed (or sharded) here and
+        # never registered with accelerate, whose save_state would write it into every checkpoint.
+        self.teacher = teacher
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state, model=None if sharding else model)
         if resume is not None:
             self.checkpointer.load(resume)
             if self.state.data is not None:  # streamed: each process's position in its own part of the data
@@ -299,8 +308,9 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "tokens_per_s": tps,
-                        "mfu": mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes),
                     }
+                    if acc.device.type != "cpu":  # budget.gpu_peak_tflops is an accelerator's peak, not a CPU's
+                        last["mfu"] = mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes)
                     if self.teacher is not None:  # the loss mixes in the KL term: show the CE alone too
                         last["ce"] = ce
                     if acc.device.type == "cuda":

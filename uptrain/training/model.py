@@ -22,7 +22,7 @@ from uptrain.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_di
 from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import SAFE_INDEX, SAFE_SINGLE
 from uptrain.model.loading import load_tokenizer, read_model_config
-from uptrain.model.shape import count_parameters
+from uptrain.model.shape import matmul_parameters
 from uptrain.training.checkpointer import failures_everywhere
 from uptrain.training.config import DistillConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -39,6 +39,8 @@ class RunModel:
     """The dtype the source weights were stored in."""
     matmul_params: int
     """N for 6·N·D: all parameters except an untied input embedding table."""
+    tied_embeddings: bool = False
+    """The output head is the input embedding table: N counts it once, as the head's matmul."""
 
 
 def _stored_dtype(source: str | None, config: Any) -> torch.dtype:
@@ -104,9 +106,8 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
                 f"the teacher {cfg.distill.teacher} has another vocabulary (vocab_size {teacher_cfg.vocab_size} "
                 f"vs {config.vocab_size}, or different tokens); distillation needs the same tokenizer"
             )
-    return RunModel(
-        config, source, _stored_dtype(source, config), count_parameters(config, matmul_only=True)
-    ), tokenizer
+    n, tied = matmul_parameters(config)
+    return RunModel(config, source, _stored_dtype(source, config), n, tied), tokenizer
 
 
 def load_model(m: ModelConfig, info: RunModel, *, meta: bool = False, compile: bool = True) -> torch.nn.Module:
@@ -133,11 +134,19 @@ def load_model(m: ModelConfig, info: RunModel, *, meta: bool = False, compile: b
     return model
 
 
-def load_teacher(d: DistillConfig, m: ModelConfig) -> torch.nn.Module:
+def load_teacher(d: DistillConfig, m: ModelConfig, *, meta: bool = False) -> torch.nn.Module:
+    """The frozen teacher, on the CPU, in eval mode; with `meta`, only its structure (FSDP2 ranks but 0)."""
     from transformers import AutoModelForCausalLM
 
     dtype = inference_dtype(compute_device(), cpu=getattr(torch, m.dtype))
-    teacher = AutoModelForCausalLM.from_pretrained(d.teacher, dtype=dtype, attn_implementation=m.attn_implementation)
+    if meta:
+        config = read_model_config(d.teacher)  # type: ignore[arg-type]
+        with torch.device("meta"):
+            teacher = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(
+            d.teacher, dtype=dtype, attn_implementation=m.attn_implementation
+        )
     teacher.requires_grad_(False)
     return teacher.eval()
 

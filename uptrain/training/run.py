@@ -95,6 +95,7 @@ def run_training(
             micro_batch_size=cfg.batch.micro_batch_size,
             num_processes=state.num_processes,
             params=models.matmul_params,
+            tied_embeddings=models.tied_embeddings,
             gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
             assumed_mfu=cfg.budget.assumed_mfu,
         )

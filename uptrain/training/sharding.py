@@ -11,7 +11,8 @@ The parts, in the order a run uses them:
 - `claim_sharding` reads the launcher's settings (and refuses DeepSpeed and FSDP1);
 - `shard_model` puts each decoder layer and then the root (embeddings, final norm, head) in its own
   FSDP unit; rank 0 alone reads the checkpoint, every other rank builds the model on the meta
-  device, and the weights are broadcast from rank 0 into the shards;
+  device, and the weights are broadcast from rank 0 into the shards; a distillation teacher is sharded
+  the same way (forward only), so no rank holds a whole second model, and no checkpoint holds it;
 - `clip_grad_norm` clips over the sharded gradients (one global norm);
 - `ShardedState` saves and loads model + optimizer as a torch.distributed.checkpoint (DCP) folder,
   each rank writing its own shard;
@@ -95,7 +96,7 @@ def mixed_precision_policy(precision: str) -> Any:
     raise UptrainError(f"mixed_precision {precision} is not supported with FSDP2; use bf16 (or no)")
 
 
-def _tied_names(model: torch.nn.Module) -> list[list[str]]:
+def tied_names(model: torch.nn.Module) -> list[list[str]]:
     """Names that share one parameter (tied input and output embeddings), each group in model order."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -104,12 +105,20 @@ def _tied_names(model: torch.nn.Module) -> list[list[str]]:
 
 
 def shard_model(
-    model: torch.nn.Module, plan: ShardingPlan, *, device: torch.device, precision: str, main_process: bool
+    model: torch.nn.Module,
+    plan: ShardingPlan,
+    *,
+    device: torch.device,
+    precision: str,
+    main_process: bool,
+    frozen: bool = False,
 ) -> torch.nn.Module:
     """Shard `model` in place over every process and fill the shards from rank 0's weights.
 
     On rank 0 `model` holds the real weights (on the CPU); on the other ranks it may live on the meta
-    device. Returns the same module, now an FSDP module whose parameters are DTensor shards on `device`."""
+    device. Returns the same module, now an FSDP module whose parameters are DTensor shards on `device`.
+    `frozen`: a model that only runs forward (the distillation teacher): every unit, the root too, frees
+    its gathered weights after its forward, since no backward will need them."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -129,7 +138,7 @@ def shard_model(
     # referenced here while fully_shard replaces the module's parameters by shards
     full = model.state_dict() if main_process else {}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if main_process else {}
-    tied = _tied_names(model)
+    tied = tied_names(model)
     offload = CPUOffloadPolicy() if plan.offload_params and device.type == "cuda" else OffloadPolicy()
     options = dict(
         mesh=init_device_mesh(device.type, (world,)),
@@ -137,13 +146,15 @@ def shard_model(
         mp_policy=mixed_precision_policy(precision),
         offload_policy=offload,
     )
+    if frozen:
+        options["reshard_after_forward"] = True
     for layer in layers:
         fully_shard(layer, **options)
-    # the root unit (embeddings, final norm, tied head) stays gathered after forward: backward needs it
-    # at once, and the chunked loss reads the head weight outside the forward
-    fully_shard(model, **{**options, "reshard_after_forward": False})
+    # the root unit (embeddings, final norm, tied head) of a trained model stays gathered after forward:
+    # backward needs it at once, and the chunked loss reads the head weight outside the forward
+    fully_shard(model, **{**options, "reshard_after_forward": frozen})
     model.to_empty(device="cpu" if plan.offload_params and device.type == "cuda" else device)
-    if _tied_names(model) != tied:
+    if tied_names(model) != tied:
         model.tie_weights()
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
@@ -227,7 +238,7 @@ def full_state_dict(model: torch.nn.Module, main_process: bool) -> dict[str, tor
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if main_process:
-        for first, *others in _tied_names(model):
+        for first, *others in tied_names(model):
             for name in others:
                 state[name] = state[first]
     return state if main_process else {}
