@@ -114,14 +114,15 @@ class _HeldOut:
         self.source.load_head()
         for b, batch in enumerate(self.batches):
             w = self.first + b
-            ref = torch.log_softmax(self.source.logits(w, self.reference[b])[:, :-1].float(), -1)  # (B, L-1, V)
-            target = self.windows[b][:, 1:].to(ref.device)
-            mask = torch.zeros_like(target, dtype=torch.bool)
-            for row, (_, first) in enumerate(batch):
-                mask[row, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
-            for g in self.options:
-                logp = torch.log_softmax(self.source.logits(w, self.paths[g][b])[:, :-1].float(), -1)
-                add_scores(totals[g], logp, ref, target, mask)
+            for row, (ids, first) in enumerate(batch):  # one window at a time: (L, V) log-probs are large
+                one = slice(row, row + 1)
+                ref = torch.log_softmax(self.source.logits(w, self.reference[b][one], one)[:, :-1].float(), -1)
+                target = ids[None, 1:].to(ref.device)  # (1, L-1)
+                mask = torch.zeros_like(target, dtype=torch.bool)
+                mask[0, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
+                for g in self.options:
+                    logp = torch.log_softmax(self.source.logits(w, self.paths[g][b][one], one)[:, :-1].float(), -1)
+                    add_scores(totals[g], logp, ref, target, mask)
         return totals
 
 

@@ -141,10 +141,10 @@ class LayeredSource:
             if p.is_meta and name.startswith(self.head_names):
                 self._load([name])
 
-    def logits(self, w: int, final: torch.Tensor) -> torch.Tensor:
-        """Window w's logits from `final`, the hidden states leaving the last decoder layer: the model's own
-        forward, its decoder layers passed through (the first hands on `final`), so the final norm and head
-        run as the model runs them."""
+    def logits(self, w: int, final: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Window w's logits from `final`, the hidden states leaving the last decoder layer (of the window's
+        `rows` when it holds several): the model's own forward, its decoder layers passed through (the first
+        hands on `final`), so the final norm and head run as the model runs them."""
 
         def first(*args: Any, **kwargs: Any) -> torch.Tensor:
             return final
@@ -155,7 +155,7 @@ class LayeredSource:
         for i, layer in enumerate(self.layers):
             layer.forward = first if i == 0 else passed
         try:
-            return self.model(self.windows[w], use_cache=False).logits
+            return self.model(self.windows[w][rows], use_cache=False).logits
         finally:
             for layer in self.layers:
                 del layer.forward
