@@ -24,7 +24,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+# the slow suite also runs what `convert` writes in llama.cpp: the llamacpp extra, compiled once per venv
+$(VENV)/.installed-llamacpp: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet -e ".[dev,llamacpp]"
+	touch $@
+
+test-all: setup $(VENV)/.installed-llamacpp
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: $(VENV)/.installed
