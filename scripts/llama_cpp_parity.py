@@ -138,7 +138,12 @@ def main() -> None:
     ids = AutoTokenizer.from_pretrained(args.model)(text.read_text(encoding="utf-8"))["input_ids"][: args.tokens]
     with tempfile.TemporaryDirectory() as tmp:
         gguf = to_gguf(args.model, Path(tmp) / "model.gguf", llama_cpp_tree(), args.outtype)
-        figures = {"model": str(args.model), "text": str(text), "outtype": args.outtype, **compare(args.model, gguf, ids)}
+        figures = {
+            "model": str(args.model),
+            "text": str(text),
+            "outtype": args.outtype,
+            **compare(args.model, gguf, ids),
+        }
     figures["greedy_same"] = figures["greedy_transformers"] == figures["greedy_llama_cpp"]
     print(json.dumps(figures, indent=1))
     if args.json:
