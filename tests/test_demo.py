@@ -76,6 +76,7 @@ def test_the_demo_pipeline_end_to_end(pipeline: demolib.Pipeline) -> None:
     assert pipeline.source_run() == run
 
 
+@pytest.mark.slow  # two pretrainings in fresh processes, ~19 s
 def test_the_source_pretraining_repeats_in_another_home_and_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

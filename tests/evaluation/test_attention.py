@@ -43,6 +43,7 @@ def test_the_same_logits_as_transformers_sdpa(model) -> None:
     torch.testing.assert_close(decode(model, "uptrain_sdpa"), decode(model, "sdpa"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile on a CPU: ~26 s; the eager decode parity above runs by default
 def test_a_compiled_decode_step_never_repeats_kv(model, monkeypatch) -> None:
     repeats = []
     original = sdpa_attention.repeat_kv

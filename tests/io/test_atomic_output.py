@@ -67,7 +67,7 @@ def test_the_next_run_names_a_killed_runs_leftovers_and_overwrite_removes_them(l
     assert not leftovers(llama.parent, out)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])  # the same path: ~5 s each
 def test_sigterm_or_sighup_midway_cleans_up(llama: Path, sig: str) -> None:
     out = llama.parent / "out"
     proc = run_driver(sig, llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")

@@ -106,6 +106,7 @@ def test_two_converts_on_one_out_at_once(llama: Path) -> None:
     assert not list(llama.parent.glob(".out.uptrain*")), "no temp folder, no lock left"
 
 
+@pytest.mark.slow  # two trainings at once, ~9 s; two converts on one OUT run by default
 def test_two_trains_on_one_out_at_once(tiny_run: dict) -> None:
     root = tiny_run["root"]
     config = root / "run.yaml"

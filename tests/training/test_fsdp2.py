@@ -3,7 +3,8 @@
 
 Two sharded processes follow the one-process run with the same global batch, write DCP checkpoints
 from both ranks, stop on SIGTERM to the launcher and resume to the uninterrupted weights, and gather
-a final model that transformers loads; two "nodes" on one machine (c10d rendezvous) agree too.
+a final model that transformers loads; in `make test-all` also two "nodes" on one machine (c10d
+rendezvous), the bf16 policy and a sharded distillation teacher.
 The tiny model ties its input and output embeddings, the case sharding most easily gets wrong.
 """
 
@@ -123,22 +124,6 @@ def runs(tmp_path_factory) -> dict:
     code, logs["resume"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
                                              program=train(config, root / "stopped", "--resume")))  # fmt: skip
     assert code == 0, logs["resume"][-3000:]
-
-    # the GPU default: bf16 compute and all-gathers, fp32 gradient reduction and master weights
-    code, logs["bf16"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
-                                           program=train(config, root / "bf16", "--mixed_precision=bf16")))  # fmt: skip
-    assert code == 0, logs["bf16"][-3000:]
-
-    port = str(free_port())  # two machines of one process each, c10d rendezvous on this one
-    node = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-            "--main_process_port", port, "--rdzv_backend", "c10d"]  # fmt: skip
-    # with activation checkpointing, which recomputes but must not change the result
-    nodes = train(config, root / "nodes", "--model.gradient_checkpointing=true")
-    first = accelerate(*node, "--machine_rank", "0", program=nodes)
-    second = accelerate(*node, "--machine_rank", "1", "--rdzv_conf", "is_host=0", program=nodes)
-    for name, proc in (("node0", first), ("node1", second)):
-        code, logs[name] = finish(proc)
-        assert code == 0, logs[name][-3000:]
     return {"root": root, "tiny": tiny, "logs": logs}
 
 
@@ -210,8 +195,20 @@ def test_the_gathered_model_loads_in_transformers_and_generates(runs: dict) -> N
         torch.testing.assert_close(model(ids).logits, one(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # two more launches, ~10 s
 def test_two_nodes_with_activation_checkpointing_agree_with_one_node(runs: dict) -> None:
-    assert_same_run(runs["root"] / "one", runs["root"] / "nodes")
+    root = runs["root"]
+    port = str(free_port())  # two machines of one process each, c10d rendezvous on this one
+    node = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", port, "--rdzv_backend", "c10d"]  # fmt: skip
+    # with activation checkpointing, which recomputes but must not change the result
+    nodes = train(root / "run.yaml", root / "nodes", "--model.gradient_checkpointing=true")
+    first = accelerate(*node, "--machine_rank", "0", program=nodes)
+    second = accelerate(*node, "--machine_rank", "1", "--rdzv_conf", "is_host=0", program=nodes)
+    for proc in (first, second):
+        code, log = finish(proc)
+        assert code == 0, log[-3000:]
+    assert_same_run(root / "one", root / "nodes")
     shards = runs["root"] / "nodes" / "checkpoints" / "step-00000030" / SHARDED_FOLDER
     assert (shards / "__0_0.distcp").is_file() and (shards / "__1_0.distcp").is_file()
 
@@ -280,9 +277,14 @@ def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(run_cli, runs: dict
         assert len(err.strip().splitlines()) == 1 and not (runs["root"] / f"out-{name}").exists(), (name, err)
 
 
+@pytest.mark.slow  # one more launch, ~10 s
 def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: dict) -> None:
+    """The GPU default: bf16 compute and all-gathers, fp32 gradient reduction and master weights."""
     root = runs["root"]
-    assert "FSDP2 over 2 processes (cpu, precision bf16)" in runs["logs"]["bf16"]
+    program = train(root / "run.yaml", root / "bf16", "--mixed_precision=bf16")
+    code, log = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()), program=program))
+    assert code == 0, log[-3000:]
+    assert "FSDP2 over 2 processes (cpu, precision bf16)" in log
     fp32, bf16 = rows(root / "one"), rows(root / "bf16")
     for a, b in zip(fp32, bf16, strict=True):
         for key in ("loss", "val_loss"):
@@ -301,6 +303,7 @@ def checkpoint_files(step: Path) -> dict[str, int | None]:
             for p in sorted(step.rglob("*")) if p.is_file()}  # fmt: skip
 
 
+@pytest.mark.slow  # two more launches, ~18 s; the one-process teacher-free checkpoints run by default
 def test_a_distillation_teacher_is_sharded_too_and_kept_out_of_checkpoints(runs: dict) -> None:
     """With distill.teacher, two sharded processes follow the one-process run, and the step checkpoint holds
     exactly the files (and byte sizes) of a run without a teacher: no rank saves the frozen source."""

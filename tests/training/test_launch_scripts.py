@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests import ROOT, free_port
@@ -71,6 +72,7 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # three launches of the Slurm script, ~25 s
 def test_sigterm_checkpoints_requeues_and_the_requeued_job_resumes(tiny_run: dict) -> None:
     root = tiny_run["root"]
     cfg = {**tiny_run["config"], "checkpoint": {"every": 10, "keep": 2}, "budget": {"steps": 100_000}}

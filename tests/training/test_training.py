@@ -346,6 +346,7 @@ def test_unreachable_hub_dataset_fails_clearly(run_cli, tiny_run: dict) -> None:
     assert err.strip().splitlines()[-1].startswith("uptrain train: error: cannot load acme/no-such-dataset")
 
 
+@pytest.mark.slow  # torch.compile of every layer on a CPU, ~14 s
 def test_compiled_layers_train_the_same_and_save_loadable_weights(run_cli, tiny_run: dict) -> None:
     cfg = write(tiny_run["config"], tiny_run["root"] / "cfg.yaml")
     eager = write({**tiny_run["config"], "out": str(tiny_run["root"] / "eager")}, tiny_run["root"] / "eager.yaml")
