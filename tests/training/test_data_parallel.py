@@ -29,6 +29,18 @@ DRIVER = textwrap.dedent(
     data.BlockData.micro_batch = micro_batch
     path = f"{sys.argv[1]}/reads-{os.environ.get('RANK', '0')}.json"
     atexit.register(lambda: open(path, "w").write(json.dumps(reads)))
+
+    # how many data-parallel wrappers are alive when the process group is destroyed
+    import gc, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    alive, destroy = [], dist.destroy_process_group
+    def counting_destroy(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        return destroy(*args, **kwargs)
+    dist.destroy_process_group = counting_destroy
+    wrappers = f"{sys.argv[1]}/ddp-alive-{os.environ.get('RANK', '0')}.json"
+    atexit.register(lambda: open(wrappers, "w").write(json.dumps(alive)))
     from uptrain.cli import main
     sys.exit(main(sys.argv[2:]))
     """
@@ -90,6 +102,13 @@ def test_each_process_read_its_own_part(runs: dict[int, Path]) -> None:
     interleaved = [x for i in range(30) for x in rank0[4 * i : 4 * i + 4] + rank1[4 * i : 4 * i + 4]]
     assert interleaved == one, "step by step, the same global batches"
     assert torch.tensor(one).unique().numel() == len(one)  # one epoch: no block twice
+
+
+def test_the_ddp_wrapper_is_freed_before_the_process_group(runs: dict[int, Path]) -> None:
+    """Its gradient reducer holds the process group: freed after the group is unregistered, it would destroy
+    gloo's group while holding the GIL that a gloo worker thread may still wait for (a hang at exit)."""
+    for rank in (0, 1):
+        assert json.loads((runs[2] / f"ddp-alive-{rank}.json").read_text()) == [0], rank
 
 
 def test_a_ddp_step_checkpoint_exports_to_the_final_model(runs: dict[int, Path], run_cli) -> None:

@@ -334,7 +334,7 @@ class Trainer:
                 if window_steps == 0:  # logging/eval/checkpoint time is not training time
                     window_start = time.perf_counter()
         except BaseException:
-            acc.end_training()
+            self.end()
             raise
         finally:
             bar.close()
@@ -348,6 +348,16 @@ class Trainer:
         save_final_model(
             acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress, self.checkpointer.latest()
         )
-        acc.end_training()  # closes the trackers and the process group: after the last collective
+        self.end()  # after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}
+
+    def end(self) -> None:
+        """Closes the trackers and the process group. The data-parallel wrapper is freed first: its gradient
+        reducer holds the process group, and freed after the group is unregistered it would destroy gloo's
+        group while holding the GIL, which a gloo worker thread finishing its last collective waits for (a
+        hang at exit, seen now and then in two-process CPU runs)."""
+        if self.sharding is None:
+            self.model = None  # type: ignore[assignment]
+            self.acc.free_memory()  # accelerate's references, then gc: cycles through hooks included
+        self.acc.end_training()
