@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests import free_port, make_tiny_run
+from tests import STOPPER, free_port, make_tiny_run
 from tests.families import tensors
 
 # Runs the real CLI; records which training blocks this process read.
@@ -118,24 +118,6 @@ def test_a_ddp_step_checkpoint_exports_to_the_final_model(runs: dict[int, Path],
     exported, final = tensors(runs[2] / "exported"), tensors(run / "model")
     assert exported.keys() == final.keys()
     assert all(torch.equal(t, exported[k]) for k, t in final.items())
-
-
-# The real CLI; rank 0 sends SIGTERM to the launcher during optimizer step STOP_AT_STEP, as Slurm would.
-STOPPER = textwrap.dedent(
-    """
-    import os, signal, sys
-    import uptrain.training.loop as loop
-
-    stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
-    def step(self):
-        if self.state.step == stop_at - 1 and self.acc.is_main_process:
-            os.kill(os.getppid(), signal.SIGTERM)
-        return original(self)
-    loop.Trainer.step = step
-    from uptrain.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-)
 
 
 @pytest.mark.slow  # three launches of 2 processes (~1 min on 2 cores); one process runs by default (test_training)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests import ROOT, free_port, make_tiny_run
+from tests import ROOT, STOPPER, free_port, make_tiny_run
 from tests.families import tensors
 from uptrain.errors import UptrainError
 from uptrain.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_sharding
@@ -29,23 +29,6 @@ from uptrain.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_shardi
 TOLERANCE = 1e-5  # |Δ| against the one-process run (seen here: 1.8e-7 on the weights, 1e-6 on the loss)
 STOP_AT = 17
 AGREED_AT = 20  # several processes agree on a stop at their next read-back step (logging.every = 5)
-
-# The real CLI; rank 0 sends SIGTERM to the launcher during optimizer step STOP_AT_STEP, as Slurm would.
-STOPPER = textwrap.dedent(
-    """
-    import os, signal, sys
-    import uptrain.training.loop as loop
-
-    stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
-    def step(self):
-        if self.state.step == stop_at - 1 and self.acc.is_main_process:
-            os.kill(os.getppid(), signal.SIGTERM)
-        return original(self)
-    loop.Trainer.step = step
-    from uptrain.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-)
 
 # The real CLI; on rank 1 only, the disk fills while checkpoint step-20 is written: in accelerate's part
 # (FULL_IN=state: the other rank would wait in DCP's collective) or inside DCP's own write (FULL_IN=dcp).
