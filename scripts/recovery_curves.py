@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.real_model_merging import hf_source
-from uptrain.demo.corpus import SHAKESPEARE, fetch
+from uptrain.data.corpora import SHAKESPEARE, fetch
 
 RECIPE = """# uptraining recipe of scripts/recovery_curves.py (the script fills in paths, tokens and the teacher)
 model: {{path: REPLACED, chunked_loss: true}}

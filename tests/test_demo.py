@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from uptrain.demo import corpus as corpuslib
+from uptrain.data import corpora as corpuslib
 from uptrain.demo import pipeline as demolib
 from uptrain.synthetic import write_corpus
 

@@ -69,6 +69,8 @@ class ServingRow:
     """With `plan --quality`: KL(source ‖ G-head merge) per held-out token, before any uptraining."""
     top1_agreement: float | None = None
     """With `plan --quality`: how often the merge's most likely next token is the source's."""
+    by_text: dict[str, dict[str, float]] | None = None
+    """With `plan --quality` on several texts: each text's `kl` and `top1_agreement` (the fields above: their mean)."""
 
 
 def serving_rows(
@@ -202,7 +204,9 @@ def print_plan(
         print(f"sliding-window layers: {sum(w is not None for w in m.windows)} of {m.layers} (cache capped)")
     print()
     measured = any(r.kl is not None for r in rows)
-    quality_head, quality_rule = (" KL to source | top-1 |", "---|---|") if measured else ("", "")
+    texts = next((list(r.by_text) for r in rows if r.by_text), [])
+    mean = " (mean)" if texts else ""
+    quality_head, quality_rule = (f" KL to source{mean} | top-1{mean} |", "---|---|") if measured else ("", "")
     print(
         f"| G | attention | H/G | KV per request ({u}) | KV for batch ({u}) | weights + KV per GPU ({u}) "
         f"| fits | max requests | KV read per token ({u}) |{quality_head} notes |"
@@ -220,6 +224,14 @@ def print_plan(
             f"{_size(r.total_per_gpu, u)} | {'yes' if r.fits else 'no'} | {r.max_requests:,} "
             f"| {_size(r.kv_read_per_token, u)} |{_quality_cells(r) if measured else ''} {', '.join(notes)} |"
         )
+    if texts:
+        print("\nKL to the source / top-1 agreement, per held-out text:\n")
+        print("| G | " + " | ".join(texts) + " | mean |")
+        print("|---|" + "---|" * (len(texts) + 1))
+        for r in rows:
+            if r.by_text:
+                cells = [f"{r.by_text[t]['kl']:.4f} / {r.by_text[t]['top1_agreement']:.1%}" for t in texts]
+                print(f"| {r.num_kv_heads} | " + " | ".join(cells) + f" | {r.kl:.4f} / {r.top1_agreement:.1%} |")
     print()
     if best is None:
         print(why_none_fits(rows, memory, context, batch))
@@ -230,8 +242,8 @@ def print_plan(
     if row.kl is not None and not row.current:
         print(
             f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA, KL {row.kl:.3f} to the "
-            f"source before uptraining): uptrain convert MODEL OUT --num-kv-heads {best} --method svd "
-            "--calibration DATA"
+            f"source before uptraining): uptrain convert MODEL OUT --num-kv-heads {best} --method svd (and the "
+            "--calibration given here, if any)"
         )
     elif row.current:
         print(

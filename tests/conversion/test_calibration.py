@@ -17,8 +17,6 @@ from transformers import AutoTokenizer
 
 from tests.families import CASES, Case, build, load
 from uptrain.conversion.calibrate import Calibration, CovarianceStore, input_covariance
-from uptrain.data.config import DataConfig
-from uptrain.data.documents import token_stream
 from uptrain.errors import UptrainError
 from uptrain.io.folders import read_config
 from uptrain.io.reader import CheckpointReader
@@ -28,10 +26,11 @@ from uptrain.synthetic import save_word_tokenizer, write_corpus
 
 
 def reference_sigma(folder, text, tokens: int) -> dict[int, torch.Tensor]:
-    """Σ̃ per layer from hooks on the whole model, run window by window as the calibration does."""
+    """Σ̃ per layer from hooks on the whole model, run window by window on the calibration's windows (the text, and
+    uptrain:broad mixed in)."""
     model = load(folder)
-    stream, _ = token_stream(DataConfig(files=[str(text)]), AutoTokenizer.from_pretrained(folder), tokens)
     seq = min(2048, model.config.max_position_embeddings)
+    windows = Calibration(str(text), tokens).windows(AutoTokenizer.from_pretrained(folder), 0, seq)
     xs: dict[int, list[torch.Tensor]] = {}
     handles = [
         layer.self_attn.register_forward_pre_hook(
@@ -41,8 +40,8 @@ def reference_sigma(folder, text, tokens: int) -> dict[int, torch.Tensor]:
         for i, layer in enumerate(model.model.layers)
     ]
     with torch.no_grad():
-        for b in range(0, len(stream), seq):
-            model(stream[b : b + seq][None], use_cache=False)
+        for _, ids in windows:
+            model(ids[None], use_cache=False)
     for h in handles:
         h.remove()
     out = {}

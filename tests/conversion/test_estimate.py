@@ -1,5 +1,6 @@
 """`plan --quality`'s estimate: each G's KL to the source computed layer by layer in memory equals what
-`uptrain eval --reference SOURCE` reports on the checkpoint `convert` writes with the same merge."""
+`uptrain eval --reference SOURCE` reports on the checkpoint `convert` writes with the same merge, text by text;
+and `eval` of several texts at once reports each as a separate `eval` of that text does."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def source(tmp_path: Path) -> dict:
     return {
         "src": src,
         "calibration": f"{write_corpus(tmp_path / 'cal', docs=120, seed=1)}/*.txt",
-        "held": f"{write_corpus(tmp_path / 'held', docs=20, seed=2)}/*.txt",
+        "held": {
+            "prose": f"{write_corpus(tmp_path / 'held', docs=20, seed=2)}/*.txt",
+            "other": f"{write_corpus(tmp_path / 'other', docs=12, seed=3)}/*.txt",
+        },
     }
 
 
@@ -41,9 +45,11 @@ def estimate(source: dict, groups: list[int], folder: Path, refinement=None) -> 
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
     tokenizer = AutoTokenizer.from_pretrained(source["src"])
-    held, _ = token_stream(DataConfig(files=[source["held"]]), tokenizer, 100_000)
-    calibration = Calibration(source["calibration"], CALIBRATION_TOKENS)
-    windows = strided(held, WINDOW, STRIDE)
+    windows = {
+        label: strided(token_stream(DataConfig(files=[files]), tokenizer, 100_000)[0], WINDOW, STRIDE)
+        for label, files in source["held"].items()
+    }
+    calibration = Calibration(source["calibration"], CALIBRATION_TOKENS)  # uptrain:broad mixed in, as convert does
     return merge_quality(reader, arch, shape, groups, calibration, windows, add_scores, folder, refinement, quiet=True)
 
 
@@ -64,14 +70,30 @@ def test_the_estimate_equals_eval_of_the_converted_checkpoint(
                                source["calibration"], "--calibration-tokens", CALIBRATION_TOKENS, *steps,
                                "--quiet")  # fmt: skip
         assert code == 0, err
-        result = tmp_path / f"{g}.json"
-        code, _, err = run_cli("eval", out, "--reference", source["src"], f"--data.files=[{source['held']}]",
-                               "--window", WINDOW, "--stride", STRIDE, "--no-speed", "--json", result)  # fmt: skip
+        both = tmp_path / f"{g}.json"
+        texts = [f"{label}={files}" for label, files in source["held"].items()]
+        code, _, err = run_cli("eval", out, "--reference", source["src"], "--data", *texts, "--window", WINDOW,
+                               "--stride", STRIDE, "--no-speed", "--json", both)  # fmt: skip
         assert code == 0, err
-        evaluated = json.loads(result.read_text())["quality"]
-        t = totals[g]
-        assert t["count"] > 500
-        assert abs(t["kl"] / t["count"] - evaluated["kl"]) <= 1e-3, (g, t["kl"] / t["count"], evaluated["kl"])
-        assert abs(t["agree"] / t["count"] - evaluated["top1_agreement"]) <= 1e-3
-    kl = {g: totals[g]["kl"] / totals[g]["count"] for g in totals}
+        together = json.loads(both.read_text())
+        assert [d["label"] for d in together["domains"]] == list(source["held"])
+        for d in together["domains"]:
+            if g == 1:  # each text as its own eval scores it
+                alone = tmp_path / f"{g}-{d['label']}.json"
+                code, _, err = run_cli("eval", out, "--reference", source["src"], "--window", WINDOW, "--stride",
+                                       STRIDE, f"--data.files=[{source['held'][d['label']]}]", "--no-speed", "--json",
+                                       alone)  # fmt: skip
+                assert code == 0, err
+                assert d["quality"] == pytest.approx(json.loads(alone.read_text())["quality"], rel=1e-6)
+                assert d["data"]["tokens"] == json.loads(alone.read_text())["data"]["tokens"]
+            evaluated = d["quality"]
+            t = totals[g][d["label"]]
+            assert t["count"] > 200 and t["count"] == d["data"]["tokens"]
+            assert abs(t["kl"] / t["count"] - evaluated["kl"]) <= 1e-3, (g, t["kl"] / t["count"], evaluated["kl"])
+            assert abs(t["agree"] / t["count"] - evaluated["top1_agreement"]) <= 1e-3
+        mean = together["quality"]
+        labels = list(source["held"])
+        kls = [totals[g][label]["kl"] / totals[g][label]["count"] for label in labels]
+        assert abs(mean["kl"] - sum(kls) / len(kls)) <= 1e-3  # the mean weighs each text the same
+    kl = {g: sum(totals[g][x]["kl"] for x in totals[g]) / sum(totals[g][x]["count"] for x in totals[g]) for g in totals}
     assert 0 < kl[4] < kl[1], kl  # a random model's heads are unlike: every merge costs, MQA most

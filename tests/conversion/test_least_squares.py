@@ -180,7 +180,10 @@ def test_calibrated_svd_through_the_cli(llama, tmp_path, run_cli) -> None:
     assert code == 0, err
     report = json.loads((tmp_path / "out" / CONVERSION_RECORD).read_text())
     calib = report["calibration"]
-    assert calib["data"] == str(text) and calib["kind"] == "files" and calib["tokens"] == 500
+    assert calib["data"] == [str(text)] and calib["kind"] == "text" and calib["tokens"] == 500
+    own, *broad = calib["sources"]  # uptrain:broad mixed in by default, half the tokens
+    assert (own["data"], own["kind"], own["label"], own["tokens"]) == (str(text), "files", "calib", 250)
+    assert {s["data"].split(".")[0] for s in broad} == {"uptrain:broad"} and sum(s["tokens"] for s in broad) == 250
     assert calib["tokens_used"] == 500 and calib["device"].startswith("cpu") and report["grouping"] == "similarity"
     for layer in report["merge_errors"]:
         assert sorted(h for grp in layer["groups"] for h in grp) == list(range(8))

@@ -65,11 +65,40 @@ def test_calibration_kinds() -> None:
     from uptrain.conversion.calibrate import Calibration
 
     assert Calibration("random").kind == "random" and Calibration("random").num_tokens == 8192
-    assert Calibration("org/data").kind == "hub" and Calibration("org/data").num_tokens == 65536
-    assert Calibration("org/data", subset="en").data().streaming
+    assert Calibration().kind == "text" and Calibration().num_tokens == 65536  # uptrain:broad
+    hub = Calibration("org/data", subset="en", mix=0).sources
+    assert [(s.kind, s.label, s.weight) for s in hub] == [("hub", "data", 1.0)] and hub[0].data().streaming
     for spec in ("data/*.jsonl", "text.txt", "dir/more/deep", "./x"):
-        assert Calibration(spec).kind == "files", spec
+        assert [s.kind for s in Calibration(spec, mix=0).sources] == ["files"], spec
     with pytest.raises(UptrainError, match=r"^--calibration: no file matches"):  # named as the flag, not data.files
         Calibration("missing/*.txt").check()
     with pytest.raises(UptrainError, match="must be positive"):
         Calibration("random", 0).check()
+    with pytest.raises(UptrainError, match="give it alone"):
+        _ = Calibration(("random", "a.txt")).kind
+    with pytest.raises(UptrainError, match=r"0 <= mix < 1"):
+        Calibration("a.txt", mix=1)
+    with pytest.raises(UptrainError, match="evaluation suite uptrain:heldout"):
+        Calibration("uptrain:heldout").check()
+
+
+def test_calibration_texts_are_labelled_weighted_and_mixed_with_broad_text() -> None:
+    """`[LABEL[:WEIGHT]=]DATA` texts share the tokens by weight; uptrain:broad takes --calibration-mix of them
+    unless the texts include built-in text; every token asked for is given out."""
+    from uptrain.conversion.calibrate import Calibration
+    from uptrain.data import builtin
+
+    broad = [p.label for p in builtin.SETS["broad"]]
+    c = Calibration(("code:3=src/*.py", "docs=docs/*.md"), 10_000, mix=0.2)
+    shares = {s.label: s.weight for s in c.sources}
+    mixed_in = [f"broad.{p}" if p == "docs" else p for p in broad]  # a label of the user's stays theirs
+    assert list(shares)[:2] == ["code", "docs"] and list(shares)[2:] == mixed_in
+    assert shares["code"] == pytest.approx(0.6) and shares["docs"] == pytest.approx(0.2)
+    assert sum(shares[p] for p in mixed_in) == pytest.approx(0.2)
+    assert sum(n for _, n in c.allotment()) == 10_000
+    assert [s.label for s in Calibration(("a.txt", "uptrain:broad"), mix=0.5).sources] == ["a", *broad]  # not twice
+    assert [s.label for s in Calibration("a.txt", mix=0).sources] == ["a"]
+    with pytest.raises(UptrainError, match="weight must be a positive number"):
+        _ = Calibration("code:-1=src/*.py").sources
+    with pytest.raises(UptrainError, match="is not a built-in text set"):
+        _ = Calibration("uptrain:nothing").sources

@@ -20,9 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.families import CASES, Case, build, load, tensors
 from uptrain import convert
+from uptrain.conversion.calibrate import Calibration
 from uptrain.conversion.refine import DEFAULT_STEPS, Refinement, split_windows
-from uptrain.data.config import DataConfig
-from uptrain.data.documents import token_stream
 from uptrain.errors import UptrainError
 from uptrain.evaluation.generation import returned_cache
 from uptrain.io.folders import CONVERSION_RECORD
@@ -48,10 +47,12 @@ def held_out_errors(src: Path, models: list[Path], text: Path) -> list[list[floa
     """Per model, per layer: Σ‖attn(x) − y‖² / Σ‖y‖² on the held-out windows, x and y the source attention's
     input and output (the source's own hidden states, as refinement fits them)."""
     source = load(src)
-    stream, _ = token_stream(DataConfig(files=[str(text)]), AutoTokenizer.from_pretrained(src), TOKENS)
     seq = min(2048, source.config.max_position_embeddings)
-    windows = [stream[b : b + seq] for b in range(0, len(stream), seq)]
-    _, held = split_windows(len(windows))
+    calibration = Calibration(str(text), TOKENS)  # the text, and uptrain:broad mixed in
+    labelled = calibration.windows(AutoTokenizer.from_pretrained(src), 0, seq)
+    windows = [ids for _, ids in labelled]
+    _, held = split_windows(len(windows), calibration.may_hold_out([label for label, _ in labelled]))
+    assert held and all(not label.startswith("calib") for label, _ in (labelled[w] for w in held))  # broad only
     calls: dict[int, list] = {}
 
     def hook(i):

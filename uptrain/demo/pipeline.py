@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uptrain.demo.corpus import SHAKESPEARE, cache_dir, fetch, train_tokenizer
+from uptrain.data.corpora import SHAKESPEARE, cache_dir, fetch
+from uptrain.demo.corpus import train_tokenizer
 from uptrain.errors import UptrainError
 from uptrain.io.folders import read_config
 from uptrain.model.shape import shape_of_config_json

@@ -10,21 +10,22 @@ import gc
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from uptrain.data.blocks import prepare
-from uptrain.data.config import DataConfig
+from uptrain.data.config import DataConfig, mixture_parts
 from uptrain.data.documents import token_stream
 from uptrain.device import compute_device, device_name, inference_dtype
 from uptrain.errors import UptrainError, first_line
 from uptrain.evaluation.attention import register as register_attention
 from uptrain.evaluation.generation import generation
-from uptrain.evaluation.quality import Window, batches, log_probs, quality, score, strided
-from uptrain.evaluation.result import SCHEMA_VERSION, DataInfo, EvalResult, ModelInfo
+from uptrain.evaluation.quality import Window, batches, log_probs, quality, score, strided, summary
+from uptrain.evaluation.result import SCHEMA_VERSION, DataInfo, Domain, EvalResult, ModelInfo
 from uptrain.evaluation.tasks import run_tasks
 from uptrain.io.hub import looks_like_repo_id
 from uptrain.model.shape import ModelShape
@@ -35,11 +36,15 @@ from uptrain.version import __version__
 @dataclass(frozen=True)
 class HeldOutText:
     """The text to score: `data` as one strided stream, or, with `run_config`, that training run's own
-    held-out blocks (its validation set, selected with its `seed`)."""
+    held-out blocks (its validation set, selected with its `seed`). A mixture is scored source by source."""
 
     data: DataConfig
     run_config: str | None = None
     seed: int = 0
+    label: str | None = None
+    """Its name in a report of several texts."""
+    doc_tokens: int | None = None
+    """Tokens read from each document at most (None: whole documents)."""
 
 
 FEW_TOKENS = 1000
@@ -104,17 +109,34 @@ def model_info(path: str, model: Any) -> ModelInfo:
     )
 
 
+Scored = tuple[str | None, list[Window], DataInfo]
+"""One text to score: its label, its windows, and what it is."""
+
+
 def text_windows(
     text: HeldOutText, tokenizer: Any, config: Any, max_tokens: int, window: int | None, stride: int | None
-) -> tuple[list[Window], DataInfo]:
-    """The windows to score, and what they are."""
+) -> list[Scored]:
+    """The windows to score, and what they are: one text, or one per source of a mixture."""
     cfg = text.data
     if text.run_config is not None:  # the run's held-out blocks, as its validation loss saw them
-        blocks = prepare(cfg, tokenizer, seed=text.seed, micro_batch_size=1).validation_batches(1)
-        windows = [(b[0], 1) for b in blocks]
-        tokens = sum(len(w) - 1 for w, _ in windows)
-        source = f"held-out blocks of {text.run_config}"
-        return windows, DataInfo(source, "blocks", tokens, len(windows), cfg.seq_len, cfg.seq_len)
+        data = prepare(cfg, tokenizer, seed=text.seed, micro_batch_size=1)
+        rows = [(row[0], b[0]) for row, b in data.validation_rows(1)]  # type: ignore[union-attr]
+        parts = getattr(data, "parts", None) or [(text.label, range(len(rows)))]
+        out: list[Scored] = []
+        for label, where in parts:
+            windows = [(ids, 1) for r, ids in rows if r in where]
+            tokens = sum(len(w) - 1 for w, _ in windows)
+            source = f"held-out blocks of {text.run_config}" + (f" ({label})" if label else "")
+            out.append((label, windows, DataInfo(source, "blocks", tokens, len(windows), cfg.seq_len, cfg.seq_len)))
+        return out
+    if cfg.mixture:
+        return [
+            scored
+            for label, _, single in mixture_parts(cfg)
+            for scored in text_windows(
+                replace(text, data=single, label=label), tokenizer, config, max_tokens, window, stride
+            )
+        ]
     limit = getattr(config, "max_position_embeddings", None) or cfg.seq_len
     window = window if window is not None else min(cfg.seq_len, limit)
     if window > limit:
@@ -122,25 +144,26 @@ def text_windows(
     stride = stride if stride is not None else max(1, window // 2)
     if not 0 < stride <= window:
         raise UptrainError(f"--stride must be between 1 and the window ({window}), got {stride}")
-    stream, source = token_stream(cfg, tokenizer, max_tokens)
+    stream, source = token_stream(cfg, tokenizer, max_tokens, text.doc_tokens)
+    named = f" ({text.label})" if text.label else ""
     if len(stream) < 2:
-        raise UptrainError("the evaluation text holds fewer than 2 tokens")
+        raise UptrainError(f"the evaluation text{named} holds fewer than 2 tokens")
     windows = strided(stream, window, stride)
     tokens = sum(len(w) - first for w, first in windows)
     if tokens < FEW_TOKENS:
         print(
-            f"uptrain eval: warning: only {tokens:,} held-out tokens are scored; a perplexity over so few "
+            f"uptrain eval: warning: only {tokens:,} held-out tokens{named} are scored; a perplexity over so few "
             f"is noise (give at least {FEW_TOKENS:,})",
             file=sys.stderr,
         )
-    return windows, DataInfo(source, "strided", tokens, len(windows), window, stride)
+    return [(text.label, windows, DataInfo(source, "strided", tokens, len(windows), window, stride))]
 
 
 def evaluate_model(
     model: str,
     *,
     reference: str | None = None,
-    text: HeldOutText | None = None,
+    texts: Sequence[HeldOutText] = (),
     max_tokens: int = 100_000,
     window: int | None = None,
     stride: int | None = None,
@@ -159,10 +182,11 @@ def evaluate_model(
     log_samples: str | None = None,
     placement: Placement | None = None,
 ) -> EvalResult:
-    """Everything `uptrain eval` measures (see its --help), as an EvalResult. With `placement`, each model is
-    placed over devices by accelerate, and with a reference the two are loaded one after the other: the
-    reference's log-probabilities of every batch go to the placement's folder, then the model is scored
-    against them (the same figures as with both resident)."""
+    """Everything `uptrain eval` measures (see its --help), as an EvalResult. Each of `texts` (and each source
+    of a mixture) is scored on its own; with more than one, the result holds each and their mean. With
+    `placement`, each model is placed over devices by accelerate, and with a reference the two are loaded one
+    after the other: the reference's log-probabilities of every batch go to the placement's folder, then the
+    model is scored against them (the same figures as with both resident)."""
     device = compute_device()
     one_at_a_time = placement is not None and reference is not None
     net = ref = None
@@ -177,25 +201,34 @@ def evaluate_model(
     if ref is not None:
         _check_vocabulary(model, tokenizer, config, reference or "", ref_tok, ref.config)
     reference_info = model_info(reference or "", ref) if ref is not None else None
-    windows, data = text_windows(text, tokenizer, config, max_tokens, window, stride) if text else ([], None)
+    scored = [d for text in texts for d in text_windows(text, tokenizer, config, max_tokens, window, stride)]
     kv_cache, decode = {}, {}
-    stored: list[Path] = []
+    stored: list[list[Path]] = []
     if one_at_a_time:  # the reference first, then out of memory before the model comes in
         assert placement is not None
-        if text is not None:
-            stored = _store_log_probs(ref, windows, batch_size, placement.folder)
+        _check_disk(ref, [w for _, windows, _ in scored for w in windows], batch_size, placement.folder)
+        stored = [_store_log_probs(ref, windows, batch_size, placement.folder) for _, windows, _ in scored]
         if speed:
             kv_cache["reference"], decode["reference"] = generation(ref, prompt_tokens, new_tokens, decode_batch)
         ref = None
         _release()
         net, tokenizer = load_model(model, dtype, device, placement)
-    result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net), reference_info, data)
-    if text is not None:
+    result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net), reference_info)
+    domains = []
+    for d, (label, windows, data) in enumerate(scored):
         if stored:
-            totals = score(net, windows, batch_size, reference_log_probs=lambda b: _load_log_probs(stored[b]))
+            paths = stored[d]
+            totals = score(
+                net, windows, batch_size, reference_log_probs=lambda b, paths=paths: _load_log_probs(paths[b])
+            )
         else:
             totals = score(net, windows, batch_size, ref)
-        result.quality = quality(totals, reference is not None)
+        domains.append(Domain(label or f"text-{d + 1}", data, quality(totals, reference is not None)))
+    if len(domains) == 1:
+        result.data, result.quality = domains[0].data, domains[0].quality
+    elif domains:
+        result.domains = domains
+        result.data, result.quality = summary(domains)
     if speed:
         for name, m in (("model", net), ("reference", ref)):
             if m is not None:
@@ -235,20 +268,23 @@ def _check_vocabulary(model: str, tok: Any, config: Any, reference: str, ref_tok
         )
 
 
-def _store_log_probs(model: Any, windows: list[Window], batch_size: int, folder: Path) -> list[Path]:
-    """Each batch's log-probabilities (float32, as scored) in a file of its own under `folder`; refuses at once
-    when the disk there cannot hold them all."""
-    from safetensors.torch import save_file
-
-    out = Path(tempfile.mkdtemp(prefix="reference-", dir=folder))
+def _check_disk(model: Any, windows: list[Window], batch_size: int, folder: Path) -> None:
+    """Refuse at once when the disk under `folder` cannot hold the reference's log-probabilities of `windows`."""
     positions = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in batches(windows, batch_size))
-    need, free = positions * model.config.vocab_size * 4, shutil.disk_usage(out).free
+    need, free = positions * model.config.vocab_size * 4, shutil.disk_usage(folder).free
     if need > free:
         raise UptrainError(
             f"--device-map with --reference keeps the reference's log-probabilities on disk: {format_bytes(need)} "
-            f"for these {positions:,} positions, but {out.parent} has {format_bytes(free)} free; lower "
+            f"for these {positions:,} positions, but {folder} has {format_bytes(free)} free; lower "
             "--max-tokens or pass --offload-folder on a larger disk"
         )
+
+
+def _store_log_probs(model: Any, windows: list[Window], batch_size: int, folder: Path) -> list[Path]:
+    """Each batch's log-probabilities (float32, as scored) in a file of its own under `folder`."""
+    from safetensors.torch import save_file
+
+    out = Path(tempfile.mkdtemp(prefix="reference-", dir=folder))
     paths = []
     with torch.no_grad():
         for b, (ids, _) in enumerate(batches(windows, batch_size)):

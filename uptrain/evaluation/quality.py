@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from uptrain.device import input_device
-from uptrain.evaluation.result import Quality
+from uptrain.evaluation.result import DataInfo, Domain, Quality
 
 Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
 
@@ -105,3 +105,25 @@ def quality(totals: dict[str, float], with_reference: bool) -> Quality:
         q.kl = totals["kl"] / n
         q.top1_agreement = totals["agree"] / n
     return q
+
+
+def summary(domains: list[Domain]) -> tuple[DataInfo, Quality]:
+    """Several texts as one: their data summed, and their mean quality, each text weighing the same (perplexity
+    = exp of the mean NLL, so a text's share does not depend on how many tokens it had)."""
+    first = domains[0].data
+    data = DataInfo(
+        ", ".join(f"{d.label} ({d.data.source})" for d in domains), first.mode,
+        sum(d.data.tokens for d in domains), sum(d.data.windows for d in domains), first.window, first.stride,
+    )  # fmt: skip
+    qs = [d.quality for d in domains]
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type,misc]
+
+    nll = sum(q.nll for q in qs) / len(qs)
+    q = Quality(perplexity=math.exp(nll), nll=nll)
+    ref_nll = mean([x.reference_nll for x in qs])
+    if ref_nll is not None:
+        q.reference_nll, q.reference_perplexity = ref_nll, math.exp(ref_nll)
+        q.kl, q.top1_agreement = mean([x.kl for x in qs]), mean([x.top1_agreement for x in qs])
+    return data, q

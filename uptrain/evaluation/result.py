@@ -71,6 +71,16 @@ class Quality:
 
 
 @dataclass
+class Domain:
+    label: str
+    """Name of the held-out text (eval --data NAME=DATA, a mixture source's label)."""
+    data: DataInfo
+    """What was scored."""
+    quality: Quality
+    """Perplexity and, with a reference, KL and agreement, on this text alone."""
+
+
+@dataclass
 class KVCache:
     bytes_per_token: int
     """2 · layers · kv_heads · head_dim · bytes (full-attention layers)."""
@@ -117,9 +127,12 @@ class EvalResult:
     reference: ModelInfo | None = None
     """The reference (--reference), if any."""
     data: DataInfo | None = None
-    """The held-out text, if perplexity was measured."""
+    """The held-out text, if perplexity was measured (several texts: their sum, `source` naming each)."""
     quality: Quality | None = None
-    """Perplexity and, with a reference, KL and agreement."""
+    """Perplexity and, with a reference, KL and agreement (several texts: their mean, each text weighing the same;
+    perplexity = exp of the mean NLL)."""
+    domains: list[Domain] = field(default_factory=list)
+    """Each held-out text on its own, when several were scored (in the order given)."""
     kv_cache: dict[str, KVCache] = field(default_factory=dict)
     """'model' and, with --reference, 'reference'."""
     decode: dict[str, Decode] = field(default_factory=dict)
@@ -159,30 +172,60 @@ def rows_of(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("peak memory (MB)", "-" if not dec.get("model") or dec["model"]["peak_memory_bytes"] is None
          else f"{dec['model']['peak_memory_bytes'] / 1e6:,.0f}"),
     ]  # fmt: skip
+    for d in r.get("domains") or []:
+        dq, name = d["quality"], d["label"]
+        agree = "-" if dq.get("top1_agreement") is None else f"{dq['top1_agreement']:.2%}"
+        rows += [(f"{name}: perplexity", num(dq.get("perplexity"), ".3f")), (f"{name}: KL", num(dq.get("kl"), ".4f")),
+                 (f"{name}: top-1", agree)]  # fmt: skip
     for task, metrics in (r.get("tasks") or {}).items():
         rows += [(f"{task} {k}", f"{v:.4f}") for k, v in metrics.items()]
     return rows
 
 
+def domain_table(domains: list[dict[str, Any]], mean: dict[str, Any] | None) -> list[str]:
+    """A markdown table of each held-out text's figures (KL and top-1 when measured), and their mean."""
+    with_ref = any(d["quality"].get("kl") is not None for d in domains)
+    head = "| text | tokens | perplexity |" + (
+        " reference perplexity | KL(reference ‖ model) | top-1 |" if with_ref else ""
+    )
+    lines = [head, "|---|---|---|" + ("---|---|---|" if with_ref else "")]
+    rows = [(d["label"], f"{d['data']['tokens']:,}", d["quality"]) for d in domains]
+    if mean is not None:
+        rows.append((f"mean of {len(domains)}", "", mean))
+    for label, tokens, q in rows:
+        line = f"| {label} | {tokens} | {q['perplexity']:.3f} |"
+        if with_ref:
+            line += f" {q['reference_perplexity']:.3f} | {q['kl']:.4f} | {q['top1_agreement']:.2%} |"
+        lines.append(line)
+    return lines
+
+
 def print_result(r: dict[str, Any]) -> None:
     d = r.get("data")
     print(f"uptrain eval on {r['device']}")
-    if d:
+    for one in r.get("domains") or ([{"label": None, "data": d}] if d else []):
+        x, label = one["data"], f"{one['label']}: " if one["label"] else ""
         print(
-            f"data: {d['source']} — {d['tokens']:,} tokens scored in {d['windows']:,} {d['mode']} window(s) of "
-            f"{d['window']:,} (stride {d['stride']:,})"
+            f"data: {label}{x['source']} — {x['tokens']:,} tokens scored in {x['windows']:,} {x['mode']} window(s) "
+            f"of {x['window']:,} (stride {x['stride']:,})"
         )
     if r.get("reference"):
         ref = r["reference"]
         print(f"reference: {ref['path']} ({ref['num_kv_heads']} of {ref['num_attention_heads']} KV heads)")
+    if r.get("domains"):
+        print()
+        print("\n".join(domain_table(r["domains"], r.get("quality"))))
     print()
     print("| | model | reference |")
     print("|---|---|---|")
     own = dict(rows_of(r))
     ref_rows = _reference_rows(r)
+    mean = f" (mean of {len(r['domains'])} texts)" if r.get("domains") else ""
     for label, value in own.items():
-        if label in ("reference perplexity", "model") or (value == "-" and label not in ref_rows):
-            continue  # not measured in this run
+        if label in ("reference perplexity", "model") or (value == "-" and label not in ref_rows) or ": " in label:
+            continue  # not measured in this run, or a text's own figure (in the table above)
+        if label in ("perplexity", "KL(reference ‖ model)", "top-1 agreement"):
+            label += mean
         print(f"| {label} | {value} | {ref_rows.get(label, '')} |")
     for name, kv in (r.get("kv_cache") or {}).items():
         print(
@@ -241,7 +284,7 @@ def schema_markdown() -> str:
         "Sizes are bytes, times seconds, losses nats per token. Defined in `uptrain/evaluation/result.py`.",
         "",
     ]
-    for cls in (EvalResult, ModelInfo, DataInfo, Quality, KVCache, Decode):
+    for cls in (EvalResult, ModelInfo, DataInfo, Quality, Domain, KVCache, Decode):
         lines += [f"## `{cls.__name__}`", "", "| field | type | meaning |", "|---|---|---|"]
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

@@ -56,8 +56,14 @@ def conversion_lines(record: dict[str, Any]) -> list[str]:
     ]
     if kv:
         lines.append(f"- **KV cache:** {kv.get('before'):,} → {kv.get('after'):,} bytes per token")
-    if record.get("calibration"):
-        lines.append(f"- **Calibration:** {record['calibration']}")
+    c = record.get("calibration")
+    if isinstance(c, dict) and c.get("sources"):
+        texts = ", ".join(f"{s['label']} (`{s['data']}`, {s['tokens']:,})" for s in c["sources"])
+        lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} tokens of text: {texts}")
+    elif isinstance(c, dict):
+        lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} {c['kind']} tokens")
+    elif c:
+        lines.append(f"- **Calibration:** {c}")
     return lines
 
 

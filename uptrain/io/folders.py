@@ -49,6 +49,14 @@ def side_files(folder: Path) -> list[Path]:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """The folder holds a tokenizer (one of the files transformers reads one from)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _check_writable(folder: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UptrainError(f"cannot write into {folder} (permission denied); choose another output folder")
