@@ -56,8 +56,10 @@ def spearman(a: list[float], b: list[float]) -> float:
 def plan_quality(p: Pipeline, source: Path, data: str) -> dict[str, Any]:
     out = p.out / "plan.json"
     if not out.is_file():
-        cmd = [sys.executable, "-m", "uptrain", "plan", str(source), "--quality", data, "--json"]
-        p.log(f"\n$ uptrain plan {source} --quality {data} --json")
+        # calibrated on the plays alone (the demo's tokenizer knows no other text), as the conversions below
+        cmd = [sys.executable, "-m", "uptrain", "plan", str(source), "--quality", data, "--calibration", data,
+               "--calibration-mix", "0", "--json"]  # fmt: skip
+        p.log(f"\n$ uptrain plan {source} --quality {data} --calibration {data} --calibration-mix 0 --json")
         started = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode:
@@ -97,7 +99,7 @@ def main() -> None:
         name = f"g{g}"
         converted = args.out / f"{name}-converted"
         if not (converted / "config.json").is_file():
-            converted = p.convert(source, name, g, "svd", extra=["--calibration", train])
+            converted = p.convert(source, name, g, "svd", extra=["--calibration", train, "--calibration-mix", "0"])
         before = evaluate(converted, f"{name}-converted")["quality"]
         after = evaluate(uptrained(converted, name), f"{name}-uptrained")["quality"]
         rows.append({"g": g, "kv_bytes_per_token": row["kv_per_request"] / plan["context"],

@@ -231,6 +231,32 @@ def test_quality_finds_where_repeated_heads_merge_exactly_and_recommends_within_
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # with the KV-vs-KL panel
 
 
+def test_quality_on_several_texts_reports_each_and_recommends_by_their_mean(run_cli, tmp_path) -> None:
+    """--quality NAME=DATA ...: a KL per text and G, and the mean the recommendation reads; the table prints each."""
+    from uptrain.synthetic import save_word_tokenizer, write_corpus
+
+    gqa = save_tiny_llama(tmp_path / "gqa", shard=None, num_key_value_heads=2, head_dim=8)
+    save_word_tokenizer(gqa)
+    texts = [f"prose={write_corpus(tmp_path / 'a', docs=80, seed=5)}/*.txt", "builtin=uptrain:heldout.legal"]
+    common = ["--memory", "1GB", "--quality", *texts, "--calibration-tokens", "1024", "--quality-tokens", "512",
+              "--refine-steps", "0", "--quiet"]  # fmt: skip
+    code, out, err = run_cli("plan", gqa, *common, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["quality"]["texts"] == ["prose", "builtin"]
+    assert [s["data"] for s in plan["quality"]["calibration"]["sources"]][0] == "uptrain:broad.docs"  # the default
+    mqa = next(r for r in plan["rows"] if r["num_kv_heads"] == 1)
+    per_text = [mqa["by_text"][t]["kl"] for t in ("prose", "builtin")]
+    assert all(k > 0 for k in per_text) and mqa["kl"] == pytest.approx(sum(per_text) / 2)
+    assert [mqa["by_text"][t]["tokens"] for t in ("prose", "builtin")] == [508, 508]  # 4 windows of 128, less 1 each
+    code, out, err = run_cli("plan", gqa, *common)
+    assert code == 0, err
+    assert "KL to source (mean) | top-1 (mean) |" in out and "| G | prose | builtin | mean |" in out, out
+    assert f"| 1 | {per_text[0]:.4f} / " in out, out
+    code, _, err = run_cli("plan", gqa, "--quality", "random", texts[0])
+    assert code == 1 and "--quality random measures on random tokens: give it alone" in err, err
+
+
 def test_quality_needs_weights_and_a_sane_max_kl(run_cli, llama, tmp_path) -> None:
     code, _, err = run_cli("plan", llama, "--quality", "random", "--max-kl", "-1")
     assert code == 1 and "--max-kl must be a KL per token, at least 0" in err, err

@@ -8,6 +8,7 @@ holding at most one layer's weights.
 
 from __future__ import annotations
 
+import json
 import re
 
 import accelerate.utils
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 from tests.families import CASES, Case, build, load
 from uptrain.conversion.calibrate import Calibration, CovarianceStore, input_covariance
 from uptrain.errors import UptrainError
-from uptrain.io.folders import read_config
+from uptrain.io.folders import CONVERSION_RECORD, read_config
 from uptrain.io.reader import CheckpointReader
 from uptrain.model.families import lookup
 from uptrain.model.shape import shape_of_config_json
@@ -140,3 +141,41 @@ def test_empty_calibration_text_is_refused_naming_the_file(run_cli, llama, tmp_p
     )
     assert code == 1 and f"--calibration {text} gives" in err and "at least 64" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_svd_without_calibration_reads_broad_text_and_says_so(run_cli, llama, tmp_path) -> None:
+    """The default for a source with a tokenizer: uptrain:broad, refined; the record, card and summary say which
+    texts and how many tokens of each."""
+    from uptrain.data import builtin
+
+    save_word_tokenizer(llama)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--method", "svd",
+                                "--calibration-tokens", "600", "--refine-steps", "2")  # fmt: skip
+    assert code == 0, err
+    record = json.loads((out / CONVERSION_RECORD).read_text())
+    calib = record["calibration"]
+    assert calib["data"] == ["uptrain:broad"] and calib["chosen"] == "default" and calib["tokens_used"] == 600
+    labels = [p.label for p in builtin.SETS["broad"]]
+    assert [s["label"] for s in calib["sources"]] == labels and sum(s["tokens"] for s in calib["sources"]) == 600
+    assert all(s["license"] for s in calib["sources"]) and record["refinement"]["steps"] == 2
+    assert "calibrated on 600 tokens of text: docs, python" in stdout
+    card = (out / "README.md").read_text()
+    assert "- **Calibration:** 600 tokens of text: docs (`uptrain:broad.docs`, " in card
+
+
+def test_calibration_mix_shares_the_tokens_with_broad_text(run_cli, llama, tmp_path) -> None:
+    save_word_tokenizer(llama)
+    text = write_corpus(tmp_path / "own.jsonl", docs=60, fmt="jsonl")
+    for mix, own in (("0", 800), ("0.75", 200)):
+        out = tmp_path / f"out-{mix}"
+        code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--method", "svd", "--calibration",
+                               f"mine={text}", "--calibration-tokens", "800", "--calibration-mix", mix,
+                               "--refine-steps", "0", "--quiet")  # fmt: skip
+        assert code == 0, err
+        sources = json.loads((out / CONVERSION_RECORD).read_text())["calibration"]["sources"]
+        assert sources[0]["label"] == "mine" and sources[0]["tokens"] == own
+        assert sum(s["tokens"] for s in sources) == 800 and len(sources) == (1 if mix == "0" else 7)
+    code, _, err = run_cli("convert", llama, tmp_path / "bad", "--num-kv-heads", "2", "--method", "svd",
+                           "--calibration", str(text), "--calibration-mix", "1")  # fmt: skip
+    assert code == 1 and "0 <= mix < 1" in err and not (tmp_path / "bad").exists()

@@ -383,3 +383,32 @@ def test_device_map_options_refused_in_one_line(run_cli, models, tmp_path: Path)
     ):
         code, _, err = run_eval(run_cli, models["mqa"], "--no-speed", *args)
         assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_several_texts_are_reported_each_and_as_their_mean(run_cli, models, tmp_path: Path) -> None:
+    """--data NAME=DATA ...: one table row per text (what `eval` of that text alone gives), the mean weighing each
+    text the same, the --data.* settings applied to each, and --compare showing each text's figures."""
+    other = write_corpus(tmp_path / "other", 20, seed=9)
+    both, alone = tmp_path / "both.json", tmp_path / "alone.json"
+    common = ["--reference", models["mha"], "--data.seq_len=32", "--max-tokens", "300", "--no-speed"]
+    code, stdout, err = run_eval(run_cli, models["mqa"], "--data", f"plays={models['corpus']}/*.txt",
+                                 f"more={other}/*.txt", *common, "--json", both)  # fmt: skip
+    assert code == 0, err
+    result = json.loads(both.read_text())
+    assert [d["label"] for d in result["domains"]] == ["plays", "more"]
+    code, _, err = run_eval(run_cli, models["mqa"], f"--data.files=[{other}/*.txt]", *common, "--json", alone)
+    assert code == 0, err
+    assert result["domains"][1]["quality"] == pytest.approx(json.loads(alone.read_text())["quality"], rel=1e-6)
+    assert result["domains"][1]["data"]["window"] == 32  # --data.seq_len applied to each text
+    kls = [d["quality"]["kl"] for d in result["domains"]]
+    assert result["quality"]["kl"] == pytest.approx(sum(kls) / 2)
+    nll = sum(d["quality"]["nll"] for d in result["domains"]) / 2
+    assert result["quality"]["perplexity"] == pytest.approx(math.exp(nll))
+    assert result["data"]["tokens"] == sum(d["data"]["tokens"] for d in result["domains"])
+    assert "| text | tokens | perplexity | reference perplexity | KL(reference ‖ model) | top-1 |" in stdout
+    assert f"| more | {result['domains'][1]['data']['tokens']:,} |" in stdout and "| mean of 2 |" in stdout
+    assert "| KL(reference ‖ model) (mean of 2 texts) |" in stdout
+    code, stdout, err = run_cli("eval", "--compare", str(both), str(alone))
+    assert code == 0 and "| more: KL |" in stdout, err
+    code, _, err = run_eval(run_cli, models["mqa"], "--data", f"x={other}/*.txt", f"--data.files=[{other}/*.txt]")
+    assert code == 1 and "--data NAME=DATA names the held-out texts; --data.files would name them again" in err, err

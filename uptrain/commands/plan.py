@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from uptrain.conversion.calibrate import DEFAULT_MIX, RANDOM
+from uptrain.conversion.refine import DEFAULT_LR
 from uptrain.errors import UptrainError
 from uptrain.serving import (
     DTYPE_BYTES,
@@ -49,6 +50,7 @@ def plan(
     calibration_mix: float = DEFAULT_MIX,
     max_kl: float = 0.1,
     refine_steps: int | None = None,
+    refine_lr: float = DEFAULT_LR,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Choose G for a serving budget: KV cache, memory and capacity for every G from MHA to MQA.
@@ -94,6 +96,7 @@ def plan(
         calibration_mix: Share of uptrain:broad mixed into your own --calibration text, as convert's.
         refine_steps: Refinement steps per layer, as `convert --refine-steps`; default: convert's (36 with
             text, 0 with random tokens). Each G is refined during the one calibration pass.
+        refine_lr: Peak learning rate of the refinement, as `convert --refine-lr`.
         max_kl: The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps
             the merge's most likely next token the source's for roughly nine tokens in ten on the models
             measured (docs/results.md); uptraining recovers much of the rest.
@@ -116,12 +119,14 @@ def plan(
         reachable = [r.num_kv_heads for r in rows if r.reachable and not r.current]
         measured, texts, calibration_record = measure_quality(
             model, quality, calibration, reachable, quality_tokens, calibration_tokens, calibration_mix, refine_steps,
-            quiet,
+            refine_lr, quiet,
         )  # fmt: skip
+        several = len(texts) > 1  # a table per text only when there are several
         exact = {"kl": 0.0, "top1_agreement": 1.0}
         rows = [
-            replace(r, **exact, by_text=dict.fromkeys(texts, exact) if len(texts) > 1 else None) if r.current
-            else replace(r, **measured[r.num_kv_heads]) if r.num_kv_heads in measured else r
+            replace(r, **exact, by_text=dict.fromkeys(texts, exact) if several else None) if r.current
+            else replace(r, **measured[r.num_kv_heads] | ({} if several else {"by_text": None}))
+            if r.num_kv_heads in measured else r
             for r in rows
         ]  # fmt: skip
         chosen, quality_note = choose_by_quality(rows, max_kl)
@@ -190,56 +195,71 @@ def measure_quality(
     calibration_tokens: int | None,
     calibration_mix: float,
     refine_steps: int | None,
+    refine_lr: float,
     quiet: bool,
 ) -> tuple[dict[int, dict[str, Any]], list[str], dict[str, Any]]:
     """({G: {"kl", "top1_agreement", "by_text"}}, the held-out texts' labels, the calibration's record): each G's
     merge (as `convert --method svd --calibration ...` makes it) against the source on each held-out text, and the
     mean over the texts (each weighing the same)."""
+    from uptrain.conversion.calibrate import Calibration
+    from uptrain.conversion.convert import refinement_for
+    from uptrain.data.builtin import BROAD
+    from uptrain.io.folders import has_tokenizer
+    from uptrain.io.hub import fetch_weights, resolve_source
+
+    if held_tokens < 2:
+        raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
+    if RANDOM in quality and quality != [RANDOM]:
+        raise UptrainError("--quality random measures on random tokens: give it alone, or give text only")
+    source = fetch_weights(resolve_source(model, None), False)
+    if calibration is None:  # as convert chooses, but a data-free estimate stays data-free
+        calibration = [RANDOM] if quality == [RANDOM] or not has_tokenizer(source.path) else [BROAD]
+    calib = Calibration(tuple(calibration), calibration_tokens, mix=calibration_mix)
+    calib.check()
+    refinement = refinement_for(calib, refine_steps, refine_lr, 0)
+    return (*quality_of_merges(source.path, quality, calib, refinement, groups, held_tokens, quiet), calib.record())
+
+
+def quality_of_merges(
+    source: Path,
+    quality: list[str],
+    calib: Any,
+    refinement: Any,
+    groups: list[int],
+    held_tokens: int,
+    quiet: bool = False,
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """`measure_quality` for a checkpoint folder, a Calibration and a Refinement (or None) already chosen (also
+    what scripts/calibration_domains.py compares recipes with)."""
     import tempfile
 
     import torch
     from transformers import AutoTokenizer
 
-    from uptrain.conversion.calibrate import Calibration
-    from uptrain.conversion.convert import refinement_for
     from uptrain.conversion.estimate import merge_quality
-    from uptrain.conversion.refine import DEFAULT_LR
-    from uptrain.data.builtin import BROAD
     from uptrain.data.documents import token_stream
     from uptrain.data.sources import parse_sources
     from uptrain.evaluation.quality import add_scores, strided
-    from uptrain.io.folders import has_tokenizer, read_config
-    from uptrain.io.hub import fetch_weights, resolve_source
+    from uptrain.io.folders import read_config
     from uptrain.io.reader import CheckpointReader
     from uptrain.model.families import lookup
     from uptrain.model.shape import shape_of_config_json
 
-    if held_tokens < 2:
-        raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
-    random_only = quality == [RANDOM]
-    if RANDOM in quality and not random_only:
-        raise UptrainError("--quality random measures on random tokens: give it alone, or give text only")
-    texts = [] if random_only else parse_sources(quality, "--quality")
-    source = fetch_weights(resolve_source(model, None), False)
-    if calibration is None:  # as convert chooses, but a data-free estimate stays data-free
-        calibration = [RANDOM] if random_only or not has_tokenizer(source.path) else [BROAD]
-    calib = Calibration(tuple(calibration), calibration_tokens, mix=calibration_mix)
-    calib.check()
+    texts = [] if quality == [RANDOM] else parse_sources(quality, "--quality")
     for t in texts:
         t.check("--quality")
-    refinement = refinement_for(calib, refine_steps, DEFAULT_LR, 0)
-    config = read_config(source.path)
+    config = read_config(source)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
     # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
     window = min(512, int(config.get("max_position_embeddings") or 512))
     held: dict[str, list[Any]] = {}
-    if random_only:
+    if not texts:
         vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
         ids = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calib.seed + 1))
         held[RANDOM] = strided(ids, window, window)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         read = {s.spec: n for s, n in calib.allotment()}  # never measured on what was fitted
         for t in texts:
             skip = read.get(t.spec, 0)
@@ -250,7 +270,7 @@ def measure_quality(
                     "calibration reads from it; pass more text or lower --calibration-tokens"
                 )
             held[t.label] = strided(stream[skip:], window, window)
-    reader = CheckpointReader(source.path)
+    reader = CheckpointReader(source)
     with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
         totals = merge_quality(
             reader, arch, shape, groups, calib, held, add_scores, Path(folder), refinement, quiet=quiet,
@@ -258,11 +278,13 @@ def measure_quality(
     out = {}
     for g, per_text in totals.items():
         by_text = {
-            t: {"kl": x["kl"] / x["count"], "top1_agreement": x["agree"] / x["count"]} for t, x in per_text.items()
-        }
+            t: {"kl": x["kl"] / x["count"], "top1_agreement": x["agree"] / x["count"], "tokens": int(x["count"]),
+                "perplexity": math.exp(x["nll"] / x["count"]), "source_perplexity": math.exp(x["ref_nll"] / x["count"])}
+            for t, x in per_text.items()
+        }  # fmt: skip
         out[g] = {
             "kl": sum(x["kl"] for x in by_text.values()) / len(by_text),
             "top1_agreement": sum(x["top1_agreement"] for x in by_text.values()) / len(by_text),
-            "by_text": by_text if len(by_text) > 1 else None,
+            "by_text": by_text,
         }
-    return out, list(held), calib.record()
+    return out, list(held)

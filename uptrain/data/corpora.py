@@ -121,12 +121,11 @@ def fetch(corpus: Corpus = SHAKESPEARE, root: Path | None = None, quiet: bool = 
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
                 files[f"{split}/{relative}"] = hashlib.sha256(data).hexdigest()
-        missing = [
-            f"{s}/{p}" if not any(c in p for c in "*?[") else f"{s}/ ({p})"
-            for s, patterns in corpus.splits
-            for p in patterns
-            if not any(fnmatch.fnmatch(f, f"{s}/{p}") for f in files)
-        ]
+        missing = [  # every named file, and some file for every split
+            f"{s}/{p}" for s, patterns in corpus.splits for p in patterns
+            if not any(c in p for c in "*?[") and f"{s}/{p}" not in files
+        ] + [f"{s}/ ({', '.join(patterns)})" for s, patterns in corpus.splits
+             if not any(f.startswith(f"{s}/") for f in files)]  # fmt: skip
         if missing:  # the archive is not what the record describes
             raise UptrainError(f"{corpus.archive} lacks the files {', '.join(missing)}")
         info = {"corpus": corpus.name, "source": corpus.requirement, "sha256": corpus.sha256,
