@@ -22,6 +22,7 @@ from tests.families import CASES, Case, build, load, tensors
 from uptrain import convert
 from uptrain.conversion.calibrate import Calibration
 from uptrain.conversion.refine import DEFAULT_STEPS, Refinement, split_windows
+from uptrain.data import builtin
 from uptrain.errors import UptrainError
 from uptrain.evaluation.generation import returned_cache
 from uptrain.io.folders import CONVERSION_RECORD
@@ -106,6 +107,8 @@ def test_refinement_never_leaves_a_layer_worse_than_its_closed_form(case: Case, 
         assert done["error_before"] == pytest.approx(closed[i], rel=1e-3, abs=1e-6)
         assert done["error_after"] == pytest.approx(refined[i], rel=1e-3, abs=1e-6)
     assert record["refinement"]["layers_improved"] >= 1  # it does something on every family
+    broad = {p.label for p in builtin.SETS["broad"]}
+    assert record["refinement"]["held_out"] and set(record["refinement"]["held_out"]) <= broad  # judged outside
     assert sum(refined) < sum(closed)
 
 

@@ -323,7 +323,7 @@ def input_covariance(
     def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x, rest, kw = _attention_call(args, kwargs)
         k = len(captured)
-        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k]))
+        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k], labelled[k][0]))
 
     units = 1 + (alongside.units if alongside is not None else 0)  # per layer
     what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")

@@ -78,6 +78,8 @@ class Window:
     y: torch.Tensor
     may_hold_out: bool = True
     """The window may be kept out of the fit to judge it (see `split_windows`)."""
+    label: str = ""
+    """The calibration text the window comes from."""
 
 
 def split_windows(n: int, may_hold_out: list[bool] | None = None) -> tuple[list[int], list[int]]:
@@ -116,7 +118,8 @@ def refine_attention(
     train, held = split_windows(len(windows), [w.may_hold_out for w in windows])
     held_out = [windows[i] for i in held]
     before = relative_error(attention, held_out, dtype)
-    result: dict[str, Any] = {"error_before": before, "error_after": before, "kept": False, "steps": 0}
+    result: dict[str, Any] = {"error_before": before, "error_after": before, "kept": False, "steps": 0,
+                              "held_out": [w.label for w in held_out]}  # fmt: skip
     if settings.steps == 0 or not train:
         return result | {"seconds": round(time.perf_counter() - started, 3)}
     start = {n: p.detach().clone() for n, p in attention.named_parameters()}
@@ -241,6 +244,8 @@ class LayerRefiner:
             self.model = AutoModelForCausalLM.from_config(converted)
         self.layers: list[dict[str, Any]] = []
         """Per layer: the closed-form merge's groups and errors, and what refinement did."""
+        self.held_out: list[str] = []
+        """The calibration texts of the windows that decide whether a layer keeps its refinement."""
 
     def refine(self, layer: int, sigma: torch.Tensor, windows: list[Window]) -> torch.nn.Module:
         """The layer's converted attention (float32, on the device), refined; its tensors are in the store
@@ -259,6 +264,7 @@ class LayerRefiner:
         result = refine_attention(attention, windows, self.settings)
         if result["kept"]:
             self.store.put(layer, {f"{prefix}.{n}": p for n, p in attention.named_parameters()})
+        self.held_out = result.pop("held_out")  # the same windows for every layer
         self.layers.append({"layer": layer, **(errors or {}), "refinement": result})
         return attention
 
@@ -277,6 +283,7 @@ class LayerRefiner:
     def record(self) -> dict[str, Any]:
         done = [r["refinement"] for r in self.layers]
         return self.settings.record() | {
+            "held_out": self.held_out,
             "layers_improved": sum(r["kept"] for r in done),
             "seconds": round(sum(r["seconds"] for r in done), 3),
         }
