@@ -176,6 +176,13 @@ def test_calibration_mix_shares_the_tokens_with_broad_text(run_cli, llama, tmp_p
         sources = json.loads((out / CONVERSION_RECORD).read_text())["calibration"]["sources"]
         assert sources[0]["label"] == "mine" and sources[0]["tokens"] == own
         assert sum(s["tokens"] for s in sources) == 800 and len(sources) == (1 if mix == "0" else 7)
+    short = write_corpus(tmp_path / "short.jsonl", docs=3, fmt="jsonl")  # fewer tokens than half of 800
+    code, _, err = run_cli("convert", llama, tmp_path / "short", "--num-kv-heads", "2", "--method", "svd",
+                           "--calibration", f"mine={short}", "--calibration-tokens", "800", "--refine-steps", "0",
+                           "--quiet")  # fmt: skip
+    assert code == 0, err
+    calib = json.loads((tmp_path / "short" / CONVERSION_RECORD).read_text())["calibration"]
+    assert calib["tokens_used"] == 800 and 64 <= calib["tokens_by_text"]["mine"] < 400  # the rest from broad text
     code, _, err = run_cli("convert", llama, tmp_path / "bad", "--num-kv-heads", "2", "--method", "svd",
                            "--calibration", str(text), "--calibration-mix", "1")  # fmt: skip
     assert code == 1 and "0 <= mix < 1" in err and not (tmp_path / "bad").exists()

@@ -184,14 +184,17 @@ class Calibration:
         self, tokenizer: Any, vocab: int, length: int, quiet: bool = False, least: int = 0
     ) -> list[tuple[str, torch.Tensor]]:
         """The calibration windows, (label, token ids (L,)) with L <= `length`: each text's tokens cut into
-        windows of its own, the texts' windows interleaved. A text of the user's that gives fewer than `least`
-        tokens (and fewer than its share) is refused: an empty file is a mistake, not a choice."""
+        windows of its own, the texts' windows interleaved. A text that gives fewer tokens than its share passes
+        the rest on to the next one. A text of the user's that gives fewer than `least` tokens (and fewer than its
+        share) is refused: an empty file is a mistake, not a choice."""
         if self.kind == "random":
             gen = torch.Generator().manual_seed(self.seed)
             ids = torch.randint(0, vocab, (self.num_tokens,), generator=gen)
             return [(RANDOM, ids[b : b + length]) for b in range(0, len(ids), length)]
         placed: list[tuple[float, str, torch.Tensor]] = []
-        for source, n in self.allotment():
+        carry = 0
+        for source, share in self.allotment():
+            n, carry = share + carry, 0
             if n == 0:
                 continue
             try:
@@ -209,6 +212,7 @@ class Calibration:
                     f"least {least:,} (this model's hidden size: Σ has one direction per hidden unit) and "
                     f"{TEXT_TOKENS:,} are recommended; pass more text"
                 )
+            carry = n - len(stream)
             cuts = list(range(0, len(stream), length))
             placed += [((j + 0.5) / len(cuts), source.label, stream[b : b + length]) for j, b in enumerate(cuts)]
         return [(label, ids) for _, label, ids in sorted(placed, key=lambda x: x[0])]  # stable: texts in order
@@ -361,7 +365,10 @@ def input_covariance(
                 one.release(module)
             source.unload(names)
     if facts is not None:
-        facts |= {"tokens_used": used, "device": device_name(device),
+        by_text: dict[str, int] = {}
+        for label, ids in labelled:
+            by_text[label] = by_text.get(label, 0) + len(ids)
+        facts |= {"tokens_used": used, "tokens_by_text": by_text, "device": device_name(device),
                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     return store
 
