@@ -17,6 +17,11 @@ After training, `uptrain eval --reference SOURCE` gives each model's held-out pe
 original (untrained) source and top-1 agreement on 8,192 tokens (windows of 512): how much of the
 source's behaviour survives, beside how well the model fits the domain.
 
+`--train broad` uptrains on uptrain:broad instead (a mixture of its parts, each validated on its own first
+blocks) and evaluates every model on each of uptrain:heldout's texts, which neither calibration nor training
+reads; its rows are the continued source, `uptrain convert --method svd` as it is by default, and mean pooling.
+Every run's pre-clip gradient norms (median, largest) go beside it.
+
 Runs the real `uptrain convert` / `uptrain train` / `uptrain eval` in subprocesses. Resumable: finished
 conversions, evaluations and rows are kept in --out, and an interrupted training resumes from its last
 checkpoint (`--resume auto`). Writes results.json, results.md and recovery.png into --out.
@@ -70,6 +75,16 @@ class Row:
     """A short run (--probe-tokens) comparing recipes and losses from one start, rather than a full curve."""
 
 
+def broad_rows() -> list[Row]:
+    """--train broad: the continued source and the starts as `uptrain convert` makes them by default today and
+    before (the plays alone), and mean pooling."""
+    return [
+        Row(BASELINE, None),
+        Row("MQA, svd (the default: uptrain:broad, refined)", ["--method", "svd"]),
+        Row("MQA, mean", ["--method", "mean"]),
+    ]
+
+
 def rows(calibration: str, lr: float) -> list[Row]:
     """In the order they run: the curves the table needs first, then the probes, then the rest. The learning
     rate itself is the script's --lr: compare recipes by running it twice into two --out folders."""
@@ -112,6 +127,10 @@ def main() -> None:
     ap.add_argument("--trainable", default=None, help="optim.trainable for every row (default: all parameters)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--only", nargs="*", default=None, help="row names (or unique prefixes) to run; default all")
+    ap.add_argument("--train", choices=["plays", "broad"], default="plays",
+                    help="uptrain on the training plays (validated on Hamlet and The Tempest), or on uptrain:broad "
+                    "(validated on each part's first blocks) with every model evaluated on each of uptrain:heldout's "
+                    "texts")  # fmt: skip
     args = ap.parse_args()
 
     start = time.perf_counter()
@@ -122,21 +141,34 @@ def main() -> None:
     recipe = args.out / "recipe.yaml"
     recipe.write_text(RECIPE.format(lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                                     checkpoint_every=args.eval_every * 2))  # fmt: skip
+    data = [f"--data.files=[{train_glob}]", f"--data.validation_files=[{heldout_glob}]"]
+    if args.train == "broad":  # a mixture of uptrain:broad's parts, each validated on its own first blocks
+        import yaml
+
+        from uptrain.data import builtin
+
+        config = yaml.safe_load(recipe.read_text())
+        mixture = [{"label": p.label, "weight": p.weight, "files": p.data().files} for p in builtin.SETS["broad"]]
+        config["data"] = {"mixture": mixture, "seq_len": 512, "validation_blocks": 2}
+        recipe.write_text("# scripts/recovery_curves.py --train broad\n" + yaml.safe_dump(config, sort_keys=False))
+        data = []
     results_path = args.out / "results.json"
     done: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    done["settings"] = {"tokens": args.tokens, "probe_tokens": args.probe_tokens, "lr": args.lr,
+    done["settings"] = {"train": args.train, "tokens": args.tokens, "probe_tokens": args.probe_tokens, "lr": args.lr,
                         "warmup": args.warmup, "trainable": args.trainable, "recipe": recipe.read_text()}  # fmt: skip
 
     def evaluate(model: Path, tag: str) -> dict[str, Any]:
         out = args.out / f"eval-{tag}.json"
+        text = [f"--data.files=[{heldout_glob}]"] if args.train == "plays" else ["--data", "uptrain:heldout"]
         if not out.is_file():
-            uptrain("eval", model, "--reference", source, f"--data.files=[{heldout_glob}]", "--max-tokens",
-                    args.eval_tokens, "--window", 512, "--stride", 512, "--batch-size", 4, "--no-speed",
-                    "--json", out)  # fmt: skip
-        return json.loads(out.read_text())["quality"]
+            uptrain("eval", model, "--reference", source, *text, "--max-tokens", args.eval_tokens, "--window", 512,
+                    "--stride", 512, "--batch-size", 4, "--no-speed", "--json", out)  # fmt: skip
+        result = json.loads(out.read_text())
+        return result["quality"] | {"by_text": {d["label"]: d["quality"] for d in result.get("domains", [])}}
 
     trainable = [f"--optim.trainable={args.trainable}"] if args.trainable else []
-    selected = [r for r in rows(train_glob, args.lr) if args.only is None or any(map(r.name.startswith, args.only))]
+    every = broad_rows() if args.train == "broad" else rows(train_glob, args.lr)
+    selected = [r for r in every if args.only is None or any(map(r.name.startswith, args.only))]
     for row in selected:
         record = done.get(row.name, {})
         tag = slug(row.name)
@@ -157,19 +189,20 @@ def main() -> None:
                 every = max(1, args.eval_every // 2)
                 length = [f"--budget.tokens={args.probe_tokens}", f"--logging.eval_every={every}",
                           f"--checkpoint.every={args.eval_every}"]  # fmt: skip
-            uptrain("train", recipe, f"--model.path={start_model}", f"--data.files=[{train_glob}]",
-                    f"--data.validation_files=[{heldout_glob}]", *length, f"--out={run}",
+            uptrain("train", recipe, f"--model.path={start_model}", *data, *length, f"--out={run}",
                     "--resume", "auto", *distill, *trainable, *row.extra)  # fmt: skip
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         record["curve"] = [{"step": m["step"], "tokens": m["tokens"], "val_ppl": m["val_ppl"]}
                            for m in metrics if "val_ppl" in m]  # fmt: skip
+        norms = [m["grad_norm"] for m in metrics if "grad_norm" in m]
+        record["grad_norm"] = {"median": sorted(norms)[len(norms) // 2], "max": max(norms)} if norms else None
         speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
         record["tokens_per_s"] = round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None  # median
         record["after"] = evaluate(run / "model", f"{tag}-up")
         record["probe"] = row.probe
         done[row.name] = record
         results_path.write_text(json.dumps(done, indent=2) + "\n")
-    text = table(done) + "\n\n" + probe_table(done)
+    text = table(done) + "\n\n" + (probe_table(done) if args.train == "plays" else text_table(done))
     (args.out / "results.md").write_text(text + "\n")
     print(text)
     plot(done, args.out / "recovery.png")
@@ -199,10 +232,13 @@ def table(done: dict[str, Any]) -> str:
         return "no continued-source row yet"
     steps = [p["tokens"] for p in done[BASELINE]["curve"]]
     head = "| start and loss | " + " | ".join(f"{t // 1024:,} k" if t else "0" for t in steps)
+    broad = done["settings"].get("train") == "broad"
+    validation = "2 blocks of 512 tokens of each uptrain:broad part" if broad else "8 held-out blocks of 512 tokens"
+    evaluated = "each of uptrain:heldout's texts, their mean" if broad else "8,192 held-out tokens"
     lines = [
-        "Validation perplexity (8 held-out blocks of 512 tokens) against uptraining tokens, and the ratio to the "
-        "continued source at the end; then `uptrain eval` of the final model against the original source "
-        "(8,192 held-out tokens, windows of 512).",
+        f"Validation perplexity ({validation}) against uptraining tokens, and the ratio to the continued source at "
+        f"the end; then `uptrain eval` of the final model against the original source ({evaluated}, windows of "
+        "512).",
         "",
         head + " | ratio at end | perplexity | KL to source | top-1 | tokens/s |",
         "|---" * (len(steps) + 6) + "|",
@@ -231,6 +267,29 @@ def table(done: dict[str, Any]) -> str:
                 f"Mean pooling reaches the best row's step-0 ratio ({target[0][1]:.2f}) "
                 + (f"after {reach:,} tokens." if reach is not None else "at no point within the run.")
             )
+    return "\n".join(lines)
+
+
+def text_table(done: dict[str, Any]) -> str:
+    """Each row's model before and after uptraining, on each held-out text: perplexity and KL to the original
+    source; and the pre-clip gradient norms of its run (median, largest)."""
+    names = [n for n in done if n != "settings" and "after" in done[n]]
+    texts = list(done[names[0]]["after"]["by_text"]) if names else []
+    lines = [
+        "Per held-out text (uptrain:heldout), perplexity / KL to the original source, at 0 -> after uptraining; "
+        "pre-clip gradient norm of the run (median / largest).",
+        "",
+        "| start | " + " | ".join(texts) + " | mean KL | gradient norm |",
+        "|---|" + "---|" * (len(texts) + 2),
+    ]
+    for name in names:
+        r = done[name]
+        a0, a = r["at_0"]["by_text"], r["after"]["by_text"]
+        cells = [f"{a0[t]['perplexity']:,.1f} / {a0[t]['kl']:.2f} -> {a[t]['perplexity']:,.1f} / {a[t]['kl']:.2f}"
+                 for t in texts]  # fmt: skip
+        g = r.get("grad_norm") or {}
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['at_0']['kl']:.2f} -> {r['after']['kl']:.2f} | "
+                     f"{g.get('median', 0):.2f} / {g.get('max', 0):.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
