@@ -59,7 +59,9 @@ def test_bad_data_sources(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(UptrainError, match=r"data\.files: no file matches"):
         datalib.load_documents(DataConfig(files=[str(tmp_path / "missing*.txt")]))
     (tmp_path / "notes.docx").write_text("x")
-    with pytest.raises(UptrainError, match=r"cannot read .*notes\.docx; use \.txt, \.jsonl/\.json or \.parquet"):
+    with pytest.raises(
+        UptrainError, match=r"cannot read .*notes\.docx; use \.jsonl/\.json, \.parquet or plain-text files \(\.txt, "
+    ):
         datalib.load_documents(DataConfig(files=[str(tmp_path / "notes.docx")]))
     cfg = DataConfig(files=[str(jsonl)], text_column="body")
     with pytest.raises(UptrainError, match="no column 'body' \\(columns: text, id\\)"):
