@@ -90,7 +90,7 @@ def measure(name: str, recipe: Recipe, source: Path, plays: str, tokens: int, qu
 
         refinement = dataclasses.replace(refinement, **extra)
     started = time.perf_counter()
-    measured, texts = quality_of_merges(source, ["uptrain:heldout"], calib, refinement, [1], tokens, quiet)
+    measured, _ = quality_of_merges(source, ["uptrain:heldout"], calib, refinement, [1], tokens, quiet)
     return {
         "recipe": name,
         "options": recipe.options("PLAYS"),
@@ -114,10 +114,8 @@ def table(results: list[dict[str, Any]]) -> str:
         "|---|" + "---|" * (len(texts) + 2),
     ]
     for r in results:
-        cells = [
-            f"{r['by_text'][t]['perplexity']:,.1f} / {r['by_text'][t]['kl']:.2f} / {r['by_text'][t]['top1_agreement']:.1%}"
-            for t in texts
-        ]
+        x = r["by_text"]
+        cells = [f"{x[t]['perplexity']:,.1f} / {x[t]['kl']:.2f} / {x[t]['top1_agreement']:.1%}" for t in texts]
         lines.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {r['mean']['kl']:.3f} | {r['seconds']:.0f} |")
     lines.append("")
     lines.append("Each cell: perplexity / KL to the source / top-1 agreement (GQA-3 -> MQA, alpha = 0).")
@@ -134,8 +132,8 @@ def check_eval(name: str, recipe: Recipe, source: Path, plays: str, tokens: int,
         print("$", shlex.join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)
     result = out / "check-eval.json"
-    cmd = [*uptrain, "eval", str(model), "--reference", str(source), "--data", "uptrain:heldout",
-           "--max-tokens", str(tokens), "--window", "512", "--stride", "512", "--no-speed", "--json", str(result)]  # fmt: skip
+    cmd = [*uptrain, "eval", str(model), "--reference", str(source), "--data", "uptrain:heldout", "--max-tokens",
+           str(tokens), "--window", "512", "--stride", "512", "--no-speed", "--json", str(result)]  # fmt: skip
     print("$", shlex.join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
     estimated = json.loads((out / f"{_file(name)}.json").read_text())["by_text"]

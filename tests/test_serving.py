@@ -244,7 +244,7 @@ def test_quality_on_several_texts_reports_each_and_recommends_by_their_mean(run_
     assert code == 0, err
     plan = json.loads(out)
     assert plan["quality"]["texts"] == ["prose", "builtin"]
-    assert [s["data"] for s in plan["quality"]["calibration"]["sources"]][0] == "uptrain:broad.docs"  # the default
+    assert plan["quality"]["calibration"]["sources"][0]["data"] == "uptrain:broad.docs"  # the default
     mqa = next(r for r in plan["rows"] if r["num_kv_heads"] == 1)
     per_text = [mqa["by_text"][t]["kl"] for t in ("prose", "builtin")]
     assert all(k > 0 for k in per_text) and mqa["kl"] == pytest.approx(sum(per_text) / 2)
