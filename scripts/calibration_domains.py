@@ -71,6 +71,11 @@ RECIPES: dict[str, Recipe] = {
     "broad, refined 64": Recipe(refine={"steps": 64}),
     "plays + broad 0.5, refined": Recipe(("PLAYS",), 0.5),
     "plays + broad 0.5, refined 64": Recipe(("PLAYS",), 0.5, {"steps": 64}),
+    "plays + broad 0.75, refined": Recipe(("PLAYS",), 0.75),
+    "plays + broad 0.25, refined": Recipe(("PLAYS",), 0.25),
+    "broad, refined, lr 3e-3": Recipe(refine={"lr": 3e-3}),
+    "broad, refined, lr 3e-4": Recipe(refine={"lr": 3e-4}),
+    "broad, refined, anchored (30)": Recipe(refine={"anchor": 30.0}),
 }
 
 
