@@ -255,6 +255,8 @@ def test_quality_on_several_texts_reports_each_and_recommends_by_their_mean(run_
     assert f"| 1 | {per_text[0]:.4f} / " in out, out
     code, _, err = run_cli("plan", gqa, "--quality", "random", texts[0])
     assert code == 1 and "--quality random measures on random tokens: give it alone" in err, err
+    code, _, err = run_cli("plan", gqa, "--calibration", texts[0])
+    assert code == 1 and "--calibration shape the merges --quality measures; add --quality TEXT" in err, err
 
 
 def test_quality_needs_weights_and_a_sane_max_kl(run_cli, llama, tmp_path) -> None:

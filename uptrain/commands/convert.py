@@ -70,7 +70,7 @@ def convert(
             (the group's first head), random (fresh init with the source weights' std; seeded),
             svd (least-squares shared heads with per-head maps folded exactly into the query and
             output projections, weighted by the inputs the source sees; docs/merging.md). svd is
-            the recommended method; give it --calibration text for the best start.
+            the recommended method (calibrated on uptrain:broad and refined by default).
         grouping: Which source heads share a KV head: contiguous (the ones repeat_kv pairs
             today) or similarity (similar heads together; query and output heads are permuted
             to match, which changes no output by itself).
@@ -91,8 +91,9 @@ def convert(
         refine_steps: Layer-wise refinement: after each layer's merge, Adam steps (one calibration window
             each) that fit the converted attention's output to the source's on the calibration text,
             changing only values (a standard GQA checkpoint still). A layer keeps them only if they lower
-            its error on held-out windows. Default: 36 when --calibration is text, 0 (closed form only)
-            with random tokens or none; 0 turns it off. Costs up to ~2x the calibration pass.
+            its error on held-out windows. Default: 36 when the source reads text (uptrain:broad by
+            default), 0 (closed form only) with random tokens or none; 0 turns it off. Costs up to ~2x
+            the calibration pass.
         refine_lr: Peak learning rate of the refinement (cosine decay to 0).
         dtype: Cast floating-point tensors on the way (auto keeps each tensor's dtype).
         max_shard_size: Largest output shard, e.g. 5GB, 500MB, 2GiB.

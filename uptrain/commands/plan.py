@@ -111,6 +111,10 @@ def plan(
         valid = ", ".join(str(r.num_kv_heads) for r in rows)
         raise UptrainError(f"--num-kv-heads {num_kv_heads} does not divide the {m.shape.heads} heads (valid: {valid})")
     quality_note, texts, calibration_record = None, [], None
+    given = {"--calibration": calibration, "--calibration-tokens": calibration_tokens, "--refine-steps": refine_steps}
+    if quality is None and any(v is not None for v in given.values()):
+        flags = ", ".join(k for k, v in given.items() if v is not None)
+        raise UptrainError(f"{flags} shape the merges --quality measures; add --quality TEXT (or leave them out)")
     if quality is not None:
         if model is None or Path(model).is_file():
             raise UptrainError("--quality reads the weights: give MODEL as a checkpoint folder or Hub id")
