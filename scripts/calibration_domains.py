@@ -76,6 +76,7 @@ RECIPES: dict[str, Recipe] = {
     "broad, refined, lr 3e-3": Recipe(refine={"lr": 3e-3}),
     "broad, refined, lr 3e-4": Recipe(refine={"lr": 3e-4}),
     "broad, refined, anchored (30)": Recipe(refine={"anchor": 30.0}),
+    "broad, refined 16": Recipe(refine={"steps": 16}),
 }
 
 
