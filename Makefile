@@ -33,14 +33,14 @@ test-all: setup $(VENV)/.installed-llamacpp
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m uptrain.demo
+	$(BIN)/python -m uptrain_gqa.demo
 
 bench: setup
 	$(BIN)/python -m scripts.bench_convert
 
 lint: setup
-	$(BIN)/ruff check uptrain tests scripts
-	$(BIN)/ruff format --check uptrain tests scripts
+	$(BIN)/ruff check uptrain_gqa tests scripts
+	$(BIN)/ruff format --check uptrain_gqa tests scripts
 	$(BIN)/lint-imports
 
 # The prepared GPU check (README, "On a GPU"). A bare GPU machine has python3 with torch and transformers but

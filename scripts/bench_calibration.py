@@ -33,9 +33,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from uptrain import convert
-    from uptrain.synthetic import llama_config, save_random_checkpoint
-    from uptrain.units import format_bytes
+    from uptrain_gqa import convert
+    from uptrain_gqa.synthetic import llama_config, save_random_checkpoint
+    from uptrain_gqa.units import format_bytes
 
     gpu = torch.cuda.is_available()
     groups = args.num_kv_heads or max(1, args.heads // 4)

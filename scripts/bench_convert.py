@@ -45,7 +45,7 @@ def make_checkpoint(folder: Path, layers: int, shards: int) -> int:
     """A Llama-shaped bf16 MHA checkpoint with random weights in `shards` files; returns its bytes."""
     import torch
 
-    from uptrain.synthetic import llama_config, save_random_checkpoint
+    from uptrain_gqa.synthetic import llama_config, save_random_checkpoint
 
     config = llama_config(HIDDEN, layers, HEADS, intermediate=FFN, vocab=VOCAB)
     return save_random_checkpoint(config, folder, torch.bfloat16, shards)
@@ -55,7 +55,7 @@ def make_checkpoint(folder: Path, layers: int, shards: int) -> int:
 
 
 def child_uptrain(src: str, out: str, groups: int, shard: str) -> None:
-    from uptrain import convert
+    from uptrain_gqa import convert
 
     convert(src, out, num_kv_heads=groups, max_shard_size=shard, quiet=True)
 
@@ -106,7 +106,7 @@ def run_child(method: str, src: Path, out: Path, groups: int, shard: str) -> dic
     code = (
         "import json, os, sys, time\n"
         "from scripts import bench_convert as b\n"
-        "import torch, safetensors, tqdm.auto, transformers, uptrain.commands.convert\n"
+        "import torch, safetensors, tqdm.auto, transformers, uptrain_gqa.commands.convert\n"
         "from transformers import CONFIG_MAPPING, AutoModelForCausalLM\n"
         "import transformers.models.llama.modeling_llama\n"
         "rss0 = b.peak_rss()\n"

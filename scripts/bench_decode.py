@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from uptrain.evaluation.attention import NAME as ATTENTION
-from uptrain.evaluation.attention import register as register_attention
+from uptrain_gqa.evaluation.attention import NAME as ATTENTION
+from uptrain_gqa.evaluation.attention import register as register_attention
 
 PRESETS = {  # hidden, layers, heads, intermediate, vocab
     "tiny": (256, 4, 8, 688, 4096),
@@ -33,8 +33,8 @@ def make_source(folder: Path, preset: str, max_len: int, dtype: str, layers: int
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uptrain.device import compute_device
-    from uptrain.synthetic import llama_config
+    from uptrain_gqa.device import compute_device
+    from uptrain_gqa.synthetic import llama_config
 
     hidden, preset_layers, heads, inter, vocab = PRESETS[preset]
     layers = layers or preset_layers
@@ -67,10 +67,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uptrain import convert
-    from uptrain.device import compute_device, device_name
-    from uptrain.evaluation.generation import generation
-    from uptrain.units import format_bytes
+    from uptrain_gqa import convert
+    from uptrain_gqa.device import compute_device, device_name
+    from uptrain_gqa.evaluation.generation import generation
+    from uptrain_gqa.units import format_bytes
 
     device = compute_device()
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

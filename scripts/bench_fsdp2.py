@@ -1,6 +1,6 @@
 """FSDP2 through the launch line users type, timed: a stop, a resume and an export of a small converted model.
 
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m uptrain train RUN.yaml
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N -m uptrain_gqa train RUN.yaml
 
 runs twice on a Llama-shaped model converted to GQA by uptrain: the first run gets a SIGTERM at its launcher
 during step --stop-at (as Slurm sends one before a time limit) and saves a checkpoint; the second resumes
@@ -41,9 +41,9 @@ def worker(timings: Path, stop_at: int, argv: list[str]) -> int:
     """`uptrain train` as the launcher starts it, with rank 0 timing each checkpoint written and read
     (one JSON line each in `timings`) and, when stop_at > 0, sending SIGTERM to its launcher during
     that step."""
-    import uptrain.training.loop as loop
-    from uptrain.cli import main
-    from uptrain.training.checkpointer import Checkpointer
+    import uptrain_gqa.training.loop as loop
+    from uptrain_gqa.cli import main
+    from uptrain_gqa.training.checkpointer import Checkpointer
 
     main_rank = os.environ.get("RANK", "0") == "0"
 
@@ -125,9 +125,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from uptrain.commands.export import export
-    from uptrain.training.sharding import SHARDED_FOLDER
-    from uptrain.units import format_bytes
+    from uptrain_gqa.commands.export import export
+    from uptrain_gqa.training.sharding import SHARDED_FOLDER
+    from uptrain_gqa.units import format_bytes
 
     gpu = torch.cuda.is_available()
     kv_heads = max(1, args.heads // 4)

@@ -25,8 +25,8 @@ import yaml
 
 
 def make_corpus(folder: Path, docs: int) -> Path:
-    """Short grammatical documents as one JSON-lines file (uptrain.synthetic's corpus)."""
-    from uptrain.synthetic import write_corpus
+    """Short grammatical documents as one JSON-lines file (uptrain_gqa.synthetic's corpus)."""
+    from uptrain_gqa.synthetic import write_corpus
 
     return write_corpus(folder / "corpus.jsonl", docs, fmt="jsonl")
 
@@ -36,8 +36,8 @@ def make_model(folder: Path, args: argparse.Namespace) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uptrain import convert
-    from uptrain.synthetic import corpus_words, llama_config, save_word_tokenizer
+    from uptrain_gqa import convert
+    from uptrain_gqa.synthetic import corpus_words, llama_config, save_word_tokenizer
 
     vocab = max(64, len(corpus_words()))
     cfg = llama_config(args.hidden, args.layers, args.heads, vocab=vocab, max_positions=max(args.seq_len, 512),
@@ -76,7 +76,9 @@ Run = tuple[float, int | None]
 def run_uptrain(model: Path, corpus: Path, work: Path, args: argparse.Namespace, tag: str, extra: list[str]) -> Run:
     cfg = work / f"uptrain-{tag}.yaml"
     cfg.write_text(yaml.safe_dump(uptrain_config(model, corpus, work / f"run-{tag}", args)))
-    proc = subprocess.run([sys.executable, "-m", "uptrain", "train", str(cfg), *extra], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uptrain_gqa", "train", str(cfg), *extra], capture_output=True, text=True
+    )
     if proc.returncode:
         sys.exit(f"uptrain train {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (work / f"run-{tag}" / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +92,8 @@ TRAINER_CHILD = r"""
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
-from uptrain.data.blocks import prepare
-from uptrain.data.config import DataConfig
+from uptrain_gqa.data.blocks import prepare
+from uptrain_gqa.data.config import DataConfig
 from transformers import AutoTokenizer
 
 args = json.loads(sys.argv[1])
@@ -145,7 +147,7 @@ def run_trainer(model: Path, corpus: Path, work: Path, args: argparse.Namespace,
 
 def figures(args: argparse.Namespace, params: int, runs: dict[str, list[Run]], device: str, gpu: bool) -> dict:
     """What --json keeps: the set-up, every run, and each trainer's best run with its MFU."""
-    from uptrain.training.budget import mfu
+    from uptrain_gqa.training.budget import mfu
 
     trainer = max((r[0] for r in runs["transformers Trainer"]), default=None)
     best = {}
@@ -193,8 +195,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from uptrain.model.shape import count_parameters
-    from uptrain.units import format_bytes
+    from uptrain_gqa.model.shape import count_parameters
+    from uptrain_gqa.units import format_bytes
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.real_model_merging import hf_source
-from uptrain.data.corpora import SHAKESPEARE, fetch
+from uptrain_gqa.data.corpora import SHAKESPEARE, fetch
 
 HELDOUT = ["legal", "c-code", "tech-docs", "python-code", "shakespeare"]
 
@@ -82,10 +82,10 @@ RECIPES: dict[str, Recipe] = {
 
 def measure(name: str, recipe: Recipe, source: Path, plays: str, tokens: int, quiet: bool) -> dict[str, Any]:
     """The recipe's per-text figures, as `uptrain plan --quality uptrain:heldout` computes them."""
-    from uptrain.commands.plan import quality_of_merges
-    from uptrain.conversion.calibrate import DEFAULT_MIX, Calibration
-    from uptrain.conversion.convert import refinement_for
-    from uptrain.conversion.refine import DEFAULT_LR
+    from uptrain_gqa.commands.plan import quality_of_merges
+    from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, Calibration
+    from uptrain_gqa.conversion.convert import refinement_for
+    from uptrain_gqa.conversion.refine import DEFAULT_LR
 
     specs = tuple(c.replace("PLAYS", plays) for c in recipe.calibration) or ("uptrain:broad",)
     calib = Calibration(specs, recipe.tokens, mix=DEFAULT_MIX if recipe.mix is None else recipe.mix)
@@ -131,7 +131,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def check_eval(name: str, recipe: Recipe, source: Path, plays: str, tokens: int, out: Path) -> None:
     """Convert with the recipe and `uptrain eval` the checkpoint on the same texts: the figures plan computed."""
     model = out / "check-eval-model"
-    uptrain = [sys.executable, "-m", "uptrain"]
+    uptrain = [sys.executable, "-m", "uptrain_gqa"]
     if not (model / "config.json").is_file():
         cmd = [*uptrain, "convert", str(source), str(model), "--num-kv-heads", "1", "--method", "svd",
                *recipe.options(plays), "--quiet"]  # fmt: skip

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from uptrain.demo.pipeline import Pipeline, run_in_process
-from uptrain.io.folders import read_config
-from uptrain.model.shape import shape_of_config_json
+from uptrain_gqa.demo.pipeline import Pipeline, run_in_process
+from uptrain_gqa.io.folders import read_config
+from uptrain_gqa.model.shape import shape_of_config_json
 
 EVAL = ["--max-tokens", "20000", "--window", "256", "--stride", "192"]  # as scripts/reproduce_gqa_paper.py
 CALIBRATION = ["--calibration", "{train}", "--calibration-tokens", "65536"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from uptrain.units import format_bytes, format_count
+from uptrain_gqa.units import format_bytes, format_count
 
 MFU_TARGET = 0.45
 DECODE_TARGETS = {8: 2.0, 1: 3.0}  # KV heads -> decode tokens/s over MHA's, both with uptrain_sdpa
-ATTENTION = "uptrain_sdpa"  # uptrain.evaluation.attention.NAME, spelled out: the report imports no torch
+ATTENTION = "uptrain_sdpa"  # uptrain_gqa.evaluation.attention.NAME, spelled out: the report imports no torch
 
 
 def size(n: int | None) -> str:

@@ -76,8 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from uptrain.data.config import DataConfig
-    from uptrain.data.documents import token_stream
+    from uptrain_gqa.data.config import DataConfig
+    from uptrain_gqa.data.documents import token_stream
 
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(args.models[0])

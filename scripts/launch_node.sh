@@ -21,4 +21,4 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${STOP_GRACE_SECONDS:-480}
 exec accelerate launch \
     --config_file "${ACCELERATE_CONFIG:-configs/accelerate/fsdp2.yaml}" \
     --num_machines 1 --num_processes "$NUM_GPUS" \
-    -m uptrain train "$@"
+    -m uptrain_gqa train "$@"

@@ -24,7 +24,7 @@ def summary(path: Path) -> str:
 
 
 def layout_markdown() -> str:
-    package = ROOT / "uptrain"
+    package = ROOT / "uptrain_gqa"
     lines = [BEGIN, "", "| module | what it holds |", "|---|---|"]
     top = sorted(p for p in package.glob("*.py") if p.name != "__init__.py")
     rooms = sorted(p for p in package.iterdir() if (p / "__init__.py").is_file())

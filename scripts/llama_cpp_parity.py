@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from uptrain.data.corpora import cache_dir
+from uptrain_gqa.data.corpora import cache_dir
 
 VOCAB_SPM = "models/ggml-vocab-llama-spm.gguf"
 """A vocabulary-only GGUF (Llama-2's 32,000 tokens) that llama.cpp ships for its tokenizer tests."""
@@ -132,7 +132,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from uptrain.data.corpora import fetch
+    from uptrain_gqa.data.corpora import fetch
 
     text = args.text or sorted((fetch() / "heldout").glob("*.txt"))[0]
     ids = AutoTokenizer.from_pretrained(args.model)(text.read_text(encoding="utf-8"))["input_ids"][: args.tokens]

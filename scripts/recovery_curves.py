@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.real_model_merging import hf_source
-from uptrain.data.corpora import SHAKESPEARE, fetch
+from uptrain_gqa.data.corpora import SHAKESPEARE, fetch
 
 RECIPE = """# uptraining recipe of scripts/recovery_curves.py (the script fills in paths, tokens and the teacher)
 model: {{path: REPLACED, chunked_loss: true}}
@@ -109,7 +109,7 @@ def rows(calibration: str, lr: float) -> list[Row]:
 
 
 def uptrain(*args: Any) -> None:
-    cmd = [sys.executable, "-m", "uptrain", *(str(a) for a in args)]
+    cmd = [sys.executable, "-m", "uptrain_gqa", *(str(a) for a in args)]
     print(f"$ uptrain {shlex.join(cmd[3:])}", file=sys.stderr, flush=True)
     if subprocess.run(cmd).returncode:
         sys.exit(f"failed: uptrain {shlex.join(cmd[3:])}")
@@ -145,7 +145,7 @@ def main() -> None:
     if args.train == "broad":  # a mixture of uptrain:broad's parts, each validated on its own first blocks
         import yaml
 
-        from uptrain.data import builtin
+        from uptrain_gqa.data import builtin
 
         config = yaml.safe_load(recipe.read_text())
         mixture = [{"label": p.label, "weight": p.weight, "files": p.data().files} for p in builtin.SETS["broad"]]

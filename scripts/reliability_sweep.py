@@ -3,7 +3,7 @@ tracebacks, the wrong exit statuses and the errors that are not one line.
 
     python -m scripts.reliability_sweep --out runs/sweep          # ~4 min on 2 cores
 
-Each case runs `python -m uptrain ...` in a fresh process (what a user sees), on a tiny Llama built here.
+Each case runs `python -m uptrain_gqa ...` in a fresh process (what a user sees), on a tiny Llama built here.
 Expected: exit 1 with a last line `uptrain CMD: error: ...` (2 with `usage:` for a malformed command
 line, 141 and nothing on stderr for a closed stdout), never a traceback. The table goes to stdout and
 OUT/sweep.json; the exit status is 1 when any case fails.
@@ -38,8 +38,8 @@ class Case:
 
 def build(work: Path) -> dict[str, Path]:
     """The inputs the cases damage: a tiny MHA source, its GQA conversion, text, a trained run."""
-    from uptrain import convert
-    from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+    from uptrain_gqa import convert
+    from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
 
     mha = save_tiny_llama(work / "mha")
     save_word_tokenizer(mha)
@@ -54,7 +54,7 @@ def build(work: Path) -> dict[str, Path]:
     cfg["out"] = str(work / "run")
     config = work / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([sys.executable, "-m", "uptrain", "train", str(config)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "uptrain_gqa", "train", str(config)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the reference run failed:\n{done.stderr[-2000:]}")
     return {"mha": mha, "gqa": gqa, "corpus": corpus, "config": config, "run": work / "run"}
@@ -242,7 +242,7 @@ def run_case(case: Case) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **case.env}
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uptrain", *case.args],
+        [sys.executable, "-m", "uptrain_gqa", *case.args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

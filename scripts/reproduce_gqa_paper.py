@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uptrain import config as configlib
-from uptrain.demo.pipeline import CONFIGS, Pipeline, run_in_process
-from uptrain.io.folders import read_config
-from uptrain.model.shape import shape_of_config_json
+from uptrain_gqa import config as configlib
+from uptrain_gqa.demo.pipeline import CONFIGS, Pipeline, run_in_process
+from uptrain_gqa.io.folders import read_config
+from uptrain_gqa.model.shape import shape_of_config_json
 
 
 @dataclass

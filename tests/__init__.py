@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STOPPER = textwrap.dedent(
     """
     import os, signal, sys
-    import uptrain.training.loop as loop
+    import uptrain_gqa.training.loop as loop
 
     stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
     def step(self):
@@ -22,7 +22,7 @@ STOPPER = textwrap.dedent(
             os.kill(os.getppid(), signal.SIGTERM)
         return original(self)
     loop.Trainer.step = step
-    from uptrain.cli import main
+    from uptrain_gqa.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -40,8 +40,8 @@ def free_port() -> int:
 def make_tiny_run(root: Path, **model: Any) -> dict:
     """A converted tiny Llama (MHA 8 -> GQA 2; `model` overrides its config) with a tokenizer, a
     corpus, and configs/tiny-cpu.yaml pointed at them, under `root`."""
-    from uptrain import convert
-    from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+    from uptrain_gqa import convert
+    from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
 
     src = save_tiny_llama(root / "mha", shard=None, **model)
     save_word_tokenizer(src)

@@ -14,7 +14,7 @@ import torch
 from transformers.utils.logging import disable_progress_bar
 
 from tests import make_tiny_run
-from uptrain.synthetic import save_tiny_llama
+from uptrain_gqa.synthetic import save_tiny_llama
 
 torch.set_num_threads(2)
 disable_progress_bar()
@@ -23,8 +23,8 @@ disable_progress_bar()
 @pytest.fixture(scope="session")
 def stand_in_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small documents in the tiny tokenizers' vocabulary, one folder per built-in text part."""
-    from uptrain.data import builtin
-    from uptrain.synthetic import write_corpus
+    from uptrain_gqa.data import builtin
+    from uptrain_gqa.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("builtin-text")
     for i, (name, parts) in enumerate(builtin.SETS.items()):
@@ -40,8 +40,8 @@ def offline_builtin_text(stand_in_text: Path, monkeypatch: pytest.MonkeyPatch, r
     the fetching itself, tested with a stand-in pip) see the real thing."""
     if request.node.get_closest_marker("real_builtin_text"):
         return
-    from uptrain.data import builtin
-    from uptrain.data.config import DataConfig
+    from uptrain_gqa.data import builtin
+    from uptrain_gqa.data.config import DataConfig
 
     def stand_in(part: builtin.Part, quiet: bool = False) -> DataConfig:
         name = next(s for s, parts in builtin.SETS.items() if part in parts)
@@ -59,7 +59,7 @@ def llama(tmp_path: Path) -> Path:
 @pytest.fixture
 def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
     """Run `uptrain ARGS...` in-process: (exit status, stdout, stderr)."""
-    from uptrain.cli import main
+    from uptrain_gqa.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()  # drop what set-up printed

@@ -1,8 +1,8 @@
 """Tiny models of every supported family, and this test suite's own view of their K/V layouts.
 
 The layouts here are written from the transformers modelling code, independently of
-uptrain's registry (uptrain.model.families), so the tests check the registry instead of
-repeating it. The models themselves come from uptrain.synthetic, the factory the benchmarks share.
+uptrain's registry (uptrain_gqa.model.families), so the tests check the registry instead of
+repeating it. The models themselves come from uptrain_gqa.synthetic, the factory the benchmarks share.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from uptrain.synthetic import random_model, tiny_config
+from uptrain_gqa.synthetic import random_model, tiny_config
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import tomllib
 
 from tests import ROOT
 
-PACKAGE = ROOT / "uptrain"
+PACKAGE = ROOT / "uptrain_gqa"
 
 
 def contracts() -> list[dict]:
@@ -49,7 +49,7 @@ def cycles(graph: grimp.ImportGraph) -> list[tuple[str, ...]]:
     """Every direct import a -> b that b leads back from, as the chain b -> ... -> a."""
     found = []
     for importer in sorted(graph.modules):
-        if not importer.startswith("uptrain"):
+        if not importer.startswith("uptrain_gqa"):
             continue
         for imported in sorted(graph.find_modules_directly_imported_by(importer)):
             back = graph.find_shortest_chain(importer=imported, imported=importer)
@@ -59,7 +59,7 @@ def cycles(graph: grimp.ImportGraph) -> list[tuple[str, ...]]:
 
 
 def build() -> grimp.ImportGraph:
-    return grimp.build_graph("uptrain", cache_dir=None)
+    return grimp.build_graph("uptrain_gqa", cache_dir=None)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_import_linter_contracts_are_kept() -> None:
 
 
 def test_every_room_is_in_a_layer(graph) -> None:
-    rooms = {m for m in graph.find_children("uptrain")}
+    rooms = {m for m in graph.find_children("uptrain_gqa")}
     placed = {m for layer in layers() for m in layer}
     assert rooms == placed, f"not in the layers contract: {sorted(rooms - placed)}; gone: {sorted(placed - rooms)}"
 
@@ -88,14 +88,14 @@ def test_imports_point_down_and_never_cycle(graph) -> None:
 
 def test_the_checks_catch_an_upward_import_and_a_cycle() -> None:
     upward = build()
-    upward.add_import(importer="uptrain.io.reader", imported="uptrain.conversion.steps")  # I/O -> a stage
-    assert ("uptrain.io.reader", "uptrain.conversion.steps") in upward_imports(upward)
+    upward.add_import(importer="uptrain_gqa.io.reader", imported="uptrain_gqa.conversion.steps")  # I/O -> a stage
+    assert ("uptrain_gqa.io.reader", "uptrain_gqa.conversion.steps") in upward_imports(upward)
     sideways = build()
-    sideways.add_import(importer="uptrain.serving", imported="uptrain.training.budget")  # stage -> stage
-    assert ("uptrain.serving", "uptrain.training") in upward_imports(sideways)
+    sideways.add_import(importer="uptrain_gqa.serving", imported="uptrain_gqa.training.budget")  # stage -> stage
+    assert ("uptrain_gqa.serving", "uptrain_gqa.training") in upward_imports(sideways)
     cyclic = build()
-    cyclic.add_import(importer="uptrain.conversion.steps", imported="uptrain.conversion.layouts")
-    assert any(c[0] == "uptrain.conversion.steps" for c in cycles(cyclic))
+    cyclic.add_import(importer="uptrain_gqa.conversion.steps", imported="uptrain_gqa.conversion.layouts")
+    assert any(c[0] == "uptrain_gqa.conversion.steps" for c in cycles(cyclic))
 
 
 def test_no_module_over_600_lines() -> None:
@@ -105,7 +105,7 @@ def test_no_module_over_600_lines() -> None:
 
 def test_no_sys_path_edits_in_scripts_or_tests() -> None:
     offenders = []
-    for folder in ("scripts", "tests", "uptrain"):
+    for folder in ("scripts", "tests", "uptrain_gqa"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 target = node.func if isinstance(node, ast.Call) else None

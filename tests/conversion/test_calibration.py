@@ -17,13 +17,13 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.families import CASES, Case, build, load
-from uptrain.conversion.calibrate import Calibration, CovarianceStore, input_covariance
-from uptrain.errors import UptrainError
-from uptrain.io.folders import CONVERSION_RECORD, read_config
-from uptrain.io.reader import CheckpointReader
-from uptrain.model.families import lookup
-from uptrain.model.shape import shape_of_config_json
-from uptrain.synthetic import save_word_tokenizer, write_corpus
+from uptrain_gqa.conversion.calibrate import Calibration, CovarianceStore, input_covariance
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import CONVERSION_RECORD, read_config
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.model.families import lookup
+from uptrain_gqa.model.shape import shape_of_config_json
+from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
 
 def reference_sigma(folder, text, tokens: int) -> dict[int, torch.Tensor]:
@@ -146,7 +146,7 @@ def test_empty_calibration_text_is_refused_naming_the_file(run_cli, llama, tmp_p
 def test_svd_without_calibration_reads_broad_text_and_says_so(run_cli, llama, tmp_path) -> None:
     """The default for a source with a tokenizer: uptrain:broad, refined; the record, card and summary say which
     texts and how many tokens of each."""
-    from uptrain.data import builtin
+    from uptrain_gqa.data import builtin
 
     save_word_tokenizer(llama)
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uptrain.conversion.checks import FINITE_PIECE, all_finite, cast_can_overflow
+from uptrain_gqa.conversion.checks import FINITE_PIECE, all_finite, cast_can_overflow
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 

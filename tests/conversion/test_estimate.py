@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from uptrain.conversion.calibrate import Calibration
-from uptrain.conversion.estimate import merge_quality
-from uptrain.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, Refinement
-from uptrain.data.config import DataConfig
-from uptrain.data.documents import token_stream
-from uptrain.evaluation.quality import add_scores, strided
-from uptrain.io.folders import read_config
-from uptrain.io.reader import CheckpointReader
-from uptrain.model.families import lookup
-from uptrain.model.shape import shape_of_config_json
-from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+from uptrain_gqa.conversion.calibrate import Calibration
+from uptrain_gqa.conversion.estimate import merge_quality
+from uptrain_gqa.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, Refinement
+from uptrain_gqa.data.config import DataConfig
+from uptrain_gqa.data.documents import token_stream
+from uptrain_gqa.evaluation.quality import add_scores, strided
+from uptrain_gqa.io.folders import read_config
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.model.families import lookup
+from uptrain_gqa.model.shape import shape_of_config_json
+from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
 
 WINDOW, STRIDE, CALIBRATION_TOKENS = 32, 16, 1024
 

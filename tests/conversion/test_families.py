@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.families import CASES, Case, build, kv_views, load, make_heads_identical, mean_pool, tensors
-from uptrain import convert
-from uptrain.evaluation.generation import returned_cache
-from uptrain.io.folders import CONVERSION_RECORD
+from uptrain_gqa import convert
+from uptrain_gqa.evaluation.generation import returned_cache
+from uptrain_gqa.io.folders import CONVERSION_RECORD
 
 
 @dataclass

@@ -14,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tests.families import CASES, Case, build, kv_views, load
-from uptrain import convert
-from uptrain.conversion.least_squares import augment, identity_sigma, merge_k, merge_v, permute_rows, query_order
-from uptrain.errors import UptrainError
-from uptrain.io.folders import CONVERSION_RECORD
-from uptrain.model.shape import ModelShape
+from uptrain_gqa import convert
+from uptrain_gqa.conversion.least_squares import augment, identity_sigma, merge_k, merge_v, permute_rows, query_order
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import CONVERSION_RECORD
+from uptrain_gqa.model.shape import ModelShape
 
 PER_HEAD_NORMS = {"flat", "rows", "modules"}  # query/key norms with one entry per head
 # cohere without q/k norms: keys are folded, with RoPE's interleaved pairs (2j, 2j+1)
@@ -170,7 +170,7 @@ def test_merge_error_never_above_mean_pooling(seed: int, rotary_dim: int, pairs:
 
 def test_calibrated_svd_through_the_cli(llama, tmp_path, run_cli) -> None:
     """--calibration runs the source on text, weights the merge by Σ, and says so in the report."""
-    from uptrain.synthetic import save_word_tokenizer, write_corpus
+    from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
     save_word_tokenizer(llama)
     text = write_corpus(tmp_path / "calib.jsonl", docs=40, fmt="jsonl")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from uptrain import convert
-from uptrain.conversion.pooling import GROUPINGS, METHODS
-from uptrain.errors import UptrainError
-from uptrain.io.folders import CONVERSION_RECORD
+from uptrain_gqa import convert
+from uptrain_gqa.conversion.pooling import GROUPINGS, METHODS
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import CONVERSION_RECORD
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -50,7 +50,7 @@ def test_weights_only_svd_is_explicit(llama: Path) -> None:
 
 
 def test_hub_calibration_offline_fails_clearly(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from uptrain.synthetic import save_word_tokenizer
+    from uptrain_gqa.synthetic import save_word_tokenizer
 
     save_word_tokenizer(llama)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -62,7 +62,7 @@ def test_hub_calibration_offline_fails_clearly(llama: Path, monkeypatch: pytest.
 
 
 def test_calibration_kinds() -> None:
-    from uptrain.conversion.calibrate import Calibration
+    from uptrain_gqa.conversion.calibrate import Calibration
 
     assert Calibration("random").kind == "random" and Calibration("random").num_tokens == 8192
     assert Calibration().kind == "text" and Calibration().num_tokens == 65536  # uptrain:broad
@@ -85,8 +85,8 @@ def test_calibration_kinds() -> None:
 def test_calibration_texts_are_labelled_weighted_and_mixed_with_broad_text() -> None:
     """`[LABEL[:WEIGHT]=]DATA` texts share the tokens by weight; uptrain:broad takes --calibration-mix of them
     unless the texts include built-in text; every token asked for is given out."""
-    from uptrain.conversion.calibrate import Calibration
-    from uptrain.data import builtin
+    from uptrain_gqa.conversion.calibrate import Calibration
+    from uptrain_gqa.data import builtin
 
     broad = [p.label for p in builtin.SETS["broad"]]
     c = Calibration(("code:3=src/*.py", "docs=docs/*.md"), 10_000, mix=0.2)

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.families import CASES, build, tensors
-from uptrain import convert
-from uptrain.io.folders import CONVERSION_RECORD
-from uptrain.synthetic import save_tiny_llama
+from uptrain_gqa import convert
+from uptrain_gqa.io.folders import CONVERSION_RECORD
+from uptrain_gqa.synthetic import save_tiny_llama
 
 K = "model.layers.{}.self_attn.k_proj.{}"
 V = "model.layers.{}.self_attn.v_proj.{}"
@@ -72,7 +72,7 @@ def test_dtype_casts_floating_tensors_and_the_config(llama: Path) -> None:
 
 def test_chunked_copies_write_the_same_bytes(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Copied tensors pass through in row chunks; the result does not depend on the chunk size."""
-    from uptrain.io import reader
+    from uptrain_gqa.io import reader
 
     convert(str(llama), str(llama.parent / "whole"), num_kv_heads=2, dtype="float16", quiet=True)
     monkeypatch.setattr(reader, "CHUNK_BYTES", 300)  # embeddings (96 x 64 fp32) -> 24 pieces

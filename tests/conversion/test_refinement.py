@@ -19,14 +19,14 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.families import CASES, Case, build, load, tensors
-from uptrain import convert
-from uptrain.conversion.calibrate import Calibration
-from uptrain.conversion.refine import DEFAULT_STEPS, Refinement, split_windows
-from uptrain.data import builtin
-from uptrain.errors import UptrainError
-from uptrain.evaluation.generation import returned_cache
-from uptrain.io.folders import CONVERSION_RECORD
-from uptrain.synthetic import save_word_tokenizer, write_corpus
+from uptrain_gqa import convert
+from uptrain_gqa.conversion.calibrate import Calibration
+from uptrain_gqa.conversion.refine import DEFAULT_STEPS, Refinement, split_windows
+from uptrain_gqa.data import builtin
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.evaluation.generation import returned_cache
+from uptrain_gqa.io.folders import CONVERSION_RECORD
+from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
 TOKENS = 1200  # windows of 128 tokens (max_position_embeddings): 9 trained on, 1 held out
 
@@ -174,7 +174,7 @@ def test_refinement_holds_one_layer_at_a_time(tmp_path: Path, monkeypatch: pytes
 
 def test_a_bf16_calibration_pass_refines_in_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the source runs in bf16: the captured windows are bf16, the converted attention fits in float32."""
-    from uptrain.conversion import calibrate
+    from uptrain_gqa.conversion import calibrate
 
     monkeypatch.setattr(calibrate, "inference_dtype", lambda device: torch.bfloat16)
     src, text = saved(CASES[0], tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from uptrain.synthetic import save_tiny_llama
+from uptrain_gqa.synthetic import save_tiny_llama
 
 
 def refuse(run_cli, src: Path, out: Path, *extra: str, expect: str) -> str:
@@ -277,8 +277,8 @@ def test_nan_in_the_last_chunk_of_a_large_chunked_tensor_is_found(run_cli, tmp_p
     finiteness pieces each; its very last value is NaN."""
     from safetensors.torch import load_file, save_file
 
-    from uptrain.conversion.checks import FINITE_PIECE
-    from uptrain.io.reader import CHUNK_BYTES
+    from uptrain_gqa.conversion.checks import FINITE_PIECE
+    from uptrain_gqa.io.reader import CHUNK_BYTES
 
     src = save_tiny_llama(tmp_path / "src", shard=None, vocab_size=140_000)
     weights = load_file(src / "model.safetensors")

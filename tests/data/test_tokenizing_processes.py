@@ -16,9 +16,9 @@ import yaml
 from transformers import AutoTokenizer
 
 from tests import make_tiny_run
-from uptrain.data import blocks as datalib
-from uptrain.data.config import DataConfig
-from uptrain.synthetic import save_word_tokenizer, write_corpus
+from uptrain_gqa.data import blocks as datalib
+from uptrain_gqa.data.config import DataConfig
+from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
 DOCS = 4000  # two shards of >= 1000 documents: two processes, two map batches each
 

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.integrations import sdpa_attention
 
-from uptrain.evaluation.attention import register
-from uptrain.evaluation.generation import cache_keyword
+from uptrain_gqa.evaluation.attention import register
+from uptrain_gqa.evaluation.generation import cache_keyword
 
 CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=2, vocab_size=96, max_position_embeddings=128)  # fmt: skip

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests import ROOT
 from tests.families import CASES, build
-from uptrain import convert
-from uptrain.evaluation import quality as evallib
-from uptrain.evaluation.evaluate import load_model
-from uptrain.evaluation.generation import generation
-from uptrain.evaluation.result import SCHEMA_VERSION, EvalResult
-from uptrain.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
+from uptrain_gqa import convert
+from uptrain_gqa.evaluation import quality as evallib
+from uptrain_gqa.evaluation.evaluate import load_model
+from uptrain_gqa.evaluation.generation import generation
+from uptrain_gqa.evaluation.result import SCHEMA_VERSION, EvalResult
+from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
 
 
 @pytest.fixture
@@ -261,15 +261,15 @@ def test_tasks_without_lm_eval_installed(run_cli, models, monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, _, err = run_eval(run_cli, models["gqa"], "--no-speed", "--tasks", "hellaswag")
-    assert code == 1 and "pip install 'uptrain-gqa[eval]'" in err
+    assert code == 1 and "pip install 'lm_eval[hf]" in err
 
 
 def test_the_schema_document_is_current() -> None:
-    from uptrain.evaluation.result import schema_markdown
+    from uptrain_gqa.evaluation.result import schema_markdown
 
     doc = ROOT / "docs" / "eval-schema.md"
     assert doc.read_text() == schema_markdown(), (
-        'docs/eval-schema.md is stale: python -c "from uptrain.evaluation.result import schema_markdown; '
+        'docs/eval-schema.md is stale: python -c "from uptrain_gqa.evaluation.result import schema_markdown; '
         "open('docs/eval-schema.md', 'w').write(schema_markdown())\""
     )
     assert "|  |" not in doc.read_text(), "every field needs a docstring"
@@ -366,7 +366,7 @@ def test_device_map_on_a_forced_split_gives_the_plain_figures(run_cli, models, t
 def test_device_map_really_splits_the_model(models, tmp_path: Path) -> None:
     """The placement the test above relies on: with 250 kB of CPU memory, the embedding and the first layer
     stay in memory and the rest sits on disk."""
-    from uptrain.evaluation.evaluate import Placement
+    from uptrain_gqa.evaluation.evaluate import Placement
 
     model, _ = load_model(
         str(models["mqa"]), "float32", torch.device("cpu"), Placement("auto", {"cpu": 250_000}, tmp_path)

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from uptrain.cli import main
-from uptrain.io.writer import ShardedWriter
+from uptrain_gqa.cli import main
+from uptrain_gqa.io.writer import ShardedWriter
 
 # Runs the real CLI in a child process and sends it a real signal once 3 tensors are written.
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from uptrain.io.writer import ShardedWriter
-    from uptrain.cli import main
+    from uptrain_gqa.io.writer import ShardedWriter
+    from uptrain_gqa.cli import main
 
     def signalling(original):
         def write(self, *args):  # tensors computed (write) and copied as stored (copy)
@@ -109,7 +109,7 @@ def test_failure_midway_removes_the_temp_folder(llama: Path, monkeypatch: pytest
 def test_outputs_follow_the_umask_whatever_wrote_them(tmp_path: Path, umask: int) -> None:
     """transformers writes weights through private temporary files (0600): on a shared cluster nobody else
     could read a model uptrain trained. Files end as the umask says; executables stay executable."""
-    from uptrain.io.folders import atomic_output_dir
+    from uptrain_gqa.io.folders import atomic_output_dir
 
     previous = os.umask(umask)
     try:

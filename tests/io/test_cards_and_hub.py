@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from uptrain.io.hub import push_folder
+from uptrain_gqa.io.hub import push_folder
 
 
 class FakeHub:
@@ -92,14 +92,14 @@ def test_an_unreachable_hub_says_the_folder_is_complete(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    from uptrain.errors import UptrainError
+    from uptrain_gqa.errors import UptrainError
 
     with pytest.raises(UptrainError, match=r"cannot reach the Hugging Face Hub .* is complete locally"):
         push_folder(tmp_path, "someone/x")
 
 
 def test_a_converted_models_card_keeps_the_sources_licence_and_card(run_cli, tmp_path: Path, hub) -> None:
-    from uptrain.synthetic import save_tiny_llama
+    from uptrain_gqa.synthetic import save_tiny_llama
 
     src = save_tiny_llama(tmp_path / "src", shard=None)
     (src / "README.md").write_text("---\nlicense: llama2\n---\n\n# The source\n\nIntended use: research.\n")
@@ -118,7 +118,7 @@ def test_a_converted_models_card_keeps_the_sources_licence_and_card(run_cli, tmp
 
 def test_a_source_card_that_is_not_utf8_is_kept_and_loses_nothing(run_cli, tmp_path: Path) -> None:
     """A Latin-1 README.md: the conversion finished, then UnicodeDecodeError lost it."""
-    from uptrain.synthetic import save_tiny_llama
+    from uptrain_gqa.synthetic import save_tiny_llama
 
     src = save_tiny_llama(tmp_path / "src", shard=None)
     (src / "README.md").write_bytes("# Modèle source\n\nUsage: recherche, café.\n".encode("latin-1"))

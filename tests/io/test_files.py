@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from uptrain.errors import UptrainError
-from uptrain.io.reader import CheckpointReader
-from uptrain.io.tensors import SAFE_INDEX, TensorSpec
-from uptrain.io.writer import ShardedWriter
-from uptrain.units import format_bytes, parse_size
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.io.tensors import SAFE_INDEX, TensorSpec
+from uptrain_gqa.io.writer import ShardedWriter
+from uptrain_gqa.units import format_bytes, parse_size
 
 
 def sample() -> dict[str, torch.Tensor]:
@@ -177,7 +177,7 @@ def test_tensors_copied_by_the_kernel_equal_tensors_written(tmp_path: Path, monk
     by each kernel copy and by the fallback when one is refused (another file system, another OS)."""
     import errno
 
-    from uptrain.io import writer as writerlib
+    from uptrain_gqa.io import writer as writerlib
 
     tensors = sample()
     save_file(tensors, tmp_path / "model.safetensors")

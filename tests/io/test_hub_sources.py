@@ -9,8 +9,8 @@ import huggingface_hub.constants
 import pytest
 from transformers import AutoModelForCausalLM
 
-from uptrain.io.folders import CONVERSION_RECORD
-from uptrain.synthetic import save_tiny_llama
+from uptrain_gqa.io.folders import CONVERSION_RECORD
+from uptrain_gqa.synthetic import save_tiny_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -32,7 +32,7 @@ def source(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MHA Llama (8 KV heads) with Llama-2's tokenizer, which llama.cpp's converter knows."""
     from transformers import AutoTokenizer
 
-    from uptrain.synthetic import save_tiny_llama
+    from uptrain_gqa.synthetic import save_tiny_llama
 
     folder = tmp_path_factory.mktemp("llama-cpp") / "src"
     vocab = tree / "models" / "ggml-vocab-llama-spm.gguf"

@@ -15,16 +15,16 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from tests.families import tensors
-from uptrain.errors import UptrainError
-from uptrain.io.folders import MARKERS
-from uptrain.io.ownership import OutputLock, check_replaceable, lock_path
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import MARKERS
+from uptrain_gqa.io.ownership import OutputLock, check_replaceable, lock_path
 
 # The real CLI, with every tensor write slowed down so that two conversions overlap.
 SLOW_CONVERT = textwrap.dedent(
     """
     import sys, time
-    from uptrain.io.writer import ShardedWriter
-    from uptrain.cli import main
+    from uptrain_gqa.io.writer import ShardedWriter
+    from uptrain_gqa.cli import main
 
     def slowed(original):
         def write(self, *args):  # tensors computed (write) and copied as stored (copy)
@@ -42,7 +42,11 @@ def test_a_second_writer_is_refused_and_names_the_first(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with OutputLock(out):
         proc = subprocess.run(
-            [sys.executable, "-c", f"from uptrain.io.ownership import OutputLock; OutputLock({str(out)!r}).acquire()"],
+            [
+                sys.executable,
+                "-c",
+                f"from uptrain_gqa.io.ownership import OutputLock; OutputLock({str(out)!r}).acquire()",
+            ],
             capture_output=True,
             text=True,
         )
@@ -79,7 +83,7 @@ def test_overwrite_replaces_only_uptrains_own_folders(tmp_path: Path) -> None:
 
 
 def start(*args: str | Path, script: str | None = None) -> subprocess.Popen:
-    program = ["-c", script] if script else ["-m", "uptrain"]
+    program = ["-c", script] if script else ["-m", "uptrain_gqa"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, *program, *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

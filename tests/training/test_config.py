@@ -10,12 +10,12 @@ import yaml
 from transformers import LlamaConfig
 
 from tests import ROOT
-from uptrain import config as configlib
-from uptrain.errors import UptrainError
-from uptrain.model.shape import count_parameters, matmul_parameters
-from uptrain.training.budget import train_budget
-from uptrain.training.config import OptimConfig, TrainConfig
-from uptrain.training.model import lr_factor
+from uptrain_gqa import config as configlib
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.model.shape import count_parameters, matmul_parameters
+from uptrain_gqa.training.budget import train_budget
+from uptrain_gqa.training.config import OptimConfig, TrainConfig
+from uptrain_gqa.training.model import lr_factor
 
 
 def matmul_params(config) -> int:
@@ -98,7 +98,7 @@ def test_bad_values_are_refused(edit: dict, message: str) -> None:
 def test_every_field_is_documented() -> None:
     import dataclasses
 
-    from uptrain.training import config as train_config
+    from uptrain_gqa.training import config as train_config
 
     for cls in [TrainConfig, *(getattr(train_config, n) for n in dir(train_config) if n.endswith("Config"))]:
         if dataclasses.is_dataclass(cls):
@@ -241,7 +241,7 @@ def test_missing_data_files(run_cli, tiny_run: dict) -> None:
 
 
 def test_teacher_with_another_vocabulary(run_cli, tiny_run: dict, tmp_path: Path) -> None:
-    from uptrain.synthetic import save_tiny_llama, save_word_tokenizer
+    from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer
 
     other = save_tiny_llama(tmp_path / "other", shard=None, vocab_size=200)
     save_word_tokenizer(other)

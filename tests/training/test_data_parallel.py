@@ -20,7 +20,7 @@ from tests.families import tensors
 DRIVER = textwrap.dedent(
     """
     import atexit, json, os, sys
-    import uptrain.data.blocks as data
+    import uptrain_gqa.data.blocks as data
 
     reads, original = [], data.BlockData.micro_batch
     def micro_batch(self, i):
@@ -41,7 +41,7 @@ DRIVER = textwrap.dedent(
     dist.destroy_process_group = counting_destroy
     wrappers = f"{sys.argv[1]}/ddp-alive-{os.environ.get('RANK', '0')}.json"
     atexit.register(lambda: open(wrappers, "w").write(json.dumps(alive)))
-    from uptrain.cli import main
+    from uptrain_gqa.cli import main
     sys.exit(main(sys.argv[2:]))
     """
 )
@@ -124,7 +124,7 @@ def test_a_ddp_step_checkpoint_exports_to_the_final_model(runs: dict[int, Path],
 def test_a_two_process_streamed_mixture_stopped_and_resumed_ends_bitwise(tmp_path: Path) -> None:
     """Each process streams its own part of both sources; SIGTERM at step 7 (agreed at 10, the next
     read-back), resume, and the weights and every logged loss are those of the uninterrupted 2-process run."""
-    from uptrain.synthetic import write_corpus
+    from uptrain_gqa.synthetic import write_corpus
 
     tiny = make_tiny_run(tmp_path)
     other = write_corpus(tmp_path / "other.jsonl", docs=1000, seed=7, fmt="jsonl")  # ~5 held out per process
@@ -141,14 +141,14 @@ def test_a_two_process_streamed_mixture_stopped_and_resumed_ends_bitwise(tmp_pat
     def run(out: Path, *extra: str, program: list[str] | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "STOP_AT_STEP": "7"}
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-        cmd = [*runner, *(program or ["-m", "uptrain"]), "train", str(config), f"--out={out}", *extra]
+        cmd = [*runner, *(program or ["-m", "uptrain_gqa"]), "train", str(config), f"--out={out}", *extra]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
     straight = run(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     stop = run(tmp_path / "stopped", program=[str(stopper)])
     assert "stopped by SIGTERM at step 10: checkpoint saved" in stop.stderr, stop.stderr[-3000:]
-    one = [sys.executable, "-m", "uptrain", "train", str(config), f"--out={tmp_path / 'stopped'}", "--resume"]
+    one = [sys.executable, "-m", "uptrain_gqa", "train", str(config), f"--out={tmp_path / 'stopped'}", "--resume"]
     alone = subprocess.run(one, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert alone.returncode == 1 and "holds the stream positions of 2 processes, not 1" in alone.stderr, alone.stderr
     resume = run(tmp_path / "stopped", "--resume")

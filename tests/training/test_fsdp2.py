@@ -1,5 +1,5 @@
 """FSDP2 on CPU over gloo, through the launch line users type on GPUs:
-`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m uptrain train RUN.yaml`.
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 -m uptrain_gqa train RUN.yaml`.
 
 Two sharded processes follow the one-process run with the same global batch, write DCP checkpoints
 from both ranks, stop on SIGTERM to the launcher and resume to the uninterrupted weights, and gather
@@ -23,8 +23,8 @@ import yaml
 
 from tests import ROOT, STOPPER, free_port, make_tiny_run
 from tests.families import tensors
-from uptrain.errors import UptrainError
-from uptrain.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_sharding
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_sharding
 
 TOLERANCE = 1e-5  # |Δ| against the one-process run (seen here: 1.8e-7 on the weights, 1e-6 on the loss)
 STOP_AT = 17
@@ -56,7 +56,7 @@ FILLER = textwrap.dedent(
                 full(self.path)
             return real_write(self, *args, **kwargs)
         dcp_files._FileSystemWriter.write_data = write_data
-    from uptrain.cli import main
+    from uptrain_gqa.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -78,7 +78,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def train(config: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "uptrain", "train", str(config), f"--out={out}", *extra]
+    return ["-m", "uptrain_gqa", "train", str(config), f"--out={out}", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from tests.families import tensors
-from uptrain.training import loop as trainlib
-from uptrain.training.checkpointer import checkpoints
-from uptrain.training.metrics import METRICS
+from uptrain_gqa.training import loop as trainlib
+from uptrain_gqa.training.checkpointer import checkpoints
+from uptrain_gqa.training.metrics import METRICS
 
 
 def config(tiny_run: dict, **changes: object) -> Path:
@@ -240,7 +240,7 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_keeps_the_last_ch
 
     with monkeypatch.context() as m:
         m.setattr(torch, "save", save_until_full)
-        m.setattr("uptrain.io.folders.LOW_SPACE", 2**62)  # this disk is not full: say it is
+        m.setattr("uptrain_gqa.io.folders.LOW_SPACE", 2**62)  # this disk is not full: say it is
         code, _, err = run_cli("train", cfg)
     assert saves, "the injected failure was never reached"
     assert code == 1 and "Traceback" not in err, err

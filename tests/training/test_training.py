@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests import make_tiny_run
 from tests.families import tensors
-from uptrain.synthetic import write_corpus
-from uptrain.training import loop as trainlib
-from uptrain.training.checkpointer import TRAIN_CONFIG, checkpoints
-from uptrain.training.metrics import METRICS
+from uptrain_gqa.synthetic import write_corpus
+from uptrain_gqa.training import loop as trainlib
+from uptrain_gqa.training.checkpointer import TRAIN_CONFIG, checkpoints
+from uptrain_gqa.training.metrics import METRICS
 
 
 def write(cfg: dict, path: Path) -> Path:
@@ -228,7 +228,7 @@ def test_only_the_models_own_tied_weights_are_quiet_when_saved() -> None:
     module.); any other sharing is still reported."""
     import logging
 
-    from uptrain.training.checkpointer import _ExpectedTies
+    from uptrain_gqa.training.checkpointer import _ExpectedTies
 
     def kept(names: set[str] | str) -> bool:
         text = f"[RANK 0] Removed shared tensor {names} while saving. This should be OK, but check ..."
@@ -274,7 +274,7 @@ def test_training_from_scratch(run_cli, tiny_run: dict) -> None:
 
 
 def test_distillation_kl_matches_its_definition() -> None:
-    from uptrain.training.losses import distill_kl
+    from uptrain_gqa.training.losses import distill_kl
 
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
@@ -286,7 +286,7 @@ def test_distillation_kl_matches_its_definition() -> None:
 
 
 def test_streaming_data_trains_and_resumes(run_cli, tiny_run: dict, monkeypatch) -> None:
-    from uptrain.synthetic import write_corpus
+    from uptrain_gqa.synthetic import write_corpus
 
     corpus = write_corpus(tiny_run["root"] / "stream.jsonl", docs=600, fmt="jsonl")
     data = {"files": [str(corpus)], "streaming": True, "seq_len": 32, "validation_blocks": 4, "shuffle_buffer": 50}
@@ -308,9 +308,9 @@ def test_default_tracker_is_skipped_when_not_installed(run_cli, tiny_run: dict) 
 
 def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path: Path) -> None:
     from tests.families import CASES, build
-    from uptrain.synthetic import save_tiny_llama
-    from uptrain.training.config import OptimConfig
-    from uptrain.training.model import build_optimizer
+    from uptrain_gqa.synthetic import save_tiny_llama
+    from uptrain_gqa.training.config import OptimConfig
+    from uptrain_gqa.training.model import build_optimizer
 
     for model in (
         AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "tied", shard=None, tie_word_embeddings=True)),
@@ -439,7 +439,7 @@ def test_chunked_cross_entropy_has_the_same_loss_and_gradients(tied: bool, monke
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from uptrain.training import losses
+    from uptrain_gqa.training import losses
 
     monkeypatch.setattr(losses, "CHUNK_ROWS", 7)  # several chunks and a partial one
     torch.manual_seed(0)

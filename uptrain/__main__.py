@@ -1,5 +1,0 @@
-"""`python -m uptrain`: the same as the `uptrain` command."""
-
-from uptrain.cli import main
-
-raise SystemExit(main())

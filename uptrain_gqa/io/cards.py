@@ -1,0 +1,112 @@
+"""Model cards: the README.md (YAML metadata + text) that every model folder uptrain writes carries.
+
+Built with huggingface_hub's `ModelCard`/`ModelCardData`, so the Hub reads `base_model`, the
+licence and the tags. The card names the source, the conversion (H → G KV heads, method, KV-cache
+bytes) and, for trained models, the uptraining (tokens, α of the original pretraining, steps,
+validation loss). The source's licence travels with it: its `license` metadata, and its licence
+files copied beside the card (`licence_files`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from uptrain_gqa.version import DISTRIBUTION, __version__
+
+CARD = "README.md"
+TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ title }}\n\n{{ body }}\n"
+LICENCE_NAMES = ("LICENSE", "LICENCE", "NOTICE", "USE_POLICY", "COPYING")
+
+
+def source_licence(folder: Path) -> str | None:
+    """The `license` the source's own card declares, if it has one."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(folder) / CARD
+    if not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except Exception:  # a README without (valid) metadata: no declared licence
+        return None
+
+
+def licence_files(source: Path, out: Path) -> list[str]:
+    """Copy the source's licence files into `out`; returns their names."""
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        if path.is_file() and path.name.upper().startswith(LICENCE_NAMES):
+            shutil.copy2(path, Path(out) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _base_model(record: dict[str, Any]) -> str:
+    source = record.get("source") or {}
+    return source.get("repo_id") or Path(str(source.get("path", "source"))).name
+
+
+def conversion_lines(record: dict[str, Any]) -> list[str]:
+    kv = record.get("kv_cache_bytes_per_token") or {}
+    lines = [
+        f"- **Source:** `{_base_model(record)}` ({record.get('model_type')}, {record.get('num_attention_heads')} query "
+        f"heads, {record.get('source_num_kv_heads')} KV heads)",
+        f"- **Converted to:** {record.get('num_kv_heads')} KV heads by `{record.get('method')}` "
+        f"({record.get('grouping')} grouping), dtype {record.get('dtype')}",
+    ]
+    if kv:
+        lines.append(f"- **KV cache:** {kv.get('before'):,} → {kv.get('after'):,} bytes per token")
+    c = record.get("calibration")
+    if isinstance(c, dict) and c.get("sources"):
+        texts = ", ".join(f"{s['label']} (`{s['data']}`, {s['tokens']:,})" for s in c["sources"])
+        lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} tokens of text: {texts}")
+    elif isinstance(c, dict):
+        lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} {c['kind']} tokens")
+    elif c:
+        lines.append(f"- **Calibration:** {c}")
+    return lines
+
+
+def write_card(
+    out: Path,
+    *,
+    title: str,
+    conversion: dict[str, Any] | None,
+    training: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    licence: str | None = None,
+    body: str = "",
+    source_card: Path | None = None,
+) -> None:
+    """OUT/README.md for a converted (`conversion`) and possibly uptrained (`training`) model."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lines = [body] if body else []
+    if conversion:
+        lines += ["## Conversion (uptrain convert)", "", *conversion_lines(conversion), ""]
+        base_model = base_model or _base_model(conversion)
+    if training:
+        lines += ["## Uptraining (uptrain train)", "", *(f"- **{k}:** {v}" for k, v in training.items()), ""]
+    done = "converted to grouped-query attention and uptrained" if training else "converted to grouped-query attention"
+    record = (
+        "`uptrain_conversion.json` and `uptrain_train.yaml` hold" if training else "`uptrain_conversion.json` holds"
+    )
+    lines.append(f"Made with uptrain {__version__} (`{DISTRIBUTION}`): {done}; {record} the full record.")
+    if source_card is not None and Path(source_card).is_file():  # kept, not replaced: terms, intended use
+        try:
+            text = ModelCard.load(source_card).text.strip()
+        except Exception:  # a README without metadata, or not UTF-8: kept with undecodable bytes replaced
+            text = Path(source_card).read_text(errors="replace").strip()
+        if text:
+            lines += ["", "## The source's model card", "", text]
+    data = ModelCardData(
+        base_model=base_model,
+        license=licence,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["uptrain", "gqa" if (conversion or {}).get("num_kv_heads", 2) > 1 else "mqa"],
+    )
+    card = ModelCard.from_template(data, template_str=TEMPLATE, title=title, body="\n".join(lines))
+    (Path(out) / CARD).write_text(str(card))

@@ -1,0 +1,284 @@
+"""Resumable step checkpoints: written aside and renamed, rotated, found again on `--resume`.
+
+A checkpoint is accelerate's saved state (model, optimizer, schedule, RNG states, and the
+`TrainState` registered with it), the resolved config, and train_state.json (step, tokens, time)
+in OUT/checkpoints/step-N. The data position is a function of the step (uptrain_gqa.data.blocks), or,
+streamed, every process's stream position in the `TrainState` (uptrain_gqa.data.streams), so this is all
+a run needs to continue exactly (one streamed source with a shuffle buffer: see data.shuffle_buffer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uptrain_gqa import config as configlib
+from uptrain_gqa.errors import UptrainError, first_line
+from uptrain_gqa.io.folders import TRAIN_CONFIG, respect_umask, write_failure
+from uptrain_gqa.training.config import RESUMABLE_CHANGES, TrainConfig
+from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardedState, tied_names
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint adds to the accelerate state: the step, tokens seen, stream positions."""
+
+    step: int = 0
+    tokens: int = 0
+    data: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "data": self.data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.data = state["step"], state["tokens"], state.get("data")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (incomplete ones are hidden temp folders)."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob("step-*")) if folder.is_dir() else []
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's train_state.json (step, tokens), or one line saying it is damaged."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("step", "tokens")):
+            raise ValueError("no whole step and tokens in it")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UptrainError(f"{path} is damaged ({first_line(e)}); use another checkpoint") from e
+    return state
+
+
+def check_checkpoint_kind(checkpoint: Path, sharded: bool) -> None:
+    """A sharded (FSDP2) checkpoint resumes only under FSDP2, a one-process/DDP one only without it."""
+    is_sharded = (checkpoint / SHARDED_FOLDER).exists()
+    if is_sharded and not sharded:
+        raise UptrainError(
+            f"{checkpoint} is a sharded (FSDP2) checkpoint: resume it under the launcher it was saved with "
+            "(accelerate launch --config_file configs/accelerate/fsdp2.yaml ...), or `uptrain export` it"
+        )
+    if sharded and not is_sharded:
+        raise UptrainError(
+            f"{checkpoint} is not a sharded (FSDP2) checkpoint; resume it with the launcher it was saved with"
+        )
+
+
+def set_aside_later(run_dir: Path, checkpoint: Path) -> Path | None:
+    """Resuming from an earlier checkpoint starts a new history: the run's checkpoints of later steps (the
+    abandoned history) move into checkpoints/abandoned-after-step-N-TIME/, so that `--resume auto` and
+    rotation see only this history and a later save never replaces one of them. Nothing is deleted.
+    Returns the folder they went to, or None when there were none."""
+    step = read_state(checkpoint)["step"]
+    later = [c for c in checkpoints(run_dir) if c.resolve() != checkpoint.resolve() and _step(c) > step]
+    if not later:
+        return None
+    aside = run_dir / "checkpoints" / f"abandoned-after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for old in later:
+        old.rename(aside / old.name)
+    return aside
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """None (start), the latest checkpoint ('latest', or 'auto' when there is one), or a given one."""
+    if resume is None:
+        return None
+    if resume not in ("latest", "auto"):
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UptrainError(f"--resume {resume}: not an uptrain checkpoint (no {STATE_FILE})")
+        return path
+    found = checkpoints(run_dir)
+    if not found and resume == "auto":
+        return None  # nothing to resume yet: a first start (e.g. of a requeued batch job)
+    if not found:
+        raise UptrainError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    return found[-1]
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume with settings that would change what the remaining steps compute."""
+    try:
+        saved = yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UptrainError(f"{checkpoint / TRAIN_CONFIG} is damaged ({first_line(e)}); use another checkpoint") from e
+    if not isinstance(saved, dict):
+        raise UptrainError(
+            f"{checkpoint / TRAIN_CONFIG} is damaged (not a mapping of config sections); use another checkpoint"
+        )
+    now = configlib.to_dict(cfg)
+    diffs = [
+        f"{section}.{key}"
+        for section in now
+        if section not in RESUMABLE_CHANGES
+        for key in (now[section] if isinstance(now[section], dict) else {"": None})
+        if (now[section].get(key) if isinstance(now[section], dict) else now[section])
+        != ((saved.get(section) or {}).get(key) if isinstance(now[section], dict) else saved.get(section))
+    ]
+    if diffs:
+        raise UptrainError(
+            f"the config differs from the checkpoint's in {', '.join(d.rstrip('.') for d in diffs)}; "
+            "resuming would not continue the same run (only budget, checkpoint, logging and out may change)"
+        )
+
+
+class _ExpectedTies(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" when every name it removed is one of the
+    model's own tied weights (a head tied to the input embeddings): safetensors stores a shared tensor once,
+    and loading the checkpoint into the model, which is tied, fills both names. Other sharing still warns."""
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        found = re.search(r"Removed shared tensor \{(.*?)\}", message)
+        if found is None:
+            return True
+        removed = {name.strip().strip("'\"").removeprefix("module.") for name in found.group(1).split(",")}
+        return not removed <= self.tied
+
+
+@contextlib.contextmanager
+def _quiet_expected_ties(model: Any) -> Iterator[None]:
+    tied = {name for group in tied_names(model) for name in group} if model is not None else set()
+    if not tied:
+        yield
+        return
+    logger = logging.getLogger("accelerate.utils.other")  # where accelerate's safetensors save warns
+    note = _ExpectedTies(tied)
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
+def failures_everywhere(acc: Any, failure: str | None) -> list[str]:
+    """Every process's failure (None: it succeeded), gathered on all of them: a collective, which every
+    process must reach, so that all stop together and each can say what went wrong where (the launcher may
+    end the process that failed before it prints)."""
+    if acc.num_processes == 1:
+        return [failure] if failure is not None else []
+    import torch.distributed as dist
+
+    gathered: list[str | None] = [None] * acc.num_processes
+    dist.all_gather_object(gathered, failure)
+    ranks: dict[str, list[str]] = {}
+    for rank, f in enumerate(gathered):
+        if f is not None:
+            ranks.setdefault(f, []).append(str(rank))
+    return [f"{f} ({'ranks' if len(r) > 1 else 'rank'} {', '.join(r)})" for f, r in ranks.items()]
+
+
+class Checkpointer:
+    """Saves a run's checkpoints from every process (accelerate writes each process's part; under
+    FSDP2 the sharded model and optimizer go into a DCP folder beside it, one file per rank), then the
+    main process adds the config and the state file, renames the folder into place and rotates."""
+
+    def __init__(
+        self,
+        acc: Any,
+        run_dir: Path,
+        cfg: TrainConfig,
+        sharded: ShardedState | None = None,
+        model: Any = None,
+    ) -> None:
+        self.acc, self.run_dir, self.cfg, self.sharded = acc, run_dir, cfg, sharded
+        self.model = model  # the model accelerate saves, unwrapped: its tied weights are stored once
+
+    def save(self, state: TrainState, data: Any) -> Path:
+        """accelerate state + train state into checkpoints/step-N (written aside, then renamed)."""
+        acc = self.acc
+        folder = self.run_dir / "checkpoints"
+        final = folder / f"step-{state.step:08d}"
+        tmp = folder / f".step-{state.step:08d}.partial"
+        if data.streaming:  # every process's stream position goes into the (main-process) file
+            state.data = acc.gather_for_metrics([data.state_dict()], use_gather_object=True)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+        acc.wait_for_everyone()
+        # Each phase's failure (a full disk, a quota) is agreed on by every process before the next
+        # collective, so that all stop together with one message and the previous checkpoint intact.
+        with _quiet_expected_ties(self.model):
+            self._agreed(final, tmp, lambda: acc.save_state(str(tmp)))
+        if self.sharded is not None:
+            self._agreed(final, tmp, lambda: self.sharded.save(tmp))
+        acc.wait_for_everyone()
+        self._agreed(final, tmp, lambda: self._finish(tmp, state) if acc.is_main_process else None)
+        if acc.is_main_process:
+            tmp.rename(final)
+            for old in checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _finish(self, tmp: Path, state: TrainState) -> None:
+        configlib.dump(self.cfg, tmp / TRAIN_CONFIG)
+        info = {"step": state.step, "tokens": state.tokens, "time": time.time()}
+        (tmp / STATE_FILE).write_text(json.dumps(info) + "\n")
+        respect_umask(tmp)  # accelerate writes the weights 0600
+
+    def _agreed(self, final: Path, tmp: Path, write: Callable[[], Any]) -> None:
+        """Run one phase of writing a checkpoint on every process; when it failed on any of them, remove
+        the partial checkpoint and raise UptrainError on all of them."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        reason: str | None = None
+        try:
+            write()
+        except (Exception, CheckpointException) as e:  # torch, safetensors and DCP raise many types
+            reason = write_failure(e, final.parent) or f"{type(e).__name__}: {first_line(e)}"
+        reasons = failures_everywhere(self.acc, reason)
+        if not reasons:
+            return
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        latest = self.latest()
+        kept = "; no checkpoint was saved yet"
+        if latest is not None:
+            kept = f", then resume from {latest.name}, which is intact"
+        raise UptrainError(
+            f"cannot write checkpoint {final.name} in {final.parent}: {'; '.join(reasons)}; "
+            f"make room or lower checkpoint.keep{kept}"
+        )
+
+    def load(self, checkpoint: Path) -> None:
+        """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""
+        try:
+            self.acc.load_state(str(checkpoint))
+            if self.sharded is not None:
+                self.sharded.load(checkpoint)
+        except UptrainError:
+            raise
+        except Exception as e:  # a truncated optimizer.bin, a missing shard, ...: torch and accelerate's many types
+            raise UptrainError(
+                f"cannot resume from {checkpoint}: it is damaged ({type(e).__name__}: {first_line(e)}); resume from an "
+                "earlier checkpoint with --resume PATH"
+            ) from e
+
+    def latest(self) -> Path | None:
+        found = checkpoints(self.run_dir)
+        return found[-1] if found else None

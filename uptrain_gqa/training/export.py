@@ -1,0 +1,118 @@
+"""Step checkpoints as models: `uptrain export` turns any checkpoint of a run into a Hugging Face folder.
+
+A step checkpoint holds what resuming needs (optimizer, RNG, schedule), not a model others can load.
+Two kinds exist: a replicated run (one process or DDP) saves the whole model as
+`model.safetensors` through accelerate; an FSDP2 run saves it as DCP shards, one file per rank
+(`sharded/`). Both are read here in one process, on the CPU, with no process group: DCP reassembles
+the shards into whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain_gqa import config as configlib
+from uptrain_gqa.errors import UptrainError, first_line
+from uptrain_gqa.io.folders import TRAIN_CONFIG
+from uptrain_gqa.io.hub import looks_like_repo_id
+from uptrain_gqa.model.loading import load_tokenizer, read_model_config
+from uptrain_gqa.training.checkpointer import STATE_FILE, read_state
+from uptrain_gqa.training.config import TrainConfig
+from uptrain_gqa.training.model import write_model_folder
+from uptrain_gqa.training.sharding import SHARDED_FOLDER, check_sharded_metadata
+
+REPLICATED_FILE = "model.safetensors"
+"""accelerate's name for the (first) model of a saved state."""
+
+
+def checkpoint_kind(checkpoint: Path) -> str:
+    """'sharded' (FSDP2, DCP) or 'replicated' (one process or DDP); raises for anything else."""
+    if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / TRAIN_CONFIG).is_file():
+        raise UptrainError(
+            f"{checkpoint} is not an uptrain step checkpoint (no {STATE_FILE} / {TRAIN_CONFIG}); "
+            "give a folder like OUT/checkpoints/step-00001000"
+        )
+    if (checkpoint / SHARDED_FOLDER / ".metadata").is_file():
+        return "sharded"
+    if (checkpoint / REPLICATED_FILE).is_file():
+        return "replicated"
+    raise UptrainError(f"{checkpoint} holds neither {REPLICATED_FILE} nor {SHARDED_FOLDER}/; is it complete?")
+
+
+def _structure(cfg: TrainConfig) -> torch.nn.Module:
+    """The run's model without weights (meta device): its modules, names and shapes."""
+    from transformers import AutoModelForCausalLM
+
+    where = cfg.model.path if cfg.model.init == "pretrained" else cfg.model.config
+    config = read_model_config(str(where), cfg.model.revision)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+        )
+
+
+def _weights(checkpoint: Path, kind: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of `model` as a whole CPU tensor, read from the checkpoint."""
+    if kind == "replicated":
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / REPLICATED_FILE)
+    import torch.distributed.checkpoint as dcp
+
+    check_sharded_metadata(checkpoint)
+    template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    state = {"model": template}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_FOLDER))  # the shards, reassembled
+    return state["model"]
+
+
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write the model of step checkpoint `checkpoint` as a Hugging Face folder `out`; returns what was exported."""
+    checkpoint = Path(checkpoint)
+    kind = checkpoint_kind(checkpoint)
+    cfg = configlib.load(TrainConfig, checkpoint / TRAIN_CONFIG)
+    state = read_state(checkpoint)
+    for setting in ("path", "config", "tokenizer"):  # a deleted source folder: say so, not "Repo id must be..."
+        value = getattr(cfg.model, setting)
+        if value and not looks_like_repo_id(str(value)) and not Path(value).exists():
+            raise UptrainError(
+                f"the run of {checkpoint} read model.{setting} from {value}, which no longer exists; export "
+                "takes the model's config and tokenizer from there: restore that folder"
+            )
+    tokenizer_from = cfg.model.tokenizer or cfg.model.path
+    if tokenizer_from is None:  # from scratch: the folder of the config
+        where = Path(str(cfg.model.config))
+        tokenizer_from = str(where.parent if where.is_file() else where)
+    tokenizer = load_tokenizer(tokenizer_from, None if cfg.model.tokenizer else cfg.model.revision)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    model = _structure(cfg)
+    try:
+        weights = _weights(checkpoint, kind, model)
+    except UptrainError:
+        raise
+    except (Exception, CheckpointException) as e:  # a missing, truncated or empty shard: many types
+        raise UptrainError(
+            f"cannot read the weights of {checkpoint}: it is damaged or incomplete ({type(e).__name__}: "
+            f"{first_line(e)}); "
+            "export another checkpoint"
+        ) from e
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()  # a replicated checkpoint stores a tied head once
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UptrainError(f"{checkpoint} lacks weights for {', '.join(missing[:3])}; it does not match its config")
+    full = dict(model.state_dict())
+    record = {"checkpoint": str(checkpoint.absolute()), "kind": kind, "step": state["step"], "tokens": state["tokens"]}
+    extra = {STATE_FILE: json.dumps(state) + "\n"}
+    write_model_folder(
+        model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,), progress=state
+    )
+    return record

@@ -1,0 +1,363 @@
+"""The training loop: continued pretraining ("uptraining") with accelerate, on 1 CPU to many GPUs.
+
+One optimizer step = every process runs `grad_accum` micro-batches under
+`accelerator.accumulate`, then the optimizer and the LR schedule step once. The state of a run
+is the step and the tokens seen; the data position is a function of the step (see
+`uptrain_gqa.data.blocks`), and streamed data saves each process's stream position beside it
+(`uptrain_gqa.data.streams`), so a checkpoint resumes the run exactly. SIGTERM/SIGINT ask for a
+checkpoint at the end of the current step and a clean exit; a non-finite loss stops the run
+before it can overwrite a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uptrain_gqa import config as configlib
+from uptrain_gqa.data.blocks import BlockData, prepare
+from uptrain_gqa.data.config import data_sources
+from uptrain_gqa.data.streams import StreamData, StreamMixture
+from uptrain_gqa.device import autocast_precision, device_name, environment, multi_process_cpu
+from uptrain_gqa.errors import STOP_SIGNALS, Stopped, UptrainError
+from uptrain_gqa.training.budget import TrainBudget, mfu
+from uptrain_gqa.training.checkpointer import Checkpointer, TrainState, checkpoints
+from uptrain_gqa.training.config import TrainConfig
+from uptrain_gqa.training.losses import token_nll, training_loss, use_chunked_loss
+from uptrain_gqa.training.metrics import MetricsLog, available_trackers, flat, record_session
+from uptrain_gqa.training.model import (
+    RunModel,
+    build_optimizer,
+    build_scheduler,
+    compile_layers,
+    freeze_untrained,
+    load_model,
+    load_teacher,
+    save_final_model,
+)
+from uptrain_gqa.training.sharding import (
+    ShardedState,
+    ShardingPlan,
+    clip_grad_norm,
+    full_state_dict,
+    local_fraction,
+    shard_model,
+)
+
+
+class StopSignals:
+    """First SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, exit. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        for s in self._previous:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """One training run. Its parts: the accelerator (processes, device, precision), this process's
+    data, the model (and teacher), optimizer and schedule, the train state, the checkpointer and the
+    metrics log."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        budget: TrainBudget,
+        models: RunModel,
+        tokenizer: Any,
+        resume: Path | None,
+        sharding: ShardingPlan | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+
+        self.cfg, self.budget, self.tokenizer, self.sharding = cfg, budget, tokenizer, sharding
+        self.run_dir = Path(cfg.out)
+        precision = autocast_precision(cfg.mixed_precision)
+        self.acc = acc = Accelerator(
+            cpu=multi_process_cpu(),
+            # under FSDP2 the precision is the sharding's policy (bf16 compute, fp32 reduce and master weights)
+            mixed_precision="no" if sharding else precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=budget.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+            ),
+            log_with=available_trackers(cfg.logging.trackers) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        )
+        self.metrics = MetricsLog(acc, self.run_dir)
+        set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
+        with acc.main_process_first():  # one process downloads / loads into the cache first
+            on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
+            model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
+            teacher = load_teacher(cfg.distill, cfg.model, meta=on_meta) if cfg.distill.teacher else None
+        if cfg.optim.trainable is not None:
+            trained = freeze_untrained(model, cfg.optim.trainable)
+            total = sum(p.numel() for p in model.parameters())
+            self.metrics.log(f"optim.trainable={cfg.optim.trainable!r}: training {trained:,} of {total:,} parameters")
+        self.data: BlockData | StreamData | StreamMixture = prepare(
+            cfg.data,
+            tokenizer,
+            seed=cfg.seed,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            main_process_first=acc.main_process_first,
+        )
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        if cfg.model.chunked_loss and not cfg.distill.teacher and use_chunked_loss(model):
+            self.metrics.log("chunked cross-entropy: the full fp32 logits are never materialised")
+        sharded_state = None
+        if sharding is not None:
+            if sharding.activation_checkpointing and not cfg.model.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model = shard_model(
+                model, sharding, device=acc.device, precision=precision, main_process=acc.is_main_process
+            )
+            if cfg.model.compile:
+                compile_layers(self.model)
+            if teacher is not None:
+                main = acc.is_main_process
+                teacher = shard_model(
+                    teacher, sharding, device=acc.device, precision=precision, main_process=main, frozen=True
+                )
+            self.optimizer = build_optimizer(self.model, cfg.optim, acc.device)
+            self.scheduler = build_scheduler(self.optimizer, cfg.optim, budget.steps)
+            acc.register_for_checkpointing(self.scheduler)
+            sharded_state = ShardedState(self.model, self.optimizer)
+            local, total = local_fraction(self.model)
+            self.metrics.log(
+                f"FSDP2 over {acc.num_processes} processes ({acc.device.type}, precision {precision}): "
+                f"this process holds {local:,} of {total:,} parameters"
+            )
+        else:
+            optimizer = build_optimizer(model, cfg.optim, acc.device)
+            scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+            if teacher is not None:
+                teacher = teacher.to(acc.device)
+        # The teacher is the unchanged source, loaded again on resume: it is placed (or sharded) here and
+        # never registered with accelerate, whose save_state would write it into every checkpoint.
+        self.teacher = teacher
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state, model=None if sharding else model)
+        if resume is not None:
+            self.checkpointer.load(resume)
+            if self.state.data is not None:  # streamed: each process's position in its own part of the data
+                if len(self.state.data) != acc.num_processes:
+                    raise UptrainError(
+                        f"{resume} holds the stream positions of {len(self.state.data)} processes, not "
+                        f"{acc.num_processes}: streamed data is split by process; resume with {len(self.state.data)}"
+                    )
+                self.data.load_state_dict(self.state.data[acc.process_index])
+            self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
+        self.metrics.start(self.state.step)
+
+    def record_session(self) -> str | None:
+        """Add this start (or resume) to OUT/uptrain_run.json; returns the tracker run id all sessions share."""
+        entry = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "world_size": self.acc.num_processes,
+            "device": device_name(self.acc.device),
+            "sharding": "fsdp2" if self.sharding is not None else "replicated",
+            "data": data_sources(self.cfg.data),
+            **environment(),
+        }
+        ids = self.acc.gather_for_metrics([device_name(self.acc.device)], use_gather_object=True)
+        entry["devices_by_rank"] = ids
+        if not self.acc.is_main_process:
+            return None
+        return record_session(self.run_dir, entry)["tracker_run_id"]
+
+    def record(self, metrics: dict[str, float]) -> None:
+        self.metrics.record(self.state.step, self.state.tokens, metrics)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over every process's micro-batches: (mean loss, mean CE, grad norm), left on
+        the device: reading them back would stall the host until the GPU is done, every step."""
+        acc, cfg = self.acc, self.cfg
+        losses, ces = [], []
+        grad_norm = torch.tensor(float("nan"))
+        for micro in range(self.budget.grad_accum):
+            ids = self.data.micro_batch(self.state.step * self.budget.grad_accum + micro).to(acc.device)
+            with acc.accumulate(self.model):
+                if self.sharding is not None:  # reduce-scatter the gradients once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(acc.sync_gradients)
+                loss, ce = training_loss(self.model, ids, self.teacher, cfg.distill.weight, cfg.distill.temperature)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = self.clip_grad_norm(cfg.optim.grad_clip or math.inf)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+            ces.append(ce.float())
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens += self.budget.global_batch_tokens
+        return torch.stack(losses).mean(), torch.stack(ces).mean(), grad_norm
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.sharding is not None:
+            return clip_grad_norm(self.model.parameters(), max_norm)
+        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def agree(self, loss: torch.Tensor, ce: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
+        """One collective and one read-back: mean loss and CE over processes, and whether any wants to stop."""
+        flag = torch.tensor(float(stop), device=self.acc.device, dtype=torch.float64)
+        t = torch.stack([loss.detach().double(), ce.detach().double(), flag])
+        t = self.acc.reduce(t, "sum") if self.acc.num_processes > 1 else t
+        n = self.acc.num_processes
+        return float(t[0]) / n, float(t[1]) / n, bool(t[2] > 0)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and perplexity on the held-out blocks, over every process's share (and per source of a mixture)."""
+        self.model.eval()
+        parts = getattr(self.data, "parts", [])
+        # rows: one per source (or one for all), columns: (loss sum, tokens)
+        total = torch.zeros(max(1, len(parts)), 2, dtype=torch.float64, device=self.acc.device)
+        for rows, ids in self._validation_rows():
+            ids = ids.to(self.acc.device)
+            nll = token_nll(self.model, ids)  # (B, T-1)
+            for row, block_nll in zip(rows or [None] * len(ids), nll.sum(1).double(), strict=True):
+                part = next((i for i, (_, r) in enumerate(parts) if row in r), 0)
+                total[part, 0] += block_nll
+                total[part, 1] += ids.shape[1] - 1
+        total = self.acc.reduce(total, "sum") if self.acc.num_processes > 1 else total
+        self.model.train()
+        val = float(total[:, 0].sum() / total[:, 1].sum())
+        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        for i, (label, _) in enumerate(parts):
+            out[f"val_loss/{label}"] = float(total[i, 0] / total[i, 1])
+        return out
+
+    def _validation_rows(self) -> Any:
+        b = self.cfg.batch.micro_batch_size
+        if hasattr(self.data, "validation_rows"):
+            return self.data.validation_rows(b)
+        return ((None, ids) for ids in self.data.validation_batches(b))
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        acc, cfg, budget = self.acc, self.cfg, self.budget
+        run_id = self.record_session()
+        wandb = {"name": cfg.logging.run_name or self.run_dir.absolute().name, "tags": cfg.logging.tags,
+                 "id": run_id, "resume": "allow"}  # fmt: skip  # a resumed run continues the same tracker run
+        acc.init_trackers(cfg.logging.project, config=flat(configlib.to_dict(cfg)), init_kwargs={"wandb": wandb})
+        from tqdm.auto import tqdm
+
+        signals = StopSignals()
+        bar = tqdm(total=budget.steps, initial=self.state.step, unit="step", disable=not acc.is_main_process)
+        self.model.train()
+        last: dict[str, float] = {}
+        try:
+            if self.state.step == 0:
+                last |= self.validate()
+                self.record(last)
+            window_start, window_steps = time.perf_counter(), 0
+            while self.state.step < budget.steps:
+                loss_t, ce_t, norm_t = self.step()
+                window_steps += 1
+                bar.update(1)
+                step = self.state.step
+                log_due = step % cfg.logging.every == 0 or step == budget.steps
+                eval_due = step == budget.steps or bool(cfg.logging.eval_every and step % cfg.logging.eval_every == 0)
+                save_due = step == budget.steps or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                signalled = signals.received is not None
+                # values are read back (a host sync) only where they are needed: logging, validation and
+                # checkpoints (so a non-finite loss is caught before it is saved), and at once on a signal
+                # when alone; several processes agree on a stop at their next such step
+                if not (log_due or eval_due or save_due or (signalled and acc.num_processes == 1)):
+                    continue
+                loss, ce, stop = self.agree(loss_t, ce_t, signalled)
+                grad_norm = float(norm_t)
+                if not math.isfinite(loss):
+                    kept = checkpoints(self.run_dir)
+                    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+                    raise Stopped(
+                        f"the loss became {loss} at step {self.state.step}; stopped without saving ({where}). "
+                        "Lower optim.lr, check the data, or resume from that checkpoint",
+                        exit_code=1,
+                    )
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if log_due:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * budget.global_batch_tokens / max(elapsed, 1e-9)
+                    last = {
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tps,
+                    }
+                    if acc.device.type != "cpu":  # budget.gpu_peak_tflops is an accelerator's peak, not a CPU's
+                        last["mfu"] = mfu(tps, budget.params, cfg.budget.gpu_peak_tflops, acc.num_processes)
+                    if self.teacher is not None:  # the loss mixes in the KL term: show the CE alone too
+                        last["ce"] = ce
+                    if acc.device.type == "cuda":
+                        last["peak_memory_bytes"] = torch.cuda.max_memory_allocated(acc.device)
+                    self.record(last)
+                    window_start, window_steps = time.perf_counter(), 0
+                if eval_due:
+                    metrics = self.validate()
+                    last |= metrics
+                    self.record(metrics)
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{metrics['val_loss']:.4f}")
+                if save_due or stop:
+                    path = self.checkpointer.save(self.state, self.data)
+                if stop:
+                    name = signal.Signals(signals.received or signal.SIGTERM).name
+                    raise Stopped(
+                        f"stopped by {name} at step {step}: checkpoint saved to {path}; "
+                        f"continue with `uptrain train ... --resume`",
+                        exit_code=128 + int(signals.received or signal.SIGTERM),
+                    )
+                if window_steps == 0:  # logging/eval/checkpoint time is not training time
+                    window_start = time.perf_counter()
+        except BaseException:
+            self.end()
+            raise
+        finally:
+            bar.close()
+            signals.restore()
+        acc.wait_for_everyone()
+        if self.sharding is not None:
+            weights = full_state_dict(self.model, acc.is_main_process)
+        else:
+            weights = acc.get_state_dict(self.model)
+        progress = {"step": self.state.step, "tokens": self.state.tokens, **last}
+        save_final_model(
+            acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress, self.checkpointer.latest()
+        )
+        self.end()  # after the last collective
+        self.metrics.log(f"model saved to {self.run_dir / 'model'}")
+        return {"step": self.state.step, "tokens": self.state.tokens, **last}
+
+    def end(self) -> None:
+        """Closes the trackers and the process group. The data-parallel wrapper is freed first: its gradient
+        reducer holds the process group, and freed after the group is unregistered it would destroy gloo's
+        group while holding the GIL, which a gloo worker thread finishing its last collective waits for (a
+        hang at exit, seen now and then in two-process CPU runs)."""
+        if self.sharding is None:
+            self.model = None  # type: ignore[assignment]
+            self.acc.free_memory()  # accelerate's references, then gc: cycles through hooks included
+        self.acc.end_training()

@@ -1,0 +1,101 @@
+"""What a run reports, from the main process only: progress lines, OUT/metrics.jsonl, and trackers.
+
+metrics.jsonl has one JSON object per record: the step, the tokens seen, and the metrics of that
+moment (loss, lr, grad norm, tokens/s, MFU every `logging.every` steps; validation loss and
+perplexity every `logging.eval_every` steps).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from uptrain_gqa.errors import first_line
+
+METRICS = "metrics.jsonl"
+RUN_RECORD = "uptrain_run.json"
+"""Every start and resume of a run: when, at which step, on what (versions, devices, processes), on which data."""
+
+
+def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append `entry` to the run record (creating it, with a tracker run id that resumes keep); returns it."""
+    import uuid
+
+    path = Path(run_dir) / RUN_RECORD
+    record = None
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("sessions"), list):
+                raise ValueError("not a run record")
+        except ValueError as e:  # damaged: kept beside, a new record starts (the run itself is fine)
+            record = None
+            damaged = path.with_name(f"{RUN_RECORD}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(damaged)
+            print(f"uptrain train: {path} was damaged ({first_line(e)}); kept as {damaged.name}, "
+                  "a new record starts", file=sys.stderr)  # fmt: skip
+    if record is None:
+        record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
+    record["sessions"].append(entry)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return record
+
+
+def available_trackers(names: list[str]) -> list[str]:
+    """The configured accelerate trackers that can run here (tensorboard is skipped when not installed)."""
+    from accelerate.utils import is_tensorboard_available
+
+    return [n for n in names if n != "tensorboard" or is_tensorboard_available()]
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys with scalar values (what trackers accept)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _step_of(row: str) -> int:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line of a killed run: dropped
+
+
+class MetricsLog:
+    """Progress lines on stderr and metric records, written by the main process; trackers via accelerate."""
+
+    def __init__(self, acc: Any, run_dir: Path) -> None:
+        self.acc, self.path = acc, Path(run_dir) / METRICS
+
+    def log(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(text, file=sys.stderr, flush=True)
+
+    def start(self, step: int) -> None:
+        """Keep only the records of steps up to `step` (where this run starts or resumes): records a
+        killed run wrote after its last checkpoint, or an earlier run's, would otherwise repeat."""
+        if not self.acc.is_main_process or not self.path.is_file():
+            return
+        rows = self.path.read_text().splitlines(keepends=True)
+        kept = [r for r in rows if step > 0 and _step_of(r) <= step]
+        if kept != rows:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
+
+    def record(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        self.acc.log(metrics, step=step)
+        if self.acc.is_main_process:
+            row = {"step": step, "tokens": tokens, **metrics}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")

@@ -1,0 +1,130 @@
+"""A training run from its config: checks, the budget, the run folder, then the loop.
+
+Everything that can fail on a bad input (config, data files, model, tokenizer, teacher, batch
+geometry, a run folder that already holds a run) fails here before any work starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from uptrain_gqa import config as configlib
+from uptrain_gqa.device import autocast_precision, multi_process_cpu
+from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import MARKERS
+from uptrain_gqa.io.ownership import OutputLock, check_not_input, check_replaceable
+from uptrain_gqa.training.budget import train_budget
+from uptrain_gqa.training.checkpointer import (
+    TRAIN_CONFIG,
+    check_checkpoint_kind,
+    check_resumable,
+    checkpoints,
+    resume_path,
+    set_aside_later,
+)
+from uptrain_gqa.training.config import TrainConfig
+from uptrain_gqa.training.loop import Trainer
+from uptrain_gqa.training.model import preflight
+from uptrain_gqa.training.sharding import claim_sharding, mixed_precision_policy
+
+
+def _inputs(cfg: TrainConfig) -> tuple[str | None, ...]:
+    return (cfg.model.path, cfg.model.config, cfg.model.tokenizer, cfg.distill.teacher)
+
+
+def check_run_folder(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
+    """For a run that starts (not resumes): the run folder may be new or empty, or, with --overwrite,
+    one uptrain made that holds none of the inputs."""
+    if not run_dir.exists():
+        return
+    if overwrite:
+        check_replaceable(run_dir, MARKERS, _inputs(cfg))
+        return
+    if not run_dir.is_dir():
+        raise UptrainError(f"out {run_dir} exists and is not a folder; choose another out")
+    if checkpoints(run_dir) or (run_dir / "model").exists():
+        raise UptrainError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if any(run_dir.iterdir()) and not (run_dir / TRAIN_CONFIG).is_file():
+        raise UptrainError(f"out {run_dir} is a folder uptrain did not make (no {TRAIN_CONFIG}); choose another out")
+
+
+def run_training(
+    cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
+) -> dict[str, Any]:
+    """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
+    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
+    from accelerate import PartialState
+
+    run_dir = Path(cfg.out)
+    check_not_input(run_dir, _inputs(cfg))  # a run writes checkpoints, metrics and model/ into its folder
+    checkpoint = resume_path(run_dir, resume)
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint)
+    elif not dry_run:
+        check_run_folder(cfg, run_dir, overwrite)
+    sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
+    if checkpoint is not None:
+        check_checkpoint_kind(checkpoint, sharded=sharding is not None)
+    if sharding is not None:
+        mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
+    models, tokenizer = preflight(cfg)
+    state = PartialState(cpu=multi_process_cpu())
+    # rank 0 owns the run folder for the whole run: a second train on it refuses at once
+    lock = OutputLock(run_dir) if state.is_main_process and not dry_run else None
+    if lock is not None:
+        run_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        if lock is not None and checkpoint is None:
+            check_run_folder(cfg, run_dir, overwrite)  # again: another run may have started since
+        if lock is not None and checkpoint is not None and not dry_run:
+            aside = set_aside_later(run_dir, checkpoint)
+            if aside is not None:
+                print(f"uptrain train: resuming from {checkpoint.name} starts a new history; the run's later "
+                      f"checkpoints moved to {aside}", file=sys.stderr)  # fmt: skip
+        budget = train_budget(
+            tokens=cfg.budget.tokens,
+            fraction=cfg.budget.fraction,
+            original_tokens=cfg.budget.original_tokens,
+            steps=cfg.budget.steps,
+            seq_len=cfg.data.seq_len,
+            global_batch_size=cfg.batch.global_batch_size,
+            micro_batch_size=cfg.batch.micro_batch_size,
+            num_processes=state.num_processes,
+            params=models.matmul_params,
+            tied_embeddings=models.tied_embeddings,
+            gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
+            assumed_mfu=cfg.budget.assumed_mfu,
+        )
+        if state.is_main_process:
+            print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
+        if dry_run:
+            return {"budget": budget}
+        return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool, state: Any, parts: tuple
+) -> dict[str, Any]:
+    budget, models, tokenizer, sharding = parts
+    created = not run_dir.exists()
+    if state.is_main_process:
+        if overwrite and checkpoint is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configlib.dump(cfg, run_dir / TRAIN_CONFIG)
+    state.wait_for_everyone()
+    try:
+        trainer = Trainer(cfg, budget, models, tokenizer, checkpoint, sharding)
+    except BaseException:
+        # nothing was trained: a folder this run created (holding only its config) goes again
+        if created and state.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return trainer.run()
