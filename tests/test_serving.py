@@ -224,6 +224,9 @@ def test_quality_finds_where_repeated_heads_merge_exactly_and_recommends_within_
     assert kl[8] == 0.0 and kl[4] <= 1e-3 and kl[2] <= 1e-3, kl  # the repeated heads merge exactly
     assert kl[1] > 0.01, kl  # the two distinct heads do not
     assert plan["recommended_num_kv_heads"] == 2 and plan["quality"]["note"] is None  # smallest cache within 0.005
+    # the conversion that makes it, runnable as printed: the user's model, the merge as measured (svd, the
+    # default calibration text, as many calibration tokens)
+    assert plan["command"] == f"uptrain convert {mha} mha-gqa2 --num-kv-heads 2 --method svd --calibration-tokens 2048"
     code, out, err = run_cli("plan", mha, *[c for c in common if c != "--json"], "--max-kl", "0", "--plot",
                              tmp_path / "plan.png")  # fmt: skip
     assert code == 0, err

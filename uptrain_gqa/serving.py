@@ -17,6 +17,7 @@ from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.model.facts import checkpoint_facts
 from uptrain_gqa.model.loading import read_model_config
 from uptrain_gqa.model.shape import ModelShape, attention_kind, count_parameters
+from uptrain_gqa.units import byte_unit, format_bytes, format_count
 from uptrain_gqa.version import install_hint
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
@@ -166,7 +167,7 @@ def why_none_fits(rows: list[ServingRow], memory: int, context: int, batch: int)
     mqa = rows[-1]
     if mqa.weights_per_gpu > memory:
         return (
-            f"the weights alone need {mqa.weights_per_gpu / 1e9:.2f} GB per GPU, more than the {memory / 1e9:.2f} GB "
+            f"the weights alone need {format_bytes(mqa.weights_per_gpu)} per GPU, more than the {format_bytes(memory)} "
             "of memory; add GPUs (--tp) or store the weights in fewer bits (--weights-dtype)"
         )
     if mqa.max_requests < 1:
@@ -183,22 +184,33 @@ def _quality_cells(r: ServingRow) -> str:
     return f" {r.kl:.4f} | {r.top1_agreement:.1%} |"
 
 
-def _size(n: float, units: str) -> str:
-    return f"{n / (2**30 if units == 'GiB' else 1e9):,.2f}"
+def _size(n: float, unit: tuple[str, float]) -> str:
+    """`n` bytes as a number of `unit` (name, bytes)."""
+    return f"{n / unit[1]:,.0f}" if unit[0] == "B" else f"{n / unit[1]:,.2f}"
 
 
 def print_plan(
     model: ServedModel, rows: list[ServingRow], best: int | None, memory: int, context: int, batch: int,
-    kv_dtype: str, tp: int, units: str, quality_note: str | None = None,
+    kv_dtype: str, tp: int, units: str, quality_note: str | None = None, command: str | None = None,
 ) -> None:  # fmt: skip
-    u, m = units, model.shape
+    m, binary = model.shape, units == "GiB"
     print(
         f"{model.name}: {m.layers} layers, {m.heads} heads x {m.head_dim}, {m.kv_heads} KV heads today, "
-        f"{m.params / 1e9:.2f} B parameters in {model.dtype}"
+        f"{format_count(m.params)} parameters in {model.dtype}"
     )
     print(
         f"serving {batch} request(s) x {context:,} tokens, KV cache in {kv_dtype}, "
-        f"{tp} GPU(s) x {_size(memory, u)} {u} ({u} = {'2^30' if u == 'GiB' else '10^9'} bytes)"
+        f"{tp} GPU(s) x {format_bytes(memory, binary)} ({units} = {'2^30' if binary else '10^9'} bytes)"
+    )
+    # each column of sizes in the unit of its smallest value, so that a small model does not read 0.00
+    request, whole, per_gpu, read = (
+        byte_unit(min([v for v in values if v > 0] or [0]), binary)
+        for values in (
+            [r.kv_per_request for r in rows],
+            [r.kv_batch for r in rows],
+            [r.total_per_gpu for r in rows],
+            [r.kv_read_per_token for r in rows],
+        )
     )
     if any(m.windows):
         print(f"sliding-window layers: {sum(w is not None for w in m.windows)} of {m.layers} (cache capped)")
@@ -208,8 +220,8 @@ def print_plan(
     mean = " (mean)" if texts else ""
     quality_head, quality_rule = (f" KL to source{mean} | top-1{mean} |", "---|---|") if measured else ("", "")
     print(
-        f"| G | attention | H/G | KV per request ({u}) | KV for batch ({u}) | weights + KV per GPU ({u}) "
-        f"| fits | max requests | KV read per token ({u}) |{quality_head} notes |"
+        f"| G | attention | H/G | KV per request ({request[0]}) | KV for batch ({whole[0]}) | weights + KV per GPU "
+        f"({per_gpu[0]}) | fits | max requests | KV read per token ({read[0]}) |{quality_head} notes |"
     )
     print(f"|---|---|---|---|---|---|---|---|---|{quality_rule}---|")
     for r in rows:
@@ -219,10 +231,11 @@ def print_plan(
         if not r.reachable:
             notes.append(f"not reachable from {m.kv_heads} KV heads")
         print(
-            f"| {r.num_kv_heads} | {r.attention} | {r.ratio:g} | {_size(r.kv_per_request, u)} "
-            f"| {_size(r.kv_batch, u)} | {_size(r.weights_per_gpu, u)} + {_size(r.kv_batch_per_gpu, u)} = "
-            f"{_size(r.total_per_gpu, u)} | {'yes' if r.fits else 'no'} | {r.max_requests:,} "
-            f"| {_size(r.kv_read_per_token, u)} |{_quality_cells(r) if measured else ''} {', '.join(notes)} |"
+            f"| {r.num_kv_heads} | {r.attention} | {r.ratio:g} | {_size(r.kv_per_request, request)} "
+            f"| {_size(r.kv_batch, whole)} | {_size(r.weights_per_gpu, per_gpu)} + "
+            f"{_size(r.kv_batch_per_gpu, per_gpu)} = {_size(r.total_per_gpu, per_gpu)} | {'yes' if r.fits else 'no'} "
+            f"| {r.max_requests:,} | {_size(r.kv_read_per_token, read)} |{_quality_cells(r) if measured else ''} "
+            f"{', '.join(notes)} |"
         )
     if texts:
         print("\nKL to the source / top-1 agreement, per held-out text:\n")
@@ -242,18 +255,14 @@ def print_plan(
     if row.kl is not None and not row.current:
         print(
             f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA, KL {row.kl:.3f} to the "
-            f"source before uptraining): uptrain convert MODEL OUT --num-kv-heads {best} --method svd (and the "
-            "--calibration given here, if any)"
+            f"source before uptraining): {command}"
         )
     elif row.current:
         print(
             f"recommended: G = {best}, what the model has today ({row.attention}): it fits as it is, nothing to convert"
         )
     else:
-        print(
-            f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): "
-            f"uptrain convert MODEL OUT --num-kv-heads {best}"
-        )
+        print(f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): {command}")
 
 
 def draw(

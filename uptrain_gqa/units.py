@@ -29,14 +29,22 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def byte_unit(largest: float, binary: bool = False) -> tuple[str, float]:
+    """(name, bytes) of the unit that shows `largest` bytes as 1 to 999.99 of it: B, kB, MB, GB or TB (B, KiB,
+    MiB, GiB or TiB with binary=True)."""
+    step, names = (1024.0, ["B", "KiB", "MiB", "GiB", "TiB"]) if binary else (1000.0, ["B", "kB", "MB", "GB", "TB"])
+    size = 1.0
+    for name in names[:-1]:
+        if abs(largest) < size * step:
+            return name, size
+        size *= step
+    return names[-1], size
+
+
 def format_bytes(n: float, binary: bool = False) -> str:
     """1_340_000_000 -> '1.34 GB' (binary=True -> '1.25 GiB')."""
-    step, units = (1024.0, ["B", "KiB", "MiB", "GiB", "TiB"]) if binary else (1000.0, ["B", "kB", "MB", "GB", "TB"])
-    for unit in units[:-1]:
-        if abs(n) < step:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= step
-    return f"{n:.2f} {units[-1]}"
+    name, size = byte_unit(n, binary)
+    return f"{n:.0f} B" if name == "B" else f"{n / size:.2f} {name}"
 
 
 def format_count(n: float) -> str:

@@ -142,6 +142,6 @@ def test_side_files_are_copied_and_weights_of_other_formats_are_not(llama: Path)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (llama / name).read_bytes(), name
     card = (out / "README.md").read_text()  # uptrain's card, with the source's kept below it
-    assert card.startswith("---\nbase_model:") and "## The source's model card\n\n# model card" in card
+    assert card.startswith("---\nlibrary_name: transformers") and "## The source's model card\n\n# model card" in card
     assert not (out / "consolidated.pth").exists() and not (out / "original").exists()
     assert AutoTokenizer.from_pretrained(out)("w3 w5")["input_ids"] == [3, 5]

@@ -46,7 +46,7 @@ def test_the_trained_models_card_names_source_g_method_alpha_and_tokens(run_cli,
     assert code == 0, err
     model = Path(cfg["out"]) / "model"
     card = ModelCard.load(model / "README.md")
-    assert card.data.base_model == "mha" and "uptrain" in card.data.tags
+    assert card.data.base_model is None and "uptrain" in card.data.tags  # a local source has no Hub id to name
     for fact in ("8 KV heads", "Converted to:** 2 KV heads by `mean`", "tokens:** 5,120", "fraction of the original"):
         assert fact in card.text, fact
     assert "0.0512" in card.text  # α = 5,120 / 100,000
@@ -108,7 +108,7 @@ def test_a_converted_models_card_keeps_the_sources_licence_and_card(run_cli, tmp
     code, _, err = run_cli("convert", src, out, "--num-kv-heads", "2", "--quiet", "--push-to-hub", "someone/src-gqa2")
     assert code == 0, err
     card = ModelCard.load(out / "README.md")
-    assert card.data.license == "llama2" and card.data.base_model == "src"
+    assert card.data.license == "llama2" and card.data.base_model is None  # a local folder is no Hub id
     assert "Converted to:** 2 KV heads by `mean`" in card.text and "Intended use: research." in card.text
     assert (out / "LICENSE.txt").read_text() == "the source's terms"
     record = json.loads((out / "uptrain_conversion.json").read_text())
@@ -126,3 +126,36 @@ def test_a_source_card_that_is_not_utf8_is_kept_and_loses_nothing(run_cli, tmp_p
     code, _, err = run_cli("convert", src, out, "--num-kv-heads", "2", "--quiet")
     assert code == 0, err
     assert "Usage: recherche, caf\ufffd." in (out / "README.md").read_text()
+
+
+def test_a_converted_models_card_is_hub_metadata_naming_the_real_base_model(run_cli, tmp_path: Path) -> None:
+    """base_model is the Hub id the source's config was saved with (or --base-model), never a local folder's
+    name; the card's metadata parses as huggingface_hub's; the method, calibration and refinement are in words,
+    with a usage snippet; the source's own uptrain_* records are not copied."""
+    from huggingface_hub import ModelCardData, metadata_load
+    from huggingface_hub.utils import validate_repo_id
+
+    from uptrain_gqa.synthetic import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src", shard=None)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "someorg/tiny-mha"}))
+    (src / "uptrain_train.yaml").write_text("another run's config")
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", src, out, "--num-kv-heads", "2", "--method", "svd", "--calibration", "random",
+                           "--calibration-tokens", "256", "--refine-steps", "2")  # fmt: skip
+    assert code == 0, err
+    meta = metadata_load(out / "README.md")
+    data = ModelCardData(**meta)
+    validate_repo_id(data.base_model)
+    assert data.base_model == "someorg/tiny-mha" and data.library_name == "transformers"
+    text = ModelCard.load(out / "README.md").text
+    for fact in ("## Usage", "AutoModelForCausalLM.from_pretrained", "2 KV heads by `svd`", "256 random tokens",
+                 "trained for 2 steps"):  # fmt: skip
+        assert fact in text, fact
+    assert not (out / "uptrain_train.yaml").exists()
+    code, _, err = run_cli("convert", src, tmp_path / "named", "--num-kv-heads", "2", "--base-model", "org/real")
+    assert code == 0 and ModelCard.load(tmp_path / "named" / "README.md").data.base_model == "org/real", err
+    code, _, err = run_cli("convert", src, tmp_path / "bad", "--num-kv-heads", "2", "--base-model", "not a/repo id")
+    assert code == 1 and err.count("\n") == 1 and "--base-model 'not a/repo id' is not a Hub model id" in err
+    assert not (tmp_path / "bad").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json as jsonlib
 import math
 import re
+import shlex
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -158,13 +159,44 @@ def plan(
         if quality is not None
         else None,
     }
+    command = None
+    if best is not None and best != m.shape.kv_heads:
+        measured_with = {
+            "calibration": calibration,
+            "calibration_tokens": calibration_tokens,
+            "calibration_mix": calibration_mix,
+            "refine_steps": refine_steps,
+            "refine_lr": refine_lr,
+        }
+        command = convert_command(model, best, measured_with if quality is not None else None)
+    result["command"] = command
     if plot:
         draw(m, rows, num_kv_heads or best or 1, mem, context, batch, DTYPE_BYTES[kv_dtype], tp, units, Path(plot))
     if json:
         print(jsonlib.dumps(result, indent=2))
     else:
-        print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units, quality_note)
+        print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units, quality_note, command)
     return result
+
+
+def convert_command(model: str | None, num_kv_heads: int, measured_with: dict[str, Any] | None) -> str:
+    """The `uptrain convert` that makes the recommended G from the user's own model: with --quality, the svd
+    merge as it was measured (the same calibration and refinement settings), else the default."""
+    name = Path(model).name if model is not None and Path(model).exists() else (model or "MODEL").split("/")[-1]
+    out = (
+        f"{Path(name).stem if name.endswith('.json') else name}-{'mqa' if num_kv_heads == 1 else f'gqa{num_kv_heads}'}"
+    )
+    args = ["uptrain", "convert", model or "MODEL", out, "--num-kv-heads", str(num_kv_heads)]
+    if measured_with is not None:
+        args += ["--method", "svd"]
+        if measured_with["calibration"]:
+            args += ["--calibration", *measured_with["calibration"]]
+        defaults = {"calibration_mix": DEFAULT_MIX, "refine_lr": DEFAULT_LR}
+        for key in ("calibration_tokens", "calibration_mix", "refine_steps", "refine_lr"):
+            value = measured_with[key]
+            if value is not None and value != defaults.get(key):
+                args += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(args)
 
 
 LIMITS = {"layers": 10_000, "heads": 10_000, "kv_heads": 10_000, "head_dim": 65_536, "hidden": 10**7}

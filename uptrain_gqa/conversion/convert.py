@@ -28,14 +28,22 @@ from uptrain_gqa.conversion.steps import ConversionSteps, LayerSteps, MergeOptio
 from uptrain_gqa.data.builtin import BROAD
 from uptrain_gqa.device import environment
 from uptrain_gqa.errors import UptrainError
-from uptrain_gqa.io.cards import CARD, source_licence, write_card
-from uptrain_gqa.io.folders import CONVERSION_RECORD, atomic_output_dir, has_tokenizer, read_config, side_files
+from uptrain_gqa.io.cards import CARD, hub_base_model, source_licence, write_card
+from uptrain_gqa.io.folders import (
+    CONVERSION_RECORD,
+    RECORD_PREFIX,
+    atomic_output_dir,
+    has_tokenizer,
+    read_config,
+    side_files,
+)
 from uptrain_gqa.io.hub import fetch_weights, resolve_source
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.io.tensors import TensorSpec, dtype_name
 from uptrain_gqa.io.writer import ShardedWriter
 from uptrain_gqa.model.families import Architecture, kv_heads_keys, lookup
 from uptrain_gqa.model.shape import ModelShape, shape_of_config_json
+from uptrain_gqa.progress import progress_bar
 from uptrain_gqa.version import __version__
 
 CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
@@ -129,6 +137,7 @@ def convert_checkpoint(
     revision: str | None = None,
     allow_pickle: bool = False,
     quiet: bool = False,
+    base_model: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
 
@@ -137,7 +146,8 @@ def convert_checkpoint(
     None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer).
     `calibration_mix`: the share of uptrain:broad mixed into the user's own calibration text.
     `refine_steps`: Adam steps per layer fitting the merged attention's output to the source's; None: 36 when
-    the source reads calibration text, 0 (the closed form) with random tokens or none."""
+    the source reads calibration text, 0 (the closed form) with random tokens or none.
+    `base_model`: the Hub id the model card names as its base (default: the source's, when known)."""
     from uptrain_gqa.conversion.calibrate import Calibration
 
     started = time.perf_counter()
@@ -186,6 +196,7 @@ def convert_checkpoint(
     record: dict[str, Any] = {
         "uptrain_version": __version__,
         "source": source.record(),
+        "base_model": hub_base_model(source.record(), config, base_model),
         "model_type": shape.model_type,
         "method": method,
         "grouping": grouping,
@@ -206,8 +217,6 @@ def convert_checkpoint(
             "after": shape.kv_bytes_per_token(kv_after, kv_heads=num_kv_heads),
         },
     }
-    from tqdm.auto import tqdm
-
     refiner = None
     with atomic_output_dir(out, overwrite) as tmp:
         if calib is not None:  # Σ per layer lives on disk beside the output until the merge is written
@@ -227,7 +236,7 @@ def convert_checkpoint(
         by_name = {s.spec.name: s for s in steps.steps}
         writer = ShardedWriter(tmp, [s.spec for s in steps.steps], max_shard_size)
         desc = f"{shape.kind} -> {num_kv_heads} KV heads"
-        with tqdm(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr) as bar:
+        with progress_bar(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
             try:
                 for spec in writer.order:
                     step = by_name[spec.name]
@@ -244,8 +253,8 @@ def convert_checkpoint(
         files = writer.finish()
         shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
         shutil.rmtree(tmp / REFINED, ignore_errors=True)
-        for path in side_files(source.path):
-            if path.name not in (CONVERSION_RECORD, CARD):
+        for path in side_files(source.path):  # not the source's own records (uptrain_*): this run writes its own
+            if not path.name.startswith(RECORD_PREFIX) and path.name != CARD:
                 shutil.copy2(path, tmp / path.name)
         new_config = converted_config(config, arch, num_kv_heads, dtype)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")

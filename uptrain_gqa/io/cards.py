@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.version import DISTRIBUTION, __version__
 
 CARD = "README.md"
@@ -44,8 +45,62 @@ def licence_files(source: Path, out: Path) -> list[str]:
 
 
 def _base_model(record: dict[str, Any]) -> str:
+    """How the card's text names the source: its Hub id, else its folder's name."""
     source = record.get("source") or {}
-    return source.get("repo_id") or Path(str(source.get("path", "source"))).name
+    return record.get("base_model") or source.get("repo_id") or Path(str(source.get("path", "source"))).name
+
+
+def hub_base_model(source: dict[str, Any], config: dict[str, Any], given: str | None = None) -> str | None:
+    """The Hub id a derived model's card names as `base_model`: `given` (--base-model, refused if it is not a
+    Hub id), the source's repo id,
+    or the `_name_or_path` its config.json was saved with when that is an 'org/name' Hub id and no local
+    folder; None otherwise (the metadata then leaves base_model out rather than name a local folder)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if given is not None:
+        try:
+            validate_repo_id(given)
+        except HFValidationError as e:
+            raise UptrainError(
+                f"--base-model {given!r} is not a Hub model id ({e}); give e.g. meta-llama/Llama-2-7b-hf"
+            ) from None
+        return given
+    candidates = [source.get("repo_id")]
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and name.count("/") == 1 and not Path(name).expanduser().exists():
+        candidates.append(name)
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            validate_repo_id(candidate)
+        except HFValidationError:
+            continue
+        return candidate
+    return None
+
+
+def _usage(kv_heads: int | None) -> list[str]:
+    """How to load the model: transformers, and llama.cpp's converter (a standard GQA checkpoint)."""
+    heads = f" ({kv_heads} KV heads)" if kv_heads else ""
+    return [
+        "## Usage",
+        "",
+        f"A standard Hugging Face checkpoint of the source's family{heads}: it loads as the source does, with",
+        "transformers, vLLM or llama.cpp's converter, with no code of uptrain's.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")',
+        "```",
+        "",
+        "```bash",
+        "python convert_hf_to_gguf.py PATH --outfile model.gguf   # llama.cpp's converter",
+        "```",
+        "",
+    ]
 
 
 def conversion_lines(record: dict[str, Any]) -> list[str]:
@@ -60,12 +115,24 @@ def conversion_lines(record: dict[str, Any]) -> list[str]:
         lines.append(f"- **KV cache:** {kv.get('before'):,} → {kv.get('after'):,} bytes per token")
     c = record.get("calibration")
     if isinstance(c, dict) and c.get("sources"):
-        texts = ", ".join(f"{s['label']} (`{s['data']}`, {s['tokens']:,})" for s in c["sources"])
-        lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} tokens of text: {texts}")
+        texts = ", ".join(f"{s['label']} (`{s['data']}`, {s['tokens']:,} tokens)" for s in c["sources"])
+        lines.append(
+            f"- **Calibration:** the source read {c.get('tokens_used', c['tokens']):,} tokens of text, one layer at "
+            f"a time, to weight the merge by what each layer sees: {texts}"
+        )
     elif isinstance(c, dict):
         lines.append(f"- **Calibration:** {c.get('tokens_used', c['tokens']):,} {c['kind']} tokens")
-    elif c:
-        lines.append(f"- **Calibration:** {c}")
+    elif c == "none":
+        lines.append("- **Calibration:** none (the merge weighs the weights alone)")
+    r = record.get("refinement")
+    if isinstance(r, dict) and r.get("steps"):
+        layers = record.get("num_layers")
+        kept = f"; kept on {r['layers_improved']} of {layers} layers" if "layers_improved" in r and layers else ""
+        lines.append(
+            f"- **Refinement:** each merged attention trained for {r['steps']} steps (lr {r['lr']:g}) to reproduce "
+            f"the source layer's output on the calibration text{kept}, where it lowered the error on held-out "
+            "windows"
+        )
     return lines
 
 
@@ -83,10 +150,11 @@ def write_card(
     """OUT/README.md for a converted (`conversion`) and possibly uptrained (`training`) model."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    lines = [body] if body else []
+    lines = [body, ""] if body else []
+    lines += _usage((conversion or {}).get("num_kv_heads"))
     if conversion:
         lines += ["## Conversion (uptrain convert)", "", *conversion_lines(conversion), ""]
-        base_model = base_model or _base_model(conversion)
+        base_model = base_model or conversion.get("base_model")
     if training:
         lines += ["## Uptraining (uptrain train)", "", *(f"- **{k}:** {v}" for k, v in training.items()), ""]
     done = "converted to grouped-query attention and uptrained" if training else "converted to grouped-query attention"

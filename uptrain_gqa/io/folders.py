@@ -18,6 +18,8 @@ from uptrain_gqa.io.ownership import OutputLock, check_replaceable, clean_stale_
 from uptrain_gqa.io.tensors import PICKLE_INDEX, SAFE_INDEX, WEIGHT_SUFFIXES
 from uptrain_gqa.units import format_bytes
 
+RECORD_PREFIX = "uptrain_"
+"""The start of the name of every record uptrain writes into a folder (conversion record, run config, run record)."""
 CONVERSION_RECORD = "uptrain_conversion.json"
 """What `uptrain convert` did, written into every converted folder (and carried into trained models)."""
 TRAIN_CONFIG = "uptrain_train.yaml"
