@@ -183,3 +183,22 @@ def test_the_reliability_sweep_finds_no_traceback_wrong_status_or_long_error(tmp
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["summary"]
     assert done.returncode == 0 and summary["failed"] == 0, done.stdout[-4000:]
     assert summary["cases"] >= 60 and summary["tracebacks"] == 0
+
+
+def test_the_default_mean_pooling_says_what_svd_gains_and_how(run_cli, llama: Path, tmp_path: Path) -> None:
+    """Mean pooling stays the default (the paper's start); one line names --method svd with the user's own paths."""
+    out = tmp_path / "out dir"
+    code, _, err = run_cli("convert", llama, out, "--num-kv-heads", "2")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "--method svd" in line]
+    assert len(notes) == 1 and f"uptrain convert {llama} '{out}' --num-kv-heads 2 --method svd" in notes[0]
+    code, _, err = run_cli("convert", llama, tmp_path / "svd", "--num-kv-heads", "2", "--method", "svd",
+                           "--calibration", "random", "--calibration-tokens", "256")  # fmt: skip
+    assert code == 0 and "note:" not in err, err
+
+
+def test_an_unknown_flag_names_the_command_and_the_closest_flag(run_cli, llama: Path) -> None:
+    code, _, err = run_cli("inspect", llama, "--jsn")
+    assert code == 2 and "uptrain inspect: error: unrecognized arguments: --jsn; did you mean --json?" in err
+    code, _, err = run_cli("inspect", llama, "--zzzqq")
+    assert code == 2 and "unrecognized arguments: --zzzqq; see uptrain inspect --help" in err

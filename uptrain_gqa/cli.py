@@ -10,6 +10,7 @@ only place that exits: library code raises, and each exception type carries its 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import os
@@ -105,6 +106,7 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(fn, include_extras=True)
+    flags = ["--help"]  # for "did you mean" on an unknown one
     for param in inspect.signature(fn).parameters.values():
         if collector is not None and param.name == collector[0]:
             parser.set_defaults(_overrides=param.name)
@@ -125,6 +127,7 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
             parser.add_argument(param.name, metavar=param.name.upper(), **kwargs)
             continue
         flag = "--" + param.name.replace("_", "-")
+        flags.append(flag)
         if tp is bool:
             parser.add_argument(flag, action="store_true", help=text)
         elif param.default is inspect.Parameter.empty:
@@ -133,7 +136,7 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
             if param.default is not None:
                 kwargs["help"] = f"{text} (default: {param.default})"
             parser.add_argument(flag, default=param.default, **kwargs)
-    parser.set_defaults(_command=name, _fn=fn)
+    parser.set_defaults(_command=name, _fn=fn, _parser=parser, _flags=flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(namespace)
     fn = args.pop("_fn", None)
     command = args.pop("_command", None)
+    subparser, flags = args.pop("_parser", parser), args.pop("_flags", [])
     if fn is None:
         parser.print_help(sys.stderr)
         return 2
@@ -175,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if collector is not None:
         args[collector] = unknown
     elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; see uptrain {command} --help"
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     _quiet_libraries()
     for s in STOP_SIGNALS:
         signal.signal(s, _interrupt)
@@ -214,7 +220,20 @@ def _silence_stdout() -> None:
 
 
 def _quiet_libraries() -> None:
-    """Library warnings about configs (e.g. token ids) are noise for a converter's user."""
+    """Library warnings about configs (e.g. token ids) are noise for a converter's user; so are the libraries'
+    progress bars when stderr is a file (each redraw a carriage return): uptrain's own then print lines."""
     from transformers.utils import logging
 
+    from uptrain_gqa.progress import is_terminal
+
     logging.set_verbosity_error()
+    if is_terminal():
+        return
+    logging.disable_progress_bar()
+    # read when datasets and huggingface_hub are imported; called too where they already are
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()

@@ -227,9 +227,14 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def dump(obj: Any, path: Path) -> None:
+def dumps(obj: Any) -> str:
     """The resolved config as YAML (every field, defaults included)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def dump(obj: Any, path: Path) -> None:
+    """The resolved config as a YAML file."""
+    Path(path).write_text(dumps(obj))
 
 
 def key_help(cls: type, prefix: str = "") -> list[str]:

@@ -72,6 +72,14 @@ def test_perplexity_equals_transformers_on_the_same_tokens(run_cli, models, tmp_
     assert math.isclose(result["quality"]["nll"], total / count, rel_tol=1e-5)
     assert math.isclose(result["quality"]["perplexity"], math.exp(total / count), rel_tol=1e-5)
     assert f"{result['quality']['perplexity']:.3f}" in stdout
+    # progress over the scored tokens, as whole lines (stderr is no terminal here), ending at all 699
+    bars = [line for line in err.splitlines() if line.startswith("scoring: ")]
+    assert "\r" not in err and bars and bars[-1].startswith("scoring: 100% 699/699"), err
+
+
+def test_no_held_out_text_says_how_to_give_some(run_cli, models) -> None:
+    code, _, err = run_eval(run_cli, models["gqa"], "--no-speed")
+    assert code == 0 and "no held-out text, so no perplexity or KL; give some with --data" in err, err
 
 
 def test_a_model_against_itself_has_zero_kl_and_full_agreement(models) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -278,3 +279,61 @@ def test_weak_inputs_get_messages_that_point_at_the_fix(run_cli, tmp_path: Path)
     code, _, err = run_cli("train", missing, f"--out={tmp_path / 'run'}")
     assert code == 1 and f"{tmp_path}/no/such/model: no such folder" in err and "Repo id" not in err
     assert not (tmp_path / "run").exists()
+
+
+# --- a run from flags alone, and its printed config ----------------------------------------------
+
+
+def test_a_run_needs_no_yaml_and_fits_unset_settings_to_the_model(run_cli, tiny_run: dict, monkeypatch) -> None:
+    """`uptrain train --model.path=M --data.files=F --budget.steps=2`: data.seq_len is the model's maximum
+    positions (128, under the default 2048), the global batch follows its size; both printed and saved. Its
+    log (stderr, not a terminal here) holds whole lines only, a missing tracker is one line, and the run
+    draws loss.png."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    from uptrain_gqa.model.loading import read_model_config
+    from uptrain_gqa.training.budget import default_global_batch
+
+    out = tiny_run["root"] / "flags"
+    files = f"--data.files=[{tiny_run['corpus']}/*.txt]"
+    code, _, err = run_cli("train", f"--model.path={tiny_run['model']}", files, "--budget.steps=2", f"--out={out}")
+    assert code == 0, err
+    assert "\r" not in err and "it/s]" not in err  # no redrawn bars, ours or the libraries'
+    skipped = [line for line in err.splitlines() if "tensorboard" in line]
+    assert len(skipped) == 1 and "is not installed, so it is skipped (pip install 'tensorboard" in skipped[0]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG\r\n")
+    saved = yaml.safe_load((out / "uptrain_train.yaml").read_text())
+    params, _ = matmul_parameters(read_model_config(str(tiny_run["model"])))
+    batch = default_global_batch(params, 128, 4)
+    assert saved["data"]["seq_len"] == 128 and saved["batch"]["global_batch_size"] == batch
+    assert "fitted to the model: data.seq_len 128" in err and f"batch.global_batch_size {batch} (" in err
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in steps) == 2
+
+
+def test_print_config_is_the_run_it_prints(run_cli, tiny_run: dict) -> None:
+    """--print-config prints every key with the fitted values and writes nothing; `train` of what it printed
+    prints the same again and runs the run the flags run (the same losses)."""
+    flags = [f"--model.path={tiny_run['model']}", f"--data.files=[{tiny_run['corpus']}/*.txt]", "--budget.steps=2",
+             "--data.validation_blocks=8", "--logging.every=1"]  # fmt: skip
+    printed_out = tiny_run["root"] / "printed-run"
+    code, printed, err = run_cli("train", *flags, f"--out={printed_out}", "--print-config")
+    assert code == 0 and not err and not printed_out.exists(), err
+    resolved = yaml.safe_load(printed)
+    assert resolved["data"]["seq_len"] == 128 and resolved["batch"]["global_batch_size"] is not None
+    assert resolved["optim"]["lr"] == OptimConfig().lr
+    path = tiny_run["root"] / "printed.yaml"
+    path.write_text(printed)
+    code, again, _ = run_cli("train", path, "--print-config")
+    assert code == 0 and again == printed
+    code, _, err = run_cli("train", path)
+    assert code == 0, err
+    assert (printed_out / "uptrain_train.yaml").read_text() == printed
+    code, _, err = run_cli("train", *flags, f"--out={tiny_run['root'] / 'flags-run'}")
+    assert code == 0, err
+
+    def losses(run: Path) -> list[float]:
+        return [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    assert losses(printed_out) == losses(tiny_run["root"] / "flags-run") and len(losses(printed_out)) == 2

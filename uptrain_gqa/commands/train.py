@@ -11,13 +11,15 @@ from uptrain_gqa.config import Overrides
 from uptrain_gqa.device import is_main_process
 from uptrain_gqa.io.hub import check_push, push_folder
 from uptrain_gqa.training.config import TrainConfig
+from uptrain_gqa.training.model import fit_to_model
 from uptrain_gqa.training.run import run_training
 
 
 def train(
-    config: str,
+    config: str | None = None,
     *,
     dry_run: bool = False,
+    print_config: bool = False,
     resume: Annotated[str | None, {"nargs": "?", "const": "latest", "metavar": "CHECKPOINT"}] = None,
     overwrite: bool = False,
     push_to_hub: str | None = None,
@@ -28,14 +30,20 @@ def train(
 
     Runs on the local device (a GPU if present, else the CPU). The same command runs under
     `accelerate launch` or `torchrun` for several GPUs or nodes (see configs/accelerate/).
-    Any config key can be overridden on the command line, e.g. --optim.lr=1e-4
-    --budget.tokens=2e9. The resolved config is saved in the run folder and in every
+    Every config key is also a flag, so a YAML file is optional: `uptrain train --model.path=M
+    --data.files=F --budget.steps=100` runs, and a file's keys can be overridden the same way
+    (--optim.lr=1e-4 --budget.tokens=2e9). data.seq_len and batch.global_batch_size, when unset,
+    are fitted to the model and printed. --print-config prints the resolved YAML, which `uptrain
+    train FILE` runs as the same run. The resolved config is saved in the run folder and in every
     checkpoint; metrics go to OUT/metrics.jsonl (and to the configured trackers); the final
     model is written to OUT/model as a Hugging Face folder.
 
     Args:
-        config: YAML file with the run's config (see configs/ and the keys below).
+        config: YAML file with the run's config (see configs/ and the keys below); optional when the
+            required keys (model.path, data.*, budget.*) are given as flags.
         dry_run: Print the resolved budget (tokens, steps, batch, FLOPs, GPU-hours) and exit.
+        print_config: Print the resolved config as YAML (every key, the values fitted to the model
+            included) to stdout and exit; save it and `uptrain train` it to run the same run.
         resume: Continue from the latest checkpoint in OUT/checkpoints, or from CHECKPOINT;
             `--resume auto` resumes if there is a checkpoint and starts afresh otherwise.
         overwrite: Delete an existing run folder (checkpoints, metrics, model) and start over.
@@ -44,6 +52,10 @@ def train(
         overrides: --section.key=value settings applied on top of CONFIG.
     """
     cfg = configlib.load(TrainConfig, config, configlib.parse_overrides(overrides or []))
+    if print_config:
+        cfg, _ = fit_to_model(cfg)
+        sys.stdout.write(configlib.dumps(cfg))
+        return {"config": configlib.to_dict(cfg)}
     check_push(push_to_hub)
     result = run_training(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
     if push_to_hub and not dry_run and is_main_process():

@@ -45,6 +45,7 @@ from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
+from uptrain_gqa.progress import progress_bar
 
 
 class CovarianceStore(Mapping[int, torch.Tensor]):
@@ -271,7 +272,6 @@ def input_covariance(
     `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
     per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
     windows while the layer is in memory; `alongside` does its own work on each layer after that."""
-    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
@@ -331,8 +331,7 @@ def input_covariance(
 
     units = 1 + (alongside.units if alongside is not None else 0)  # per layer
     what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")
-    with tqdm(total=shape.layers * units, desc=f"{what} ({used:,} tokens)", unit="layer", disable=quiet,
-              file=sys.stderr) as bar:  # fmt: skip
+    with progress_bar(total=shape.layers * units, desc=f"{what} ({used:,} tokens)", unit="layer", disable=quiet) as bar:
         for i in range(shape.layers):
             names = source.load_layer(i)
             acc[:] = [0.0, 0.0, 0]

@@ -150,7 +150,10 @@ def prepare(
     world: int = 1,
     main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> BlockData | StreamData | StreamMixture:
-    """Load, tokenize and pack the data; split off validation; set up this process's reading."""
+    """Load, tokenize and pack the data; split off validation; set up this process's reading. data.seq_len must be
+    set (`uptrain_gqa.data.config.fitted` sets it from the model)."""
+    if cfg.seq_len is None:
+        raise ValueError("prepare needs data.seq_len: fit the config to the model first (data.config.fitted)")
     if tokenizer.eos_token_id is None:
         raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
     if cfg.streaming and cfg.mixture:

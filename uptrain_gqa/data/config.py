@@ -76,8 +76,9 @@ class DataConfig:
     validation_blocks: int = 128
     """Blocks used for validation. Without a validation split they are the first blocks of the data (or, when
     streaming, blocks of documents held out by a hash of their text), and are never trained on."""
-    seq_len: int = 2048
-    """Tokens per training sequence: documents are packed into blocks of this length with EOS between them."""
+    seq_len: int | None = None
+    """Tokens per training sequence: documents are packed into blocks of this length with EOS between them.
+    Default: 2048, or the model's max_position_embeddings when that is smaller."""
     streaming: bool = False
     """Stream the data instead of downloading and tokenizing it up front (very large corpora)."""
     shuffle_buffer: int = 10_000
@@ -104,11 +105,22 @@ class DataConfig:
             raise UptrainError(
                 "data needs exactly one of data.dataset (a Hub dataset), data.files (local files) or data.mixture"
             )
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise UptrainError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if self.validation_blocks < 1:
             raise UptrainError(f"data.validation_blocks must be at least 1, got {self.validation_blocks}")
         positive("data", shuffle_buffer=self.shuffle_buffer, num_proc=self.num_proc)
+
+
+DEFAULT_SEQ_LEN = 2048
+"""data.seq_len when it is not set and the model allows it."""
+
+
+def fitted(cfg: DataConfig, max_positions: int | None) -> DataConfig:
+    """`cfg` with data.seq_len set: as given, else DEFAULT_SEQ_LEN capped at the model's maximum positions."""
+    if cfg.seq_len is not None:
+        return cfg
+    return dataclasses.replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN))
 
 
 def mixture_parts(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from uptrain_gqa.data.blocks import prepare
-from uptrain_gqa.data.config import DataConfig, mixture_parts
+from uptrain_gqa.data.config import DataConfig, fitted, mixture_parts
 from uptrain_gqa.data.documents import token_stream
 from uptrain_gqa.device import compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError, first_line
@@ -29,6 +29,7 @@ from uptrain_gqa.evaluation.result import SCHEMA_VERSION, DataInfo, Domain, Eval
 from uptrain_gqa.evaluation.tasks import run_tasks
 from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.model.shape import ModelShape
+from uptrain_gqa.progress import progress_bar
 from uptrain_gqa.units import format_bytes
 from uptrain_gqa.version import __version__
 
@@ -117,7 +118,8 @@ def text_windows(
     text: HeldOutText, tokenizer: Any, config: Any, max_tokens: int, window: int | None, stride: int | None
 ) -> list[Scored]:
     """The windows to score, and what they are: one text, or one per source of a mixture."""
-    cfg = text.data
+    limit = getattr(config, "max_position_embeddings", None)
+    cfg = fitted(text.data, limit)
     if text.run_config is not None:  # the run's held-out blocks, as its validation loss saw them
         data = prepare(cfg, tokenizer, seed=text.seed, micro_batch_size=1)
         rows = [(row[0], b[0]) for row, b in data.validation_rows(1)]  # type: ignore[union-attr]
@@ -137,7 +139,8 @@ def text_windows(
                 replace(text, data=single, label=label), tokenizer, config, max_tokens, window, stride
             )
         ]
-    limit = getattr(config, "max_position_embeddings", None) or cfg.seq_len
+    assert cfg.seq_len is not None  # fitted above
+    limit = limit or cfg.seq_len
     window = window if window is not None else min(cfg.seq_len, limit)
     if window > limit:
         raise UptrainError(f"--window {window} is above the model's max_position_embeddings {limit}")
@@ -215,15 +218,17 @@ def evaluate_model(
         net, tokenizer = load_model(model, dtype, device, placement)
     result = EvalResult(SCHEMA_VERSION, __version__, device_name(device), model_info(model, net), reference_info)
     domains = []
-    for d, (label, windows, data) in enumerate(scored):
-        if stored:
-            paths = stored[d]
-            totals = score(
-                net, windows, batch_size, reference_log_probs=lambda b, paths=paths: _load_log_probs(paths[b])
-            )
-        else:
-            totals = score(net, windows, batch_size, ref)
-        domains.append(Domain(label or f"text-{d + 1}", data, quality(totals, reference is not None)))
+    what = "scoring" + (" against the reference" if reference else "")
+    with progress_bar(total=sum(data.tokens for *_, data in scored), unit="token", unit_scale=True, desc=what,
+                      disable=not scored) as bar:  # fmt: skip
+        for d, (label, windows, data) in enumerate(scored):
+            if stored:
+                paths = stored[d]
+                totals = score(net, windows, batch_size, scored=bar.update,
+                               reference_log_probs=lambda b, paths=paths: _load_log_probs(paths[b]))  # fmt: skip
+            else:
+                totals = score(net, windows, batch_size, ref, scored=bar.update)
+            domains.append(Domain(label or f"text-{d + 1}", data, quality(totals, reference is not None)))
     if len(domains) == 1:
         result.data, result.quality = domains[0].data, domains[0].quality
     elif domains:

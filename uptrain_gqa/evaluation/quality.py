@@ -66,9 +66,11 @@ def score(
     batch_size: int,
     reference: Any = None,
     reference_log_probs: Callable[[int], torch.Tensor] | None = None,
+    scored: Callable[[int], Any] | None = None,
 ) -> dict[str, float]:
     """Sum of NLL (and of the reference's NLL, KL and agreement) over the scored positions. The reference is a
-    model run beside this one, or `reference_log_probs(b)`: batch b's log-probabilities, computed before."""
+    model run beside this one, or `reference_log_probs(b)`: batch b's log-probabilities, computed before.
+    `scored(n)` hears of the n positions each batch scored (a progress bar)."""
     totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree", "count"), 0.0)
     for b, (ids, mask) in enumerate(batches(windows, batch_size)):
         logp = log_probs(model, ids)
@@ -78,6 +80,8 @@ def score(
         elif reference_log_probs is not None:
             ref = reference_log_probs(b).to(logp.device)
         add_scores(totals, logp, ref, ids[:, 1:].to(logp.device), mask.to(logp.device))
+        if scored is not None:
+            scored(int(mask.sum()))
     return totals
 
 

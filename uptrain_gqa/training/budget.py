@@ -92,6 +92,19 @@ def resolve_tokens(tokens: float | None, fraction: float | None, original_tokens
     raise UptrainError("budget needs one of: tokens, fraction (with original_tokens), steps")
 
 
+FULL_BATCH_TOKENS = 2**20
+"""Tokens per optimizer step by default for a model of FULL_BATCH_PARAMS parameters or more."""
+FULL_BATCH_PARAMS = 7e9
+
+
+def default_global_batch(params: int, seq_len: int, per_step: int) -> int:
+    """batch.global_batch_size when it is not set: FULL_BATCH_TOKENS scaled down by the model's size below
+    FULL_BATCH_PARAMS (a 135M model takes ~20k tokens per step, so a short budget still makes many steps), in
+    whole micro-batches over the processes (`per_step` sequences each)."""
+    tokens = FULL_BATCH_TOKENS * min(1.0, params / FULL_BATCH_PARAMS)
+    return max(1, math.ceil(tokens / seq_len / per_step)) * per_step
+
+
 def train_budget(
     *,
     tokens: float | None = None,

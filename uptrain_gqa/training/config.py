@@ -54,8 +54,10 @@ class ModelConfig:
 
 @dataclass
 class BatchConfig:
-    global_batch_size: int = 512
-    """Sequences per optimizer step over all processes; global batch tokens = this x data.seq_len."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all processes; global batch tokens = this x data.seq_len. Default: 2^20
+    tokens per step for a model of 7B parameters or more (512 x 2048), proportionally fewer for a smaller one,
+    rounded up to whole micro-batches on every process."""
     micro_batch_size: int = 4
     """Sequences per forward/backward on each process; gradient accumulation makes up the global batch."""
 
@@ -174,7 +176,8 @@ class LoggingConfig:
     eval_every: int = 500
     """Compute validation loss and perplexity every this many steps (and at the start and end); 0: start and end."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """accelerate trackers, e.g. [tensorboard, wandb]; tensorboard is skipped when not installed."""
+    """accelerate trackers, e.g. [tensorboard, wandb]; tensorboard, when not installed, is skipped with a line
+    saying so (OUT/metrics.jsonl and OUT/loss.png are written whatever the trackers)."""
     project: str = "uptrain"
     """Tracker project name."""
     run_name: str | None = None

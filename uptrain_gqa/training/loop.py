@@ -25,11 +25,21 @@ from uptrain_gqa.data.config import data_sources
 from uptrain_gqa.data.streams import StreamData, StreamMixture
 from uptrain_gqa.device import autocast_precision, device_name, environment, multi_process_cpu
 from uptrain_gqa.errors import STOP_SIGNALS, Stopped, UptrainError
+from uptrain_gqa.progress import progress_bar
 from uptrain_gqa.training.budget import TrainBudget, mfu
 from uptrain_gqa.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain_gqa.training.config import TrainConfig
 from uptrain_gqa.training.losses import token_nll, training_loss, use_chunked_loss
-from uptrain_gqa.training.metrics import MetricsLog, available_trackers, flat, record_session
+from uptrain_gqa.training.metrics import (
+    LOSS_PLOT,
+    METRICS,
+    MetricsLog,
+    available_trackers,
+    can_plot,
+    flat,
+    plot_losses,
+    record_session,
+)
 from uptrain_gqa.training.model import (
     RunModel,
     build_optimizer,
@@ -48,6 +58,7 @@ from uptrain_gqa.training.sharding import (
     local_fraction,
     shard_model,
 )
+from uptrain_gqa.version import install_hint
 
 
 class StopSignals:
@@ -89,6 +100,7 @@ class Trainer:
         self.cfg, self.budget, self.tokenizer, self.sharding = cfg, budget, tokenizer, sharding
         self.run_dir = Path(cfg.out)
         precision = autocast_precision(cfg.mixed_precision)
+        trackers, skipped = available_trackers(cfg.logging.trackers)
         self.acc = acc = Accelerator(
             cpu=multi_process_cpu(),
             # under FSDP2 the precision is the sharding's policy (bf16 compute, fp32 reduce and master weights)
@@ -96,11 +108,16 @@ class Trainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=budget.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
             ),
-            log_with=available_trackers(cfg.logging.trackers) or None,
+            log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         )
         self.metrics = MetricsLog(acc, self.run_dir)
+        for name in skipped:
+            self.metrics.log(f"uptrain train: logging.trackers: {name} is not installed, so it is skipped "
+                             f"({install_hint(name)}); metrics still go to {METRICS}")  # fmt: skip
+        if not can_plot():
+            self.metrics.log(f"uptrain train: no {LOSS_PLOT} without matplotlib ({install_hint('plot')})")
         set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
         with acc.main_process_first():  # one process downloads / loads into the cache first
             on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
@@ -264,10 +281,8 @@ class Trainer:
         wandb = {"name": cfg.logging.run_name or self.run_dir.absolute().name, "tags": cfg.logging.tags,
                  "id": run_id, "resume": "allow"}  # fmt: skip  # a resumed run continues the same tracker run
         acc.init_trackers(cfg.logging.project, config=flat(configlib.to_dict(cfg)), init_kwargs={"wandb": wandb})
-        from tqdm.auto import tqdm
-
         signals = StopSignals()
-        bar = tqdm(total=budget.steps, initial=self.state.step, unit="step", disable=not acc.is_main_process)
+        bar = progress_bar(total=budget.steps, initial=self.state.step, unit="step", disable=not acc.is_main_process)
         self.model.train()
         last: dict[str, float] = {}
         try:
@@ -324,6 +339,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{metrics['val_loss']:.4f}")
                 if save_due or stop:
                     path = self.checkpointer.save(self.state, self.data)
+                    if acc.is_main_process:
+                        plot_losses(self.run_dir)
                 if stop:
                     name = signal.Signals(signals.received or signal.SIGTERM).name
                     raise Stopped(

@@ -8,6 +8,7 @@ perplexity every `logging.eval_every` steps).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,67 @@ def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def available_trackers(names: list[str]) -> list[str]:
-    """The configured accelerate trackers that can run here (tensorboard is skipped when not installed)."""
+LOSS_PLOT = "loss.png"
+"""Training and validation loss against tokens, redrawn from metrics.jsonl at every checkpoint and at the end."""
+
+
+def available_trackers(names: list[str]) -> tuple[list[str], list[str]]:
+    """(the configured accelerate trackers that can run here, those skipped: tensorboard when not installed)."""
     from accelerate.utils import is_tensorboard_available
 
-    return [n for n in names if n != "tensorboard" or is_tensorboard_available()]
+    missing = [n for n in names if n == "tensorboard" and not is_tensorboard_available()]
+    return [n for n in names if n not in missing], missing
+
+
+def can_plot() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Draw OUT/loss.png (training loss and validation loss against tokens) from OUT/metrics.jsonl; None when
+    matplotlib is missing or nothing was recorded yet. Replaces the previous picture in one rename."""
+    path = Path(run_dir) / METRICS
+    if not can_plot() or not path.is_file():
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line of a killed run
+            continue
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for points, label in ((train, "training loss"), (val, "validation loss")):
+        if points:  # markers while there are few points (a single one is no line)
+            marker = "o" if len(points) < 50 else None
+            ax.plot([t for t, _ in points], [v for _, v in points], marker=marker, label=label, markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"{Path(run_dir).absolute().name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / LOSS_PLOT
+    tmp = out.with_name(f".{LOSS_PLOT}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,22 +7,25 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from uptrain_gqa import config as configlib
+from uptrain_gqa.data.config import DEFAULT_SEQ_LEN, fitted
 from uptrain_gqa.data.documents import expand_files
-from uptrain_gqa.device import compute_device, inference_dtype
+from uptrain_gqa.device import compute_device, inference_dtype, launched_processes
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.cards import licence_files, source_licence, write_card
 from uptrain_gqa.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir, write_failure
+from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.io.tensors import SAFE_INDEX, SAFE_SINGLE
 from uptrain_gqa.model.loading import load_tokenizer, read_model_config
 from uptrain_gqa.model.shape import matmul_parameters
+from uptrain_gqa.training.budget import default_global_batch
 from uptrain_gqa.training.checkpointer import failures_everywhere
 from uptrain_gqa.training.config import DistillConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -57,6 +60,44 @@ def _stored_dtype(source: str | None, config: Any) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and source is not None else torch.float32
 
 
+def _model_config(m: ModelConfig) -> tuple[Any, str | None]:
+    """(transformers config, folder or Hub id of the weights; None from scratch)."""
+    if m.init == "pretrained":
+        assert m.path is not None
+        if Path(m.path).exists() and not (Path(m.path) / "config.json").is_file():
+            raise UptrainError(f"model.path {m.path} has no config.json; is it a Hugging Face checkpoint folder?")
+        return read_model_config(m.path, m.revision), m.path
+    assert m.config is not None
+    if not Path(m.config).exists():
+        raise UptrainError(f"model.config {m.config} not found")
+    return read_model_config(m.config), None
+
+
+def fit_to_model(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with the settings left unset that depend on the model filled in (data.seq_len from its maximum
+    positions, batch.global_batch_size from its size and the processes), and a line saying each value chosen."""
+    if cfg.data.seq_len is not None and cfg.batch.global_batch_size is not None:
+        return cfg, []
+    config, _ = _model_config(cfg.model)
+    notes = []
+    data = fitted(cfg.data, getattr(config, "max_position_embeddings", None))
+    assert data.seq_len is not None
+    if cfg.data.seq_len is None:
+        notes.append(f"data.seq_len {data.seq_len} (the default {DEFAULT_SEQ_LEN}, at most the model's maximum)")
+    batch = cfg.batch
+    if batch.global_batch_size is None:
+        params, _ = matmul_parameters(config)
+        per_step = batch.micro_batch_size * launched_processes()
+        size = default_global_batch(params, data.seq_len, per_step)
+        batch = replace(batch, global_batch_size=size)
+        notes.append(
+            f"batch.global_batch_size {size} ({size * data.seq_len:,} tokens per step for {params / 1e6:,.1f}M "
+            f"parameters, in micro-batches of {batch.micro_batch_size} on {per_step // batch.micro_batch_size} "
+            "process(es))"
+        )
+    return replace(cfg, data=data, batch=batch), notes
+
+
 def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
     """Every check that needs files, before any work: data, model, positions, tokenizer, teacher."""
     expand_files(cfg.data.files)
@@ -65,17 +106,9 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
         expand_files(src.files, f"data.mixture[{src.label}].files")
         expand_files(src.validation_files, f"data.mixture[{src.label}].validation_files")
     m = cfg.model
-    if m.init == "pretrained":
-        assert m.path is not None
-        if Path(m.path).exists() and not (Path(m.path) / "config.json").is_file():
-            raise UptrainError(f"model.path {m.path} has no config.json; is it a Hugging Face checkpoint folder?")
-        config, source = read_model_config(m.path, m.revision), m.path
-    else:
-        assert m.config is not None
-        if not Path(m.config).exists():
-            raise UptrainError(f"model.config {m.config} not found")
-        config, source = read_model_config(m.config), None
+    config, source = _model_config(m)
     max_positions = getattr(config, "max_position_embeddings", None)
+    assert cfg.data.seq_len is not None, "fit_to_model sets it"
     if max_positions is not None and cfg.data.seq_len > max_positions:
         raise UptrainError(
             f"data.seq_len {cfg.data.seq_len} is above the model's max_position_embeddings {max_positions}; "
@@ -295,11 +328,16 @@ def _write_model(
         title=f"{Path(out).parent.name if Path(out).name == 'model' else Path(out).name} (uptrained)",
         conversion=conversion,
         training=training_summary(cfg, progress or {}),
-        base_model=None if conversion else cfg.model.path,
+        base_model=(conversion or {}).get("base_model") if conversion else _hub_id(cfg.model.path),
         licence=source_licence(source) if source is not None else None,
     )
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
+
+
+def _hub_id(path: str | None) -> str | None:
+    """`model.path` when it names a Hub model rather than a local folder."""
+    return path if path and not Path(path).exists() and looks_like_repo_id(path) else None
 
 
 def training_summary(cfg: TrainConfig, progress: dict[str, Any]) -> dict[str, str]:

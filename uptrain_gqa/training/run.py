@@ -27,7 +27,7 @@ from uptrain_gqa.training.checkpointer import (
 )
 from uptrain_gqa.training.config import TrainConfig
 from uptrain_gqa.training.loop import Trainer
-from uptrain_gqa.training.model import preflight
+from uptrain_gqa.training.model import fit_to_model, preflight
 from uptrain_gqa.training.sharding import claim_sharding, mixed_precision_policy
 
 
@@ -58,6 +58,7 @@ def run_training(
     Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
     from accelerate import PartialState
 
+    cfg, fitted = fit_to_model(cfg)  # before the checkpoint's config is compared: the values it ran with
     run_dir = Path(cfg.out)
     check_not_input(run_dir, _inputs(cfg))  # a run writes checkpoints, metrics and model/ into its folder
     checkpoint = resume_path(run_dir, resume)
@@ -90,8 +91,8 @@ def run_training(
             fraction=cfg.budget.fraction,
             original_tokens=cfg.budget.original_tokens,
             steps=cfg.budget.steps,
-            seq_len=cfg.data.seq_len,
-            global_batch_size=cfg.batch.global_batch_size,
+            seq_len=cfg.data.seq_len,  # type: ignore[arg-type]  # fitted above
+            global_batch_size=cfg.batch.global_batch_size,  # type: ignore[arg-type]
             micro_batch_size=cfg.batch.micro_batch_size,
             num_processes=state.num_processes,
             params=models.matmul_params,
@@ -100,7 +101,9 @@ def run_training(
             assumed_mfu=cfg.budget.assumed_mfu,
         )
         if state.is_main_process:
-            print("\n".join(["uptrain train budget:", *("  " + line for line in budget.lines())]), file=sys.stderr)
+            lines = ["uptrain train budget:", *("  " + line for line in budget.lines())]
+            lines += [f"  unset, fitted to the model: {note}" for note in fitted]
+            print("\n".join(lines), file=sys.stderr)
         if dry_run:
             return {"budget": budget}
         return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
