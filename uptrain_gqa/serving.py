@@ -202,9 +202,10 @@ def print_plan(
         f"serving {batch} request(s) x {context:,} tokens, KV cache in {kv_dtype}, "
         f"{tp} GPU(s) x {format_bytes(memory, binary)} ({units} = {'2^30' if binary else '10^9'} bytes)"
     )
-    # each column of sizes in the unit of its smallest value, so that a small model does not read 0.00
+    # each column of sizes in the smallest unit that keeps its largest value under 10,000 of it: a tiny model
+    # reads kB, not 0.00 GB
     request, whole, per_gpu, read = (
-        byte_unit(min([v for v in values if v > 0] or [0]), binary)
+        byte_unit(max(values) / 10, binary)
         for values in (
             [r.kv_per_request for r in rows],
             [r.kv_batch for r in rows],

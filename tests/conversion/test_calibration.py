@@ -161,7 +161,8 @@ def test_svd_without_calibration_reads_broad_text_and_says_so(run_cli, llama, tm
     assert all(s["license"] for s in calib["sources"]) and record["refinement"]["steps"] == 2
     assert "calibrated on 600 tokens of text: docs, python" in stdout
     card = (out / "README.md").read_text()
-    assert "- **Calibration:** 600 tokens of text: docs (`uptrain:broad.docs`, " in card
+    assert "- **Calibration:** the source read 600 tokens of text, one layer at a time" in card
+    assert ": docs (`uptrain:broad.docs`, " in card and "- **Refinement:** each merged attention trained for 2" in card
 
 
 def test_calibration_mix_shares_the_tokens_with_broad_text(run_cli, llama, tmp_path) -> None:

@@ -163,9 +163,6 @@ def evaluate(
     if offload_folder is not None:
         _check_creatable_folder(Path(offload_folder), "--offload-folder")
     texts = _held_out_texts(config, overrides or [], data)
-    if not texts and tasks is None:
-        print("uptrain eval: no held-out text, so no perplexity or KL; give some with --data FILES (globs, a Hub "
-              "dataset id, or uptrain:heldout, the built-in suite)", file=sys.stderr)  # fmt: skip
     with contextlib.ExitStack() as stack:
         placement = None
         if device_map is not None:  # scratch space of ours, removed however the evaluation ends
@@ -195,6 +192,9 @@ def evaluate(
         )
     out = asdict(result)
     print_result(out)
+    if not texts and tasks is None:
+        print("uptrain eval: no held-out text, so no perplexity or KL; give some with --data FILES (globs, a Hub "
+              "dataset id, or uptrain:heldout, the built-in suite)", file=sys.stderr)  # fmt: skip
     if json:
         target = Path(json)
         tmp = target.with_name(f".{target.name}.uptrain-tmp")
