@@ -75,7 +75,6 @@ RECIPES: dict[str, Recipe] = {
     "plays + broad 0.25, refined": Recipe(("PLAYS",), 0.25),
     "broad, refined, lr 3e-3": Recipe(refine={"lr": 3e-3}),
     "broad, refined, lr 3e-4": Recipe(refine={"lr": 3e-4}),
-    "broad, refined, anchored (30)": Recipe(refine={"anchor": 30.0}),
     "broad, refined 16": Recipe(refine={"steps": 16}),
 }
 

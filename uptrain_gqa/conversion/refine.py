@@ -51,20 +51,15 @@ class Refinement:
     """Peak learning rate, decayed to 0 by a cosine over the steps."""
     seed: int = 0
     """Order in which the windows are visited."""
-    anchor: float = 0.0
-    """Weight of a pull toward the closed-form start: the loss adds anchor · Σ‖θ − θ₀‖² / Σ‖θ₀‖²."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise UptrainError(f"--refine-steps must not be negative, got {self.steps}")
         if not self.lr > 0:
             raise UptrainError(f"--refine-lr must be positive, got {self.lr}")
-        if not self.anchor >= 0:
-            raise UptrainError(f"--refine-anchor must not be negative, got {self.anchor}")
 
     def record(self) -> dict[str, Any]:
-        out = {"steps": self.steps, "lr": self.lr, "objective": "relative squared error of the attention output"}
-        return out | ({"anchor": self.anchor} if self.anchor else {})
+        return {"steps": self.steps, "lr": self.lr, "objective": "relative squared error of the attention output"}
 
 
 @dataclass
@@ -123,9 +118,7 @@ def refine_attention(
     if settings.steps == 0 or not train:
         return result | {"seconds": round(time.perf_counter() - started, 3)}
     start = {n: p.detach().clone() for n, p in attention.named_parameters()}
-    named = [(n, p) for n, p in attention.named_parameters() if p.is_floating_point()]
-    params = [p for _, p in named]
-    start_norm = sum(float(start[n].pow(2).sum()) for n, _ in named) or 1.0
+    params = [p for p in attention.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
@@ -139,8 +132,6 @@ def refine_attention(
             y = w.y.to(dtype)
             # relative squared error of this window: layers with large outputs do not dominate the step size
             loss = (_output(attention, w, dtype) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
-            if settings.anchor:
-                loss = loss + settings.anchor * sum((p - start[n]).pow(2).sum() for n, p in named) / start_norm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
