@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The torch that CI tests; `make setup TORCH=torch` takes the newest release instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-all demo bench lint clean gpu-wheels gpu-check
+.PHONY: setup test test-all demo bench lint clean gpu-wheels gpu-check docs
 
 setup: $(VENV)/.installed-dev
 
@@ -43,7 +43,7 @@ lint: setup
 	$(BIN)/ruff format --check uptrain_gqa tests scripts
 	$(BIN)/lint-imports
 
-# The prepared GPU check (README, "On a GPU"). A bare GPU machine has python3 with torch and transformers but
+# The prepared GPU check (docs/benchmarks.md, "On a GPU"). A bare GPU machine has python3 with torch and transformers but
 # lacks datasets, dill and multiprocess, and reaches no registry: `make gpu-wheels` puts them here, as wheels
 # for its Python 3.12 on x86-64, with uptrain's own wheel, into .gpu-wheels/ (ignored: carry it). The pins are
 # the versions this project runs with; after changing one, empty the folder (two versions stop the install).
@@ -64,3 +64,6 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet

@@ -1,6 +1,6 @@
 """The GPU check's report (scripts/gpu_check.py): its targets judged, and its Markdown.
 
-Targets (README, "On a GPU"): training at >= 45 % MFU in bf16 on the ~1 B model and ahead of transformers'
+Targets (docs/benchmarks.md, "On a GPU"): training at >= 45 % MFU in bf16 on the ~1 B model and ahead of transformers'
 Trainer; decode with `uptrain_sdpa` at >= 2x MHA's tokens/s for GQA-8 and >= 3x for MQA.
 """
 

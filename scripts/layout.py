@@ -1,9 +1,9 @@
-"""The README's "Layout" map, generated from the package: every module with the first line of its docstring.
+"""The "Layout" map of docs/development.md, generated from the package: each module and its docstring's first line.
 
     python -m scripts.layout            # print the section
-    python -m scripts.layout --write    # rewrite it in README.md (between the layout markers)
+    python -m scripts.layout --write    # rewrite it in docs/development.md (between the layout markers)
 
-tests/test_architecture.py fails when README.md's section differs from what this prints.
+tests/test_architecture.py fails when docs/development.md's section differs from what this prints.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def readme_section(readme: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="rewrite the section in README.md")
+    ap.add_argument("--write", action="store_true", help="rewrite the section in docs/development.md")
     args = ap.parse_args()
     text = layout_markdown()
     if args.write:
-        readme = (ROOT / "README.md").read_text()
-        (ROOT / "README.md").write_text(readme.replace(readme_section(readme), text))
+        readme = (ROOT / "docs" / "development.md").read_text()
+        (ROOT / "docs" / "development.md").write_text(readme.replace(readme_section(readme), text))
     else:
         print(text)
 

@@ -114,9 +114,9 @@ def test_no_sys_path_edits_in_scripts_or_tests() -> None:
     assert offenders == []
 
 
-def test_the_readme_layout_is_current() -> None:
+def test_the_layout_page_is_current() -> None:
     from scripts.layout import layout_markdown, readme_section
 
-    assert readme_section((ROOT / "README.md").read_text()) == layout_markdown(), (
+    assert readme_section((ROOT / "docs" / "development.md").read_text()) == layout_markdown(), (
         "run `python -m scripts.layout --write`"
     )

@@ -38,7 +38,7 @@ def main() -> None:
         f"overlap; decode speed: batch 16 after a 512-token prompt, {rows[0]['eval']['device']}\n"
     )
     print(table(rows))
-    print(f"\n{environment_line()}")  # what the digits depend on: README's table names its own
+    print(f"\n{environment_line()}")  # what the digits depend on: docs/getting-started.md's table names its own
     print(f"\nmodels and eval results in {args.out}/; took {time.perf_counter() - start:.0f} s")
 
 
