@@ -202,3 +202,44 @@ def test_an_unknown_flag_names_the_command_and_the_closest_flag(run_cli, llama: 
     assert code == 2 and "uptrain inspect: error: unrecognized arguments: --jsn; did you mean --json?" in err
     code, _, err = run_cli("inspect", llama, "--zzzqq")
     assert code == 2 and "unrecognized arguments: --zzzqq; see uptrain inspect --help" in err
+
+
+def test_json_alone_prints_only_the_result_for_every_command(run_cli, llama: Path, tmp_path: Path) -> None:
+    """One convention: `--json` alone is the result as JSON on stdout, with no table beside it."""
+    runs = {
+        "inspect": ["inspect", llama],
+        "env": ["env"],
+        "plan": ["plan", llama, "--memory", "1GB"],
+        "convert": ["convert", llama, tmp_path / "out", "--num-kv-heads", "2"],
+    }
+    for name, args in runs.items():
+        code, out, err = run_cli(*args, "--json")
+        assert code == 0, (name, err)
+        assert isinstance(json.loads(out), dict), (name, out[:200])
+    assert json.loads(run_cli("convert", llama, tmp_path / "again", "--num-kv-heads", "4", "--json")[1])[
+        "num_kv_heads"] == 4  # fmt: skip
+
+
+def test_json_to_a_file_never_replaces_a_link_and_streams_into_a_fifo(run_cli, llama: Path, tmp_path: Path) -> None:
+    import os
+    import threading
+
+    target = tmp_path / "facts.json"
+    code, out, _ = run_cli("inspect", llama, "--json", target)
+    assert code == 0 and "valid --num-kv-heads" in out and json.loads(target.read_text())["layers"] == 2
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "link.json").symlink_to(victim)
+    (tmp_path / ".facts.json.uptrain-tmp").symlink_to(victim)  # where a fixed temporary name used to be
+    code, _, err = run_cli("inspect", llama, "--json", tmp_path / "link.json")
+    assert code == 1 and "is a symlink; uptrain replaces only regular files" in err
+    code, _, err = run_cli("inspect", llama, "--json", target)
+    assert code == 0 and victim.read_text() == "keep me" and (tmp_path / "link.json").is_symlink()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, _, err = run_cli("inspect", llama, "--json", fifo)
+    reader.join(timeout=60)
+    assert code == 0 and json.loads(got[0])["layers"] == 2 and fifo.is_fifo(), err

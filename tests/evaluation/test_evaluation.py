@@ -302,15 +302,25 @@ def test_inputs_refused_before_any_work(run_cli, models, tmp_path: Path) -> None
 
 
 def test_json_on_a_full_disk_names_the_file_and_leaves_nothing(run_cli, models, tmp_path: Path, monkeypatch) -> None:
-    original = Path.write_text
+    import contextlib
+    import os
 
-    def full(self, data, *args, **kwargs):
-        if self.name.endswith(".uptrain-tmp"):
-            original(self, data[:10], *args, **kwargs)
-            raise OSError(28, "No space left on device")
-        return original(self, data, *args, **kwargs)
+    from uptrain_gqa.io import folders
 
-    monkeypatch.setattr(Path, "write_text", full)
+    real_fdopen = os.fdopen
+
+    @contextlib.contextmanager
+    def full(fd, *args, **kwargs):  # the temporary file takes 10 bytes, then the disk is full
+        with real_fdopen(fd, *args, **kwargs) as f:
+
+            class Disk:
+                def write(self, data: bytes) -> None:
+                    f.write(data[:10])
+                    raise OSError(28, "No space left on device")
+
+            yield Disk()
+
+    monkeypatch.setattr(folders.os, "fdopen", full)
     out = tmp_path / "results" / "result.json"
     code, printed, err = run_eval(run_cli, models["gqa"], f"--data.files=[{models['corpus']}/*.txt]", "--no-speed",
                                   "--json", out)  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
 from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
 from uptrain_gqa.conversion.convert import convert_checkpoint
 from uptrain_gqa.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
@@ -45,6 +46,7 @@ def convert(
     push_to_hub: str | None = None,
     public: bool = False,
     base_model: str | None = None,
+    json: JsonOption = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint to G shared key/value heads (MHA -> GQA, or GQA -> fewer heads / MQA).
 
@@ -107,9 +109,12 @@ def convert(
         quiet: No progress bar or summary.
         push_to_hub: Upload OUT (with its model card) to this Hub repo, e.g. you/llama-2-7b-gqa8.
         public: Create the --push-to-hub repo public (default: private).
+        json: The conversion record as JSON: alone, to stdout instead of the summary; with FILE, written to
+            FILE as well.
         base_model: The Hub id the model card names as base_model (default: the source's Hub id, or the
             'org/name' its config.json was saved with; left out when neither is known).
     """
+    check_json_target(json)
     if method not in METHODS:
         raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if grouping not in GROUPINGS:
@@ -148,7 +153,8 @@ def convert(
         )
     except KeyboardInterrupt as e:
         raise Stopped("interrupted; nothing was written", signal_exit_code(e)) from None
-    if not quiet:
+    emit_json(record, json)
+    if not quiet and table_wanted(json):
         _print_summary(record, out_path, nbytes)
         if method == "mean":
             again = shlex.join(["uptrain", "convert", src, out, "--num-kv-heads", str(num_kv_heads), "--method", "svd"])

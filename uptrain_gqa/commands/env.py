@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from typing import Any
 
+from uptrain_gqa.commands.output import JsonOption, emit_json, table_wanted
 from uptrain_gqa.device import environment
 
 
-def env(*, json: bool = False) -> dict[str, Any]:
+def env(*, json: JsonOption = None) -> dict[str, Any]:
     """Print what uptrain runs on: its version and its libraries', Python, platform, GPUs, processes.
 
     The same facts go into every run folder (uptrain_run.json) and conversion record; paste this
     into a bug report.
 
     Args:
-        json: Print as JSON.
+        json: The facts as JSON: alone, to stdout instead of the list; with FILE, written to FILE as well.
     """
     facts = environment()
-    if json:
-        print(jsonlib.dumps(facts, indent=2))
+    emit_json(facts, json)
+    if not table_wanted(json):
         return facts
     for name, version in facts["versions"].items():  # type: ignore[union-attr]
         print(f"- {name}: {version or 'not installed'}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json as jsonlib
 import os
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from uptrain_gqa import config as configlib
+from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
 from uptrain_gqa.config import Overrides
 from uptrain_gqa.data.config import DataConfig
 from uptrain_gqa.data.sources import parse_sources
@@ -62,7 +62,7 @@ def evaluate(
     data: list[str] | None = None,
     config: str | None = None,
     compare: list[str] | None = None,
-    json: str | None = None,
+    json: JsonOption = None,
     max_tokens: int = 100_000,
     window: int | None = None,
     stride: int | None = None,
@@ -92,7 +92,7 @@ def evaluate(
     source of a mixture, are scored one by one and reported each and as their mean. The KV cache is computed from the
     config and measured from the cache transformers holds after generation; decode speed is measured
     on the current device (a GPU if present, synchronised, after a warm-up). A table goes to stdout;
-    --json FILE writes the result (schema in docs/eval-schema.md); --compare A.json B.json ... prints
+    --json [FILE] gives the result as JSON (schema in docs/eval-schema.md); --compare A.json B.json ... prints
     saved results side by side.
 
     Args:
@@ -106,7 +106,8 @@ def evaluate(
         config: A `uptrain train` config: score its run's held-out validation blocks, each on its own as
             training does (its validation perplexity; strided windows with context score lower).
         compare: Saved --json results to print side by side (no evaluation).
-        json: Write the result as JSON to this file.
+        json: The result as JSON (schema in docs/eval-schema.md): alone, to stdout instead of the table;
+            with FILE, written to FILE as well.
         max_tokens: Tokens of held-out text to score at most (per text, with several).
         window: Context per scoring window (default: data.seq_len, capped at the model's maximum).
         stride: Tokens between windows (default: window / 2).
@@ -151,8 +152,7 @@ def evaluate(
         raise UptrainError("--num-fewshot, --tasks-batch-size, --chat-template and --log-samples need --tasks")
     if tasks is not None and not [t for t in tasks.split(",") if t.strip()]:
         raise UptrainError(f"--tasks {tasks!r} names no task; list them like --tasks hellaswag,arc_easy")
-    if json:
-        _check_writable_file(Path(json))  # before the evaluation, not after it
+    check_json_target(json)  # before the evaluation, not after it
     if log_samples:
         _check_creatable_folder(Path(log_samples), "--log-samples")
     if tasks_include and not Path(tasks_include).is_dir():
@@ -191,19 +191,15 @@ def evaluate(
             placement=placement,
         )
     out = asdict(result)
-    print_result(out)
+    if table_wanted(json):
+        print_result(out)
     if not texts and tasks is None:
         print("uptrain eval: no held-out text, so no perplexity or KL; give some with --data FILES (globs, a Hub "
               "dataset id, or uptrain:heldout, the built-in suite)", file=sys.stderr)  # fmt: skip
-    if json:
-        target = Path(json)
-        tmp = target.with_name(f".{target.name}.uptrain-tmp")
-        try:
-            tmp.write_text(jsonlib.dumps(out, indent=2) + "\n")
-            tmp.replace(target)  # a whole file or none
-        except OSError as e:  # a full disk: the table above is printed; leave no partial file
-            tmp.unlink(missing_ok=True)
-            raise UptrainError(f"--json {target}: cannot write it ({e.strerror}); the results are printed above") from e
+    try:
+        emit_json(out, json)
+    except OSError as e:  # a full disk: the table above is printed; no partial file is left
+        raise UptrainError(f"--json {json}: cannot write it ({e.strerror}); the results are printed above") from e
     return out
 
 
@@ -232,19 +228,3 @@ def _check_creatable_folder(path: Path, flag: str) -> None:
         raise UptrainError(f"{flag} {path}: cannot create it ({e.strerror}); choose another folder") from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise UptrainError(f"{flag} {path}: cannot write into it (permission denied); choose another folder")
-
-
-def _check_writable_file(path: Path) -> None:
-    if path.is_dir():
-        raise UptrainError(f"--json {path} is a folder; give a file name like {path / 'result.json'}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UptrainError(f"--json {path}: {parent} is a file, not a folder; choose another file")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UptrainError(f"--json {path}: cannot write there (permission denied); choose another file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UptrainError(f"--json {path}: cannot write there ({e.strerror}); choose another file") from e

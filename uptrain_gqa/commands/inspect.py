@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json as jsonlib
-
+from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
 from uptrain_gqa.model.facts import checkpoint_facts
 from uptrain_gqa.units import format_bytes, format_count
 
 
-def inspect(src: str, *, revision: str | None = None, allow_pickle: bool = False, json: bool = False) -> dict:
+def inspect(src: str, *, revision: str | None = None, allow_pickle: bool = False, json: JsonOption = None) -> dict:
     """Describe a checkpoint: family, heads, KV cache per token, and the valid --num-kv-heads values.
 
     Reads config.json and the safetensors headers only; no weights are loaded (for a Hub repo,
@@ -18,11 +17,12 @@ def inspect(src: str, *, revision: str | None = None, allow_pickle: bool = False
         src: Local Hugging Face checkpoint folder, or a Hub repo id (org/name).
         revision: Hub branch, tag or commit (Hub repo ids only).
         allow_pickle: Read pytorch_model*.bin checkpoints (weights_only=True); refused by default.
-        json: Print the facts as JSON instead of a table.
+        json: The facts as JSON: alone, to stdout instead of the table; with FILE, written to FILE as well.
     """
+    check_json_target(json)
     info = checkpoint_facts(src, revision, allow_pickle)
-    if json:
-        print(jsonlib.dumps(info, indent=2))
+    emit_json(info, json)
+    if not table_wanted(json):
         return info
     src_text = info["source"].get("path") or f"{info['source']['repo_id']} @ {info['source']['commit']}"
     kv = info["kv_cache_bytes_per_token"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 import math
 import re
 import shlex
@@ -10,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
 from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, RANDOM
 from uptrain_gqa.conversion.refine import DEFAULT_LR
 from uptrain_gqa.errors import UptrainError
@@ -43,7 +43,7 @@ def plan(
     params: float | None = None,
     units: Literal["GB", "GiB"] = "GB",
     plot: str | None = None,
-    json: bool = False,
+    json: JsonOption = None,
     quality: list[str] | None = None,
     quality_tokens: int = 8192,
     calibration: list[str] | None = None,
@@ -80,7 +80,7 @@ def plan(
         params: Parameter count, e.g. 13e9.
         units: Print sizes in GB (10^9 bytes) or GiB (2^30 bytes).
         plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
-        json: Print the plan as JSON.
+        json: The plan as JSON: alone, to stdout instead of the table; with FILE, written to FILE as well.
         quality: Measure each G's quality before converting, on one or several held-out texts, each
             [NAME=]DATA: text files (globs), a Hub dataset id, a built-in text (uptrain:heldout: legal English,
             C, documentation, Python and plays that calibration never reads), or `random`. Every reachable G
@@ -103,6 +103,7 @@ def plan(
             measured (docs/results.md); uptraining recovers much of the rest.
         quiet: No progress bars.
     """
+    check_json_target(json)
     _check_numbers(model, memory, context=context, batch=batch, tp=tp, num_kv_heads=num_kv_heads, layers=layers,
                    heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, params=params)  # fmt: skip
     m = served_model(model, layers, heads, kv_heads, head_dim, hidden, params, weights_dtype)
@@ -172,9 +173,8 @@ def plan(
     result["command"] = command
     if plot:
         draw(m, rows, num_kv_heads or best or 1, mem, context, batch, DTYPE_BYTES[kv_dtype], tp, units, Path(plot))
-    if json:
-        print(jsonlib.dumps(result, indent=2))
-    else:
+    emit_json(result, json)
+    if table_wanted(json):
         print_plan(m, rows, best, mem, context, batch, kv_dtype, tp, units, quality_note, command)
     return result
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from uptrain_gqa import config as configlib
+from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json
 from uptrain_gqa.config import Overrides
 from uptrain_gqa.device import is_main_process
 from uptrain_gqa.io.hub import check_push, push_folder
@@ -24,6 +26,7 @@ def train(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     public: bool = False,
+    json: JsonOption = None,
     overrides: Annotated[list[str] | None, Overrides(TrainConfig)] = None,
 ) -> dict[str, Any]:
     """Continue pretraining a (converted) checkpoint for a token budget, with accelerate.
@@ -49,8 +52,11 @@ def train(
         overwrite: Delete an existing run folder (checkpoints, metrics, model) and start over.
         push_to_hub: Upload the final model (OUT/model, with its model card) to this Hub repo, e.g. you/llama-gqa8.
         public: Create the --push-to-hub repo public (default: private).
+        json: The result (final step, tokens, last metrics; with --dry-run the budget) as JSON: alone, to
+            stdout; with FILE, written to FILE.
         overrides: --section.key=value settings applied on top of CONFIG.
     """
+    check_json_target(json)
     cfg = configlib.load(TrainConfig, config, configlib.parse_overrides(overrides or []))
     if print_config:
         cfg, _ = fit_to_model(cfg)
@@ -58,6 +64,8 @@ def train(
         return {"config": configlib.to_dict(cfg)}
     check_push(push_to_hub)
     result = run_training(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if is_main_process():
+        emit_json({k: asdict(v) if is_dataclass(v) else v for k, v in result.items()}, json)
     if push_to_hub and not dry_run and is_main_process():
         url = push_folder(Path(cfg.out) / "model", push_to_hub, private=not public, message="uptrain train")
         print(f"uptrain train: pushed {Path(cfg.out) / 'model'} to {url}", file=sys.stderr)

@@ -279,7 +279,8 @@ def schema_markdown() -> str:
     lines = [
         "# `uptrain eval --json` schema",
         "",
-        f"The JSON that `uptrain eval --json FILE` writes, version {SCHEMA_VERSION} (`schema_version`).",
+        "The JSON that `uptrain eval --json FILE` writes (and `--json` alone prints), "
+        f"version {SCHEMA_VERSION} (`schema_version`).",
         "`schema_version` changes only when a field changes meaning or disappears; new fields may be added.",
         "Sizes are bytes, times seconds, losses nats per token. Defined in `uptrain_gqa/evaluation/result.py`.",
         "",

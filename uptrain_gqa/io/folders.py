@@ -179,3 +179,47 @@ def write_failure(error: BaseException, where: Path) -> str | None:
             error = next(iter(error.failures.values()))[0]
         return f"the disk is probably full ({space}; {type(error).__name__}: {first_line(error)})"
     return None
+
+
+def write_file(target: Path, data: bytes, what: str) -> None:
+    """Write `data` as the file `target`, whole or not at all: into a new temporary file beside it (opened
+    exclusively, never through a link), renamed over `target` at the end. A FIFO or a character device, or a
+    link to one (/dev/stdout), is written into as it is, never replaced; another symlink, a folder or another
+    special file is refused (`what` names the option in the message), so nothing of the user's is replaced."""
+    import stat
+    import uuid
+
+    target = Path(target)
+    if is_stream(target):
+        with open(target, "wb") as stream:  # a pipe or a terminal: streamed, as `> target` would
+            stream.write(data)
+        return
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UptrainError(f"{what} {target} is {kind}; uptrain replaces only regular files: choose another path")
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.uptrain-tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o666 & ~current_umask())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def is_stream(path: Path) -> bool:
+    """`path` is a FIFO or a character device (a terminal, /dev/null), or a link to one: written into, never
+    replaced by a file."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode  # through links: /dev/stdout -> /proc/self/fd/1 -> a pipe
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)

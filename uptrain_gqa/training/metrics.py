@@ -7,14 +7,15 @@ perplexity every `logging.eval_every` steps).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import first_line
+from uptrain_gqa.io.folders import write_file
 
 METRICS = "metrics.jsonl"
 RUN_RECORD = "uptrain_run.json"
@@ -98,15 +99,9 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / LOSS_PLOT
-    tmp = out.with_name(f".{LOSS_PLOT}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_file(out, png.getvalue(), LOSS_PLOT)
     return out
 
 
