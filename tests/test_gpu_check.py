@@ -28,6 +28,7 @@ def dry_run(out: Path, command: list[str]) -> dict:
     return report
 
 
+@pytest.mark.slow  # 45 s on 2 cores: every part of the GPU check on the CPU; make test-all
 def test_the_dry_run_runs_every_part_and_writes_both_tables(tmp_path: Path) -> None:
     # two parts at a time: the same parts and tables as `make gpu-check` without a GPU, in about half the time
     report = dry_run(tmp_path, [sys.executable, "-m", "scripts.gpu_check", "--shapes", "cpu", "--jobs", "2"])
