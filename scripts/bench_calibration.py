@@ -48,10 +48,10 @@ def main() -> None:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        options = {"calibration_tokens": args.calibration_tokens, "refine_steps": args.refine_steps, "quiet": True}
+        options = {"calibration_tokens": args.calibration_tokens, "refine_steps": args.refine_steps}
         record = convert(
-            str(source), str(out), num_kv_heads=groups, method="svd", calibration=args.calibration, **options
-        )
+            src=str(source), out=str(out), num_kv_heads=groups, method="svd", calibration=args.calibration, **options
+        ).record
         wall = time.perf_counter() - started
     calibration, refinement = record.get("calibration") or {}, record.get("refinement") or {}
     command = (f"uptrain convert SRC OUT --num-kv-heads {groups} --method svd --calibration {args.calibration} "

@@ -57,7 +57,7 @@ def make_checkpoint(folder: Path, layers: int, shards: int) -> int:
 def child_uptrain(src: str, out: str, groups: int, shard: str) -> None:
     from uptrain_gqa import convert
 
-    convert(src, out, num_kv_heads=groups, max_shard_size=shard, quiet=True)
+    convert(src=src, out=out, num_kv_heads=groups, max_shard_size=shard)
 
 
 def child_naive(src: str, out: str, groups: int, shard: str) -> None:

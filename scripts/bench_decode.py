@@ -87,7 +87,7 @@ def main() -> None:
         paths = {heads: source}
         for g in groups[1:]:
             paths[g] = Path(tmp) / f"g{g}"
-            convert(str(source), str(paths[g]), num_kv_heads=g, quiet=True)
+            convert(src=str(source), out=str(paths[g]), num_kv_heads=g)
         # every G with one attention before the next: a run cut short still compares the G's
         for attn in args.attn:
             for g in groups:

@@ -45,7 +45,7 @@ def make_model(folder: Path, args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder / "mha")
     save_word_tokenizer(folder / "mha")
-    convert(str(folder / "mha"), str(folder / "gqa"), num_kv_heads=max(1, args.heads // 4), quiet=True)
+    convert(src=str(folder / "mha"), out=str(folder / "gqa"), num_kv_heads=max(1, args.heads // 4))
     return folder / "gqa"
 
 

@@ -44,7 +44,7 @@ def build(work: Path) -> dict[str, Path]:
     mha = save_tiny_llama(work / "mha")
     save_word_tokenizer(mha)
     gqa = work / "gqa"
-    convert(str(mha), str(gqa), num_kv_heads=2, quiet=True)
+    convert(src=str(mha), out=str(gqa), num_kv_heads=2)
     corpus = write_corpus(work / "corpus", docs=300)
     cfg = yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
     cfg["model"]["path"] = str(gqa)

@@ -45,7 +45,7 @@ def make_tiny_run(root: Path, **model: Any) -> dict:
 
     src = save_tiny_llama(root / "mha", shard=None, **model)
     save_word_tokenizer(src)
-    convert(str(src), str(root / "gqa"), num_kv_heads=2, quiet=True)
+    convert(src=str(src), out=str(root / "gqa"), num_kv_heads=2)
     corpus = write_corpus(root / "corpus", docs=400)
     cfg = yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
     cfg["model"]["path"] = str(root / "gqa")

@@ -1,4 +1,5 @@
-"""uptrain installed from its wheel (not the source tree): every command's help, the demo's entry point and data."""
+"""uptrain installed from its wheel (not the source tree): every command's help, the demo's entry point and data,
+the shipped run configs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,22 @@ def test_the_demo_runs_from_the_installed_package(installed, tmp_path) -> None:
     proc = run(installed, "-c", code, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(installed["PYTHONPATH"])  # package data, not the repo's files
+
+
+def test_the_run_configs_ship_in_the_wheel(wheel, installed, tmp_path) -> None:
+    """configs/ (the run configs and accelerate's) is package data: found by name from the installed package."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"uptrain_gqa/configs/llama2-7b-gqa8.yaml", "uptrain_gqa/configs/accelerate/fsdp2.yaml"} <= names
+    code = (
+        "from uptrain_gqa.training.config import SHIPPED_CONFIGS, shipped_config\n"
+        "for name in SHIPPED_CONFIGS: assert shipped_config(name).is_file(), name\n"
+        "print(shipped_config('llama2-7b-gqa8'), *SHIPPED_CONFIGS)\n"
+    )
+    proc = run(installed, "-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path, *shipped = proc.stdout.split()
+    assert path.startswith(installed["PYTHONPATH"])  # package data, not the repo's files
+    assert "tiny-cpu" in shipped and "llama2-7b-gqa8" in shipped
 
 
 def test_the_distribution_has_a_name_of_its_own(installed) -> None:

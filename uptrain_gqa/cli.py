@@ -3,16 +3,23 @@
 The parser is built from the function's signature (positional parameters become arguments,
 keyword-only ones options; bool -> flag, Literal -> choices; a parameter annotated with
 `config.Overrides` collects --section.key=value settings, and the config's keys are listed in the
-help) and the `Args:` section of its docstring, so the help cannot drift from the code. This is the
-only place that exits: library code raises, and each exception type carries its exit status.
+help; a parameter whose type is a stage's options dataclass, such as ConvertOptions, contributes one
+option per field, documented by the field's docstring, and is built from them) and the `Args:`
+section of its docstring, so the help cannot drift from the code. Every command also takes --quiet
+and --verbose. This is the only place that exits: library code raises, and each exception type
+carries its exit status; it never prints either, and its notes reach the user through the logger
+this module sets up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import pickle
 import re
@@ -23,7 +30,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from uptrain_gqa.config import Overrides
+from uptrain_gqa.config import Overrides, field_docs
 from uptrain_gqa.errors import STOP_SIGNALS, Interrupted, Stopped, UptrainError, signal_exit_code
 from uptrain_gqa.version import __version__
 
@@ -90,6 +97,59 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _options_class(tp: Any) -> type | None:
+    """The options dataclass a command parameter takes (its fields become the command's options), if any."""
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _add_argument(
+    parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, text: str, positional: bool, flags: list[str]
+) -> None:
+    """One argument (positional) or option: bool -> flag, Literal -> choices, int/float typed, list -> nargs."""
+    tp, extra, _ = _unwrap(tp)
+    kwargs: dict[str, Any] = {"help": text, **extra}
+    if typing.get_origin(tp) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+    elif tp in (int, float):
+        kwargs["type"] = tp
+    elif typing.get_origin(tp) is list:
+        kwargs["nargs"] = "+"
+    if positional:
+        if default is not inspect.Parameter.empty:
+            kwargs |= {"nargs": "?", "default": default}
+        parser.add_argument(name, metavar=name.upper(), **kwargs)
+        return
+    flag = "--" + name.replace("_", "-")
+    flags.append(flag)
+    if tp is bool:
+        parser.add_argument(flag, action="store_true", help=text)
+    elif default is inspect.Parameter.empty:
+        parser.add_argument(flag, required=True, metavar=name.upper(), **kwargs)
+    else:
+        if default is not None:
+            kwargs["help"] = f"{text} (default: {default})"
+        parser.add_argument(flag, default=default, **kwargs)
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type, flags: list[str]) -> list[str]:
+    """One argument or option per field of the options dataclass `cls` (fields marked `config.argument()` are
+    positional); returns the field names."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls, include_extras=True)
+    names = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):  # set by the command from other arguments
+            continue
+        default: Any = inspect.Parameter.empty
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        _add_argument(parser, f.name, hints[f.name], default, docs.get(f.name, ""), f.metadata.get("argument", False),
+                      flags)  # fmt: skip
+        names.append(f.name)
+    return names
+
+
 def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
     summary, body, helps = _parse_docstring(inspect.getdoc(fn) or name)
     collector = _overrides_parameter(fn)
@@ -106,37 +166,25 @@ def _add_command(subparsers: Any, name: str, fn: Callable[..., Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(fn, include_extras=True)
-    flags = ["--help"]  # for "did you mean" on an unknown one
+    flags = ["--help", "--quiet", "--verbose"]  # for "did you mean" on an unknown one
+    options: dict[str, tuple[type, list[str]]] = {}
     for param in inspect.signature(fn).parameters.values():
         if collector is not None and param.name == collector[0]:
             parser.set_defaults(_overrides=param.name)
             parser.usage = f"{parser.format_usage().strip().removeprefix('usage: ')} [--section.key=value ...]"
             continue
-        tp, extra, _ = _unwrap(hints.get(param.name, str))
-        text = helps.get(param.name, "")
-        kwargs: dict[str, Any] = {"help": text, **extra}
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-        elif tp in (int, float):
-            kwargs["type"] = tp
-        elif typing.get_origin(tp) is list:
-            kwargs["nargs"] = "+"
-        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:  # before `*`: an argument
-            if param.default is not inspect.Parameter.empty:
-                kwargs |= {"nargs": "?", "default": param.default}
-            parser.add_argument(param.name, metavar=param.name.upper(), **kwargs)
+        cls = _options_class(hints.get(param.name))
+        if cls is not None:
+            options[param.name] = (cls, _add_options(parser, cls, flags))
             continue
-        flag = "--" + param.name.replace("_", "-")
-        flags.append(flag)
-        if tp is bool:
-            parser.add_argument(flag, action="store_true", help=text)
-        elif param.default is inspect.Parameter.empty:
-            parser.add_argument(flag, required=True, metavar=param.name.upper(), **kwargs)
-        else:
-            if param.default is not None:
-                kwargs["help"] = f"{text} (default: {param.default})"
-            parser.add_argument(flag, default=param.default, **kwargs)
-    parser.set_defaults(_command=name, _fn=fn, _parser=parser, _flags=flags)
+        positional = param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD  # before `*`: an argument
+        _add_argument(parser, param.name, hints.get(param.name, str), param.default, helps.get(param.name, ""),
+                      positional, flags)  # fmt: skip
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="No progress bars or notes; warnings and errors only.")
+    more = "Also internal details and other libraries' progress bars (transformers, datasets)."
+    shown.add_argument("--verbose", action="store_true", help=more)
+    parser.set_defaults(_command=name, _fn=fn, _parser=parser, _flags=flags, _options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     fn = args.pop("_fn", None)
     command = args.pop("_command", None)
     subparser, flags = args.pop("_parser", parser), args.pop("_flags", [])
+    options = args.pop("_options", {})
+    quiet, verbose = args.pop("quiet", False), args.pop("verbose", False)
+    level = "quiet" if quiet else "verbose" if verbose else "normal"
     if fn is None:
         parser.print_help(sys.stderr)
         return 2
@@ -182,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
         hint = f"; did you mean {close[0]}?" if close else f"; see uptrain {command} --help"
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    _quiet_libraries()
+    _show(command, level)
     for s in STOP_SIGNALS:
         signal.signal(s, _interrupt)
     try:
         check_launch_environment()
+        for param, (cls, names) in options.items():  # validated by the dataclass, as for a Python caller
+            args[param] = cls(**{n: args.pop(n) for n in names})
         fn(**args)
     except Stopped as e:  # on purpose, after saving what could be saved: not an error of the input
         if is_main_process():
@@ -219,21 +272,33 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _quiet_libraries() -> None:
-    """Library warnings about configs (e.g. token ids) are noise for a converter's user; so are the libraries'
-    progress bars when stderr is a file (each redraw a carriage return): uptrain's own then print lines."""
-    from transformers.utils import logging
+class _Lines(logging.Handler):
+    """uptrain's notes and warnings on stderr as `uptrain CMD: ...` lines (stderr looked up when written, so a
+    replaced stream is followed)."""
 
-    from uptrain_gqa.progress import is_terminal
+    def __init__(self) -> None:
+        super().__init__()
+        self.command = ""
 
-    logging.set_verbosity_error()
-    if is_terminal():
-        return
-    logging.disable_progress_bar()
-    # read when datasets and huggingface_hub are imported; called too where they already are
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if not getattr(record, "plain", False):
+            kind = "warning: " if record.levelno >= logging.WARNING else ""
+            text = f"uptrain {self.command}: {kind}{text}"
+        with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing left to tell
+            print(text, file=sys.stderr, flush=True)
+
+
+_LINES = _Lines()
+
+
+def _show(command: str, level: str) -> None:
+    """What the command shows while it works (`progress.set_verbosity`), uptrain's notes as `uptrain CMD:`
+    lines on stderr."""
+    from uptrain_gqa.progress import LOGGER, set_verbosity
+
+    set_verbosity(level)  # type: ignore[arg-type]
+    _LINES.command = command
+    if _LINES not in LOGGER.handlers:
+        LOGGER.addHandler(_LINES)
+    LOGGER.propagate = False

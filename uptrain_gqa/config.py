@@ -31,15 +31,29 @@ T = TypeVar("T")
 class Overrides:
     """Marks a command parameter (`Annotated[list[str] | None, Overrides(Config)]`) that collects
     `--section.key=value` arguments for the config dataclass `Config`; the CLI lists its keys in
-    the command's help. With `section`, only keys of that section are accepted (e.g. `data`)."""
+    the command's help. With `section`, only keys of that section are accepted (e.g. `data`); with `keys`,
+    only those of its keys are listed, with `helps` replacing their docstrings."""
 
     config: type
     section: str | None = None
+    keys: tuple[str, ...] | None = None
+    helps: dict[str, str] | None = None
 
     def help_lines(self) -> list[str]:
         if self.section is None:
             return key_help(self.config)
-        return key_help(self.config, f"{self.section}.")
+        return key_help(self.config, f"{self.section}.", self.keys, self.helps)
+
+
+def argument() -> Any:
+    """A required field of a stage's options dataclass that the command line takes as a positional argument
+    (e.g. ConvertOptions.src); the other fields become --options."""
+    return dataclasses.field(metadata={"argument": True})
+
+
+def argument_default(default: Any) -> Any:
+    """An optional field taken as a positional argument (e.g. PlanOptions.model)."""
+    return dataclasses.field(default=default, metadata={"argument": True})
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -166,6 +180,52 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
+def check_types(obj: Any) -> None:
+    """Refuse, in one line, a field of dataclass `obj` whose value is not of its annotated type (the options a
+    Python caller builds by hand are checked as strictly as the YAML a user writes; an int passes for a float)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _is_a(value, hints[f.name]):
+            raise UptrainError(f"{type(obj).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _is_a(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if tp is type(None):
+        return "None"
+    return {int: "an int", float: "a number", str: "text", bool: "True or False"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
@@ -237,12 +297,16 @@ def dump(obj: Any, path: Path) -> None:
     Path(path).write_text(dumps(obj))
 
 
-def key_help(cls: type, prefix: str = "") -> list[str]:
-    """Help lines: every dotted key with its default and docstring."""
+def key_help(
+    cls: type, prefix: str = "", keys: tuple[str, ...] | None = None, helps: dict[str, str] | None = None
+) -> list[str]:
+    """Help lines: every dotted key (or only `keys`) with its default and docstring (or its text in `helps`)."""
     lines: list[str] = []
-    docs = field_docs(cls)
+    docs = field_docs(cls) | (helps or {})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if keys is not None and f.name not in keys:
+            continue
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):

@@ -35,7 +35,7 @@ def converted(request, tmp_path_factory) -> Converted:
     ident.save_pretrained(root / "ident-src", max_shard_size="30KB")
     assert len(list((root / "src").glob("*.safetensors"))) > 1, "the source must be sharded"
     for src, out in (("src", "out"), ("ident-src", "ident-out")):
-        convert(str(root / src), str(root / out), num_kv_heads=case.groups, max_shard_size="40KB", quiet=True)
+        convert(src=str(root / src), out=str(root / out), num_kv_heads=case.groups, max_shard_size="40KB")
     return Converted(case, root / "src", root / "out", root / "ident-src", root / "ident-out")
 
 

@@ -88,9 +88,9 @@ def test_svd_folds_allowed_maps_exactly(case: Case, tmp_path) -> None:
     model = build(case)
     make_foldable(model, case)
     model.save_pretrained(tmp_path / "src")
-    convert(str(tmp_path / "src"), str(tmp_path / "svd"), num_kv_heads=case.groups, method="svd",
-            calibration="none", quiet=True)  # fmt: skip
-    convert(str(tmp_path / "src"), str(tmp_path / "mean"), num_kv_heads=case.groups, quiet=True)
+    convert(src=str(tmp_path / "src"), out=str(tmp_path / "svd"), num_kv_heads=case.groups, method="svd",
+            calibration="none")  # fmt: skip
+    convert(src=str(tmp_path / "src"), out=str(tmp_path / "mean"), num_kv_heads=case.groups)
     vocab = case.config().vocab_size
     src, svd, mean = (logits(tmp_path / f, vocab) for f in ("src", "svd", "mean"))
     assert (svd - src).abs().max() <= 2e-4 * (1 + src.abs().max())
@@ -116,12 +116,14 @@ def test_similarity_grouping_finds_scattered_twins(case: Case, tmp_path) -> None
     model.save_pretrained(tmp_path / "src")
     if case.k_norm in PER_HEAD_NORMS:
         with pytest.raises(UptrainError, match="similarity cannot reorder the per-head"):
-            convert(str(tmp_path / "src"), str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity")
+            convert(
+                src=str(tmp_path / "src"), out=str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity"
+            )
         assert not (tmp_path / "out").exists()
         return
-    convert(str(tmp_path / "src"), str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity",
-            calibration="none", quiet=True)  # fmt: skip
-    convert(str(tmp_path / "src"), str(tmp_path / "contig"), num_kv_heads=case.groups, quiet=True)
+    convert(src=str(tmp_path / "src"), out=str(tmp_path / "out"), num_kv_heads=case.groups, grouping="similarity",
+            calibration="none")  # fmt: skip
+    convert(src=str(tmp_path / "src"), out=str(tmp_path / "contig"), num_kv_heads=case.groups)
     vocab = case.config().vocab_size
     src, out, contig = (logits(tmp_path / f, vocab) for f in ("src", "out", "contig"))
     if case.groups == 1:  # MQA: one group holds every head, whatever the order

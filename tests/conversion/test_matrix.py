@@ -22,12 +22,12 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_grouping_and_dtype_converts(llama: Path, method: str, grouping: str, dtype: str) -> None:
     out = llama.parent / "out"
-    report = convert(str(llama), str(out), num_kv_heads=2, method=method, grouping=grouping, dtype=dtype,
-                     calibration_tokens=64, quiet=True)  # fmt: skip
+    report = convert(src=str(llama), out=str(out), num_kv_heads=2, method=method, grouping=grouping, dtype=dtype,
+                     calibration_tokens=64)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_key_value_heads == 2
     expected = torch.float32 if dtype == "auto" else getattr(torch, dtype)  # the tiny source is float32
-    assert model.dtype == expected and report["dtype"] == str(expected).removeprefix("torch.")
+    assert model.dtype == expected and report.record["dtype"] == str(expected).removeprefix("torch.")
     joint = method == "svd" or grouping == "similarity"
     calib = json.loads((out / CONVERSION_RECORD).read_text())["calibration"]
     # joint merges weigh by the inputs: random tokens unless told otherwise; the rest read none
@@ -39,14 +39,13 @@ def test_every_method_grouping_and_dtype_converts(llama: Path, method: str, grou
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
 def test_calibration_without_a_joint_merge_is_refused(llama: Path, method: str) -> None:
     with pytest.raises(UptrainError, match="drop --calibration"):
-        convert(str(llama), str(llama.parent / "out"), num_kv_heads=2, method=method, calibration="random")
+        convert(src=str(llama), out=str(llama.parent / "out"), num_kv_heads=2, method=method, calibration="random")
     assert not (llama.parent / "out").exists()
 
 
 def test_weights_only_svd_is_explicit(llama: Path) -> None:
-    report = convert(str(llama), str(llama.parent / "out"), num_kv_heads=2, method="svd", calibration="none",
-                     quiet=True)  # fmt: skip
-    assert report["calibration"] == "none"
+    report = convert(src=str(llama), out=str(llama.parent / "out"), num_kv_heads=2, method="svd", calibration="none")
+    assert report.record["calibration"] == "none"
 
 
 def test_hub_calibration_offline_fails_clearly(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,8 +55,8 @@ def test_hub_calibration_offline_fails_clearly(llama: Path, monkeypatch: pytest.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UptrainError, match=r"--calibration someorg/somedata: .*network access"):
-        convert(str(llama), str(llama.parent / "out"), num_kv_heads=2, method="svd", calibration="someorg/somedata",
-                calibration_subset="en", calibration_split="validation", quiet=True)  # fmt: skip
+        convert(src=str(llama), out=str(llama.parent / "out"), num_kv_heads=2, method="svd",
+                calibration="someorg/somedata", calibration_subset="en", calibration_split="validation")  # fmt: skip
     assert not (llama.parent / "out").exists()
 
 

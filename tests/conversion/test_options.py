@@ -25,7 +25,7 @@ def heads(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def test_first_keeps_each_groups_first_head(llama: Path) -> None:
     out = llama.parent / "out"
-    convert(str(llama), str(out), num_kv_heads=2, method="first", quiet=True)
+    convert(src=str(llama), out=str(out), num_kv_heads=2, method="first")
     before, after = tensors(llama), tensors(out)
     for layer in range(2):
         for name in (K.format(layer, "weight"), V.format(layer, "weight")):
@@ -41,7 +41,7 @@ def qwen2(tmp_path: Path) -> Path:
 def test_random_is_seeded_with_the_source_std_and_zero_bias(tmp_path: Path) -> None:
     src = qwen2(tmp_path)
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        convert(str(src), str(tmp_path / name), num_kv_heads=2, method="random", seed=seed, quiet=True)
+        convert(src=str(src), out=str(tmp_path / name), num_kv_heads=2, method="random", seed=seed)
     before, a, b, c = (tensors(p) for p in (src, tmp_path / "a", tmp_path / "b", tmp_path / "c"))
     for layer in range(2):
         for tmpl in (K, V):
@@ -56,14 +56,14 @@ def test_random_is_seeded_with_the_source_std_and_zero_bias(tmp_path: Path) -> N
 
 def test_dtype_casts_floating_tensors_and_the_config(llama: Path) -> None:
     out = llama.parent / "out"
-    report = convert(str(llama), str(out), num_kv_heads=4, dtype="bfloat16", quiet=True)
+    report = convert(src=str(llama), out=str(out), num_kv_heads=4, dtype="bfloat16")
     assert {t.dtype for t in tensors(out).values()} == {torch.bfloat16}
     before = json.loads((llama / "config.json").read_text())
     after = json.loads((out / "config.json").read_text())
     assert {k for k in before if before[k] != after.get(k)} == {"num_key_value_heads", "dtype"}
     assert after["dtype"] == "bfloat16"
-    assert report["dtype"] == "bfloat16"
-    assert report["kv_cache_bytes_per_token"] == {"before": 2 * 2 * 8 * 8 * 4, "after": 2 * 2 * 4 * 8 * 2}
+    assert report.record["dtype"] == "bfloat16"
+    assert report.kv_cache_bytes_per_token == (2 * 2 * 8 * 8 * 4, 2 * 2 * 4 * 8 * 2)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     expected = heads(tensors(llama)[K.format(0, "weight")], 8).unflatten(0, (4, 2)).mean(1).flatten(0, 1)
@@ -74,9 +74,9 @@ def test_chunked_copies_write_the_same_bytes(llama: Path, monkeypatch: pytest.Mo
     """Copied tensors pass through in row chunks; the result does not depend on the chunk size."""
     from uptrain_gqa.io import reader
 
-    convert(str(llama), str(llama.parent / "whole"), num_kv_heads=2, dtype="float16", quiet=True)
+    convert(src=str(llama), out=str(llama.parent / "whole"), num_kv_heads=2, dtype="float16")
     monkeypatch.setattr(reader, "CHUNK_BYTES", 300)  # embeddings (96 x 64 fp32) -> 24 pieces
-    convert(str(llama), str(llama.parent / "chunked"), num_kv_heads=2, dtype="float16", quiet=True)
+    convert(src=str(llama), out=str(llama.parent / "chunked"), num_kv_heads=2, dtype="float16")
     whole, chunked = tensors(llama.parent / "whole"), tensors(llama.parent / "chunked")
     assert whole.keys() == chunked.keys()
     for name in whole:
@@ -85,7 +85,7 @@ def test_chunked_copies_write_the_same_bytes(llama: Path, monkeypatch: pytest.Mo
 
 def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     src = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
-    convert(str(src), str(tmp_path / "out"), num_kv_heads=2, quiet=True)
+    convert(src=str(src), out=str(tmp_path / "out"), num_kv_heads=2)
     assert "lm_head.weight" not in tensors(tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.tie_word_embeddings
@@ -106,7 +106,7 @@ def test_grouping_follows_repeat_kv(tmp_path: Path) -> None:
                 for h in range(8):
                     w[h] = w[leader.setdefault(group_of(h), h)]
         model.save_pretrained(tmp_path / f"{name}-src")
-        convert(str(tmp_path / f"{name}-src"), str(tmp_path / f"{name}-out"), num_kv_heads=2, quiet=True)
+        convert(src=str(tmp_path / f"{name}-src"), out=str(tmp_path / f"{name}-out"), num_kv_heads=2)
         with torch.no_grad():
             a = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-src")(ids).logits
             b = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-out")(ids).logits
@@ -118,9 +118,9 @@ def test_grouping_follows_repeat_kv(tmp_path: Path) -> None:
 def test_chained_conversions_equal_a_direct_one(llama: Path) -> None:
     """Means of equal-sized means are means: 8 -> 4 -> 2 equals 8 -> 2, and the report keeps history."""
     root = llama.parent
-    convert(str(llama), str(root / "g4"), num_kv_heads=4, quiet=True)
-    convert(str(root / "g4"), str(root / "g2"), num_kv_heads=2, quiet=True)
-    convert(str(llama), str(root / "direct"), num_kv_heads=2, quiet=True)
+    convert(src=str(llama), out=str(root / "g4"), num_kv_heads=4)
+    convert(src=str(root / "g4"), out=str(root / "g2"), num_kv_heads=2)
+    convert(src=str(llama), out=str(root / "direct"), num_kv_heads=2)
     chained, direct = tensors(root / "g2"), tensors(root / "direct")
     for name in direct:
         torch.testing.assert_close(chained[name], direct[name], rtol=0, atol=1e-6)
@@ -138,7 +138,7 @@ def test_side_files_are_copied_and_weights_of_other_formats_are_not(llama: Path)
     (llama / "original").mkdir()
     (llama / "original" / "params.json").write_text("{}")
     out = llama.parent / "out"
-    convert(str(llama), str(out), num_kv_heads=2, quiet=True)
+    convert(src=str(llama), out=str(out), num_kv_heads=2)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (llama / name).read_bytes(), name
     card = (out / "README.md").read_text()  # uptrain's card, with the source's kept below it

@@ -39,8 +39,8 @@ def saved(case: Case, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def converted(src: Path, out: Path, groups: int, text: Path, **kwargs) -> dict:
-    convert(str(src), str(out), num_kv_heads=groups, method="svd", calibration=str(text),
-            calibration_tokens=TOKENS, quiet=True, **kwargs)  # fmt: skip
+    convert(src=str(src), out=str(out), num_kv_heads=groups, method="svd", calibration=str(text),
+            calibration_tokens=TOKENS, **kwargs)  # fmt: skip
     return json.loads((out / CONVERSION_RECORD).read_text())
 
 
@@ -212,10 +212,10 @@ def test_refinement_refusals(run_cli, llama: Path, extra: list[str], expect: str
 
 def test_random_tokens_refine_only_when_asked(llama: Path) -> None:
     out = llama.parent / "random"
-    convert(str(llama), str(out), num_kv_heads=2, method="svd", calibration_tokens=256, quiet=True)
+    convert(src=str(llama), out=str(out), num_kv_heads=2, method="svd", calibration_tokens=256)
     assert "refinement" not in json.loads((out / CONVERSION_RECORD).read_text())
-    convert(str(llama), str(out), num_kv_heads=2, method="svd", calibration_tokens=256, refine_steps=4,
-            overwrite=True, quiet=True)  # fmt: skip
+    convert(src=str(llama), out=str(out), num_kv_heads=2, method="svd", calibration_tokens=256, refine_steps=4,
+            overwrite=True)  # fmt: skip
     assert json.loads((out / CONVERSION_RECORD).read_text())["refinement"]["steps"] == 4
 
 

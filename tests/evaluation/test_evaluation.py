@@ -27,7 +27,7 @@ def models(tmp_path: Path) -> dict[str, Path]:
     src = save_tiny_llama(tmp_path / "mha", shard=None)
     save_word_tokenizer(src)
     for name, g in (("gqa", 2), ("mqa", 1)):
-        convert(str(src), str(tmp_path / name), num_kv_heads=g, quiet=True)
+        convert(src=str(src), out=str(tmp_path / name), num_kv_heads=g)
     return {"mha": src, "gqa": tmp_path / "gqa", "mqa": tmp_path / "mqa", "corpus": write_corpus(tmp_path / "c", 60)}
 
 
@@ -169,6 +169,11 @@ def test_json_schema_and_compare(run_cli, models, tmp_path: Path) -> None:
     assert header == "| | gqa | mqa |"
     kv_row = next(r for r in rows if r.startswith("| KV bytes/token"))
     assert kv_row == "| KV bytes/token | 256 | 128 |"
+    png = tmp_path / "compare.png"
+    code, _, err = run_eval(run_cli, "--compare", *files, "--plot", png)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
+    code, _, err = run_eval(run_cli, "--compare", *files, "--plot", tmp_path)
+    assert code == 1 and "--plot" in err and "is a folder" in err
     code, _, err = run_eval(run_cli, "--compare", tmp_path / "nope.json")
     assert code == 1 and "nope.json not found" in err
 

@@ -97,7 +97,7 @@ def runs(tmp_path_factory) -> dict:
     assert one.returncode == 0, one.stderr[-3000:]
 
     code, logs["two"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
-                                          program=train(config, root / "two")))  # fmt: skip
+                                          program=train(config, root / "two", "--verbose")))  # fmt: skip
     assert code == 0, logs["two"][-3000:]
 
     stop = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),

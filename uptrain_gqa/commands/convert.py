@@ -4,50 +4,26 @@ from __future__ import annotations
 
 import shlex
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import Any
 
 from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
-from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
-from uptrain_gqa.conversion.convert import convert_checkpoint
-from uptrain_gqa.conversion.pooling import GROUPINGS, METHODS, Grouping, Method
-from uptrain_gqa.conversion.refine import DEFAULT_LR
-from uptrain_gqa.errors import Stopped, UptrainError, signal_exit_code
+from uptrain_gqa.conversion.convert import ConvertResult
+from uptrain_gqa.conversion.convert import convert as convert_stage
+from uptrain_gqa.conversion.options import ConvertOptions
+from uptrain_gqa.errors import Stopped, signal_exit_code
 from uptrain_gqa.io.hub import check_push, push_folder
-from uptrain_gqa.units import format_bytes, format_count, parse_size
-
-DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
+from uptrain_gqa.progress import verbosity
+from uptrain_gqa.units import format_bytes, format_count
 
 
 def convert(
-    src: str,
-    out: str,
+    options: ConvertOptions,
     *,
-    num_kv_heads: int,
-    method: Method = "mean",
-    grouping: Grouping = "contiguous",
-    calibration: list[str] | None = None,
-    calibration_tokens: int | None = None,
-    calibration_subset: str | None = None,
-    calibration_split: str = "train",
-    calibration_mix: float = DEFAULT_MIX,
-    refine_steps: int | None = None,
-    refine_lr: float = DEFAULT_LR,
-    dtype: DtypeOption = "auto",
-    max_shard_size: str = "5GB",
-    overwrite: bool = False,
-    seed: int = 0,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    quiet: bool = False,
     push_to_hub: str | None = None,
     public: bool = False,
-    base_model: str | None = None,
     json: JsonOption = None,
-) -> dict[str, Any]:
+) -> ConvertResult:
     """Convert a checkpoint to G shared key/value heads (MHA -> GQA, or GQA -> fewer heads / MQA).
 
     Each new KV head is built from the consecutive group of source KV heads that the query
@@ -66,106 +42,33 @@ def convert(
     model. docs/results.md measures each choice on SmolLM2-135M on held-out text of other kinds.
 
     Args:
-        src: Local Hugging Face checkpoint folder, or a Hub repo id (org/name) to download.
-        out: Output folder for the converted checkpoint.
-        num_kv_heads: G, the number of key/value heads to keep; must divide the source's
-            KV-head count and be smaller (1 = MQA). `uptrain inspect SRC` lists valid values.
-        method: How each group's heads become one: mean (average, the paper's default), first
-            (the group's first head), random (fresh init with the source weights' std; seeded),
-            svd (least-squares shared heads with per-head maps folded exactly into the query and
-            output projections, weighted by the inputs the source sees; docs/merging.md). svd is
-            the recommended method (calibrated on uptrain:broad and refined by default).
-        grouping: Which source heads share a KV head: contiguous (the ones repeat_kv pairs
-            today) or similarity (similar heads together; query and output heads are permuted
-            to match, which changes no output by itself).
-        calibration: What the source reads to weight svd / similarity merges by its layer inputs: one or
-            several texts, each [LABEL[:WEIGHT]=]DATA, where DATA is local files (txt/jsonl/parquet or
-            plain-text sources like .md .py .c, globs allowed), a Hub dataset id (streamed; see
-            --calibration-subset/--calibration-split) or a built-in set (uptrain:broad); WEIGHT is its
-            share (default: equal). Or `random` (uniform random tokens, no data) or `none` (weights only:
-            every input direction counts alike, measured worse than mean pooling on a real model).
-            Default: uptrain:broad (random tokens for a source without a tokenizer).
-        calibration_tokens: Tokens to run through the source model, one decoder layer at a time
-            on the GPU if there is one (memory: one layer plus these tokens' hidden states).
-            Default: 65,536 of text, 8,192 random.
-        calibration_subset: Configuration (subset) of a Hub --calibration dataset.
-        calibration_split: Split of a Hub --calibration dataset.
-        calibration_mix: Share of the calibration tokens read from uptrain:broad when --calibration is your own
-            text (0: only yours). Keeps the merge and its refinement general; ignored for built-in or random.
-        refine_steps: Layer-wise refinement: after each layer's merge, Adam steps (one calibration window
-            each) that fit the converted attention's output to the source's on the calibration text,
-            changing only values (a standard GQA checkpoint still). A layer keeps them only if they lower
-            its error on held-out windows. Default: 36 when the source reads text (uptrain:broad by
-            default), 0 (closed form only) with random tokens or none; 0 turns it off. Costs up to ~2x
-            the calibration pass.
-        refine_lr: Peak learning rate of the refinement (cosine decay to 0).
-        dtype: Cast floating-point tensors on the way (auto keeps each tensor's dtype).
-        max_shard_size: Largest output shard, e.g. 5GB, 500MB, 2GiB.
-        overwrite: Replace OUT if it exists (only once the new checkpoint is complete).
-        seed: Seed for --method random.
-        revision: Hub branch, tag or commit (Hub repo ids only).
-        allow_pickle: Accept pytorch_model*.bin checkpoints (unpickling can run code; loaded
-            with weights_only=True). Refused by default.
-        quiet: No progress bar or summary.
+        options: The conversion (ConvertOptions: one option per field).
         push_to_hub: Upload OUT (with its model card) to this Hub repo, e.g. you/llama-2-7b-gqa8.
         public: Create the --push-to-hub repo public (default: private).
         json: The conversion record as JSON: alone, to stdout instead of the summary; with FILE, written to
             FILE as well.
-        base_model: The Hub id the model card names as base_model (default: the source's Hub id, or the
-            'org/name' its config.json was saved with; left out when neither is known).
     """
     check_json_target(json)
-    if method not in METHODS:
-        raise UptrainError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if grouping not in GROUPINGS:
-        raise UptrainError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
-    if dtype not in typing.get_args(DtypeOption):
-        raise UptrainError(f"unknown dtype {dtype!r}; choose from {', '.join(typing.get_args(DtypeOption))}")
-    shard_cap = parse_size(max_shard_size)
-    out_path = Path(out).absolute()
     check_push(push_to_hub)
-    if quiet and calibration not in ([RANDOM], [NONE]):  # datasets' own bars when it reads calibration text
-        import datasets  # only then: importing it costs ~1 s and ~100 MiB
-
-        datasets.disable_progress_bars()
     try:
-        record, nbytes = convert_checkpoint(
-            src,
-            out_path,
-            num_kv_heads=num_kv_heads,
-            method=method,
-            grouping=grouping,
-            calibration=calibration,
-            calibration_tokens=calibration_tokens,
-            calibration_subset=calibration_subset,
-            calibration_split=calibration_split,
-            calibration_mix=calibration_mix,
-            refine_steps=refine_steps,
-            refine_lr=refine_lr,
-            dtype=None if dtype == "auto" else getattr(torch, dtype),
-            max_shard_size=shard_cap,
-            overwrite=overwrite,
-            seed=seed,
-            revision=revision,
-            allow_pickle=allow_pickle,
-            quiet=quiet,
-            base_model=base_model,
-        )
+        result = convert_stage(options)
     except KeyboardInterrupt as e:
         raise Stopped("interrupted; nothing was written", signal_exit_code(e)) from None
-    emit_json(record, json)
-    if not quiet and table_wanted(json):
-        _print_summary(record, out_path, nbytes)
-        if method == "mean":
-            again = shlex.join(["uptrain", "convert", src, out, "--num-kv-heads", str(num_kv_heads), "--method", "svd"])
+    emit_json(result.to_json(), json)
+    if verbosity() != "quiet" and table_wanted(json):
+        _print_summary(result.record, result.out, result.bytes_written)
+        if options.method == "mean":
+            o = options
+            again = shlex.join(["uptrain", "convert", o.src, o.out, "--num-kv-heads", str(o.num_kv_heads), "--method",
+                                "svd"])  # fmt: skip
             print(f"uptrain convert: note: mean pooling (the GQA paper's start) loses the most before uptraining; "
                   f"--method svd merges and refines each layer on built-in text (SmolLM2-135M to MQA: KL to the "
                   f"source 5.95 -> 0.75 on a held-out play; docs/results.md): {again} --overwrite",
                   file=sys.stderr)  # fmt: skip
     if push_to_hub:
-        url = push_folder(out_path, push_to_hub, private=not public, message="uptrain convert")
-        print(f"uptrain convert: pushed {out_path} to {url}", file=sys.stderr)
-    return record
+        url = push_folder(result.out, push_to_hub, private=not public, message="uptrain convert")
+        print(f"uptrain convert: pushed {result.out} to {url}", file=sys.stderr)
+    return result
 
 
 def _print_summary(record: dict[str, Any], out: Path, nbytes: int) -> None:

@@ -35,7 +35,7 @@ def emit_json(result: Any, json: str | None) -> None:
         write_file(Path(json), text.encode(), "--json")
 
 
-def check_json_target(json: str | None) -> None:
+def check_json_target(json: str | None, flag: str = "--json") -> None:
     """Refuse, before any work, a --json FILE that cannot be written (a folder, a file for a parent, no
     permission); a FIFO or device is written into, a symlink refused when written (io.folders.write_file)."""
     if json is None or json == STDOUT:
@@ -45,19 +45,19 @@ def check_json_target(json: str | None) -> None:
         return
     if path.is_symlink():
         raise UptrainError(
-            f"--json {path} is a symlink; uptrain replaces only regular files: choose another path (or give --json "
+            f"{flag} {path} is a symlink; uptrain replaces only regular files: choose another path (or give --json "
             "alone for stdout)"
         )
     if path.is_dir():
-        raise UptrainError(f"--json {path} is a folder; give a file name like {path / 'result.json'}")
+        raise UptrainError(f"{flag} {path} is a folder; give a file name like {path / 'result.json'}")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UptrainError(f"--json {path}: {parent} is a file, not a folder; choose another file")
+        raise UptrainError(f"{flag} {path}: {parent} is a file, not a folder; choose another file")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UptrainError(f"--json {path}: cannot write there (permission denied); choose another file")
+        raise UptrainError(f"{flag} {path}: cannot write there (permission denied); choose another file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UptrainError(f"--json {path}: cannot write there ({e.strerror}); choose another file") from e
+        raise UptrainError(f"{flag} {path}: cannot write there ({e.strerror}); choose another file") from e

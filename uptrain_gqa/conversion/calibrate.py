@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
-from uptrain_gqa.progress import progress_bar
+from uptrain_gqa.progress import LOGGER, progress_bar
 
 
 class CovarianceStore(Mapping[int, torch.Tensor]):
@@ -294,7 +293,7 @@ def input_covariance(
     labelled = calibration.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
     used = sum(len(ids) for _, ids in labelled)
     if used < tokens:
-        print(f"calibration text has {used:,} tokens, fewer than {tokens:,}; using them all", file=sys.stderr)
+        LOGGER.info(f"calibration text has {used:,} tokens, fewer than {tokens:,}; using them all")
     windows = [ids[None].to(device) for _, ids in labelled]
     may_hold_out = calibration.may_hold_out([label for label, _ in labelled])
     more = [] if alongside is None else [ids.to(device) for ids in alongside.windows]

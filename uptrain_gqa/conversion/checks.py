@@ -223,7 +223,7 @@ class FiniteReader:
             )
         if name not in self.reported:
             self.reported.add(name)
-            self.warn(f"warning: {name} holds {bad:,} NaN/inf values (copied unchanged; the source is damaged)")
+            self.warn(f"{name} holds {bad:,} NaN/inf values (copied unchanged; the source is damaged)")
 
 
 def check_cast(name: str, chunk: torch.Tensor) -> torch.Tensor:

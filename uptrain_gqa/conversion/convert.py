@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, RANDOM
+from uptrain_gqa.conversion.calibrate import NONE, RANDOM
 from uptrain_gqa.conversion.checks import FiniteReader, TensorChecks, cast_can_overflow, check_cast
 from uptrain_gqa.conversion.layouts import layer_steps
-from uptrain_gqa.conversion.pooling import Grouping, Method
-from uptrain_gqa.conversion.refine import DEFAULT_LR, DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
+from uptrain_gqa.conversion.options import ConvertOptions
+from uptrain_gqa.conversion.refine import DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
 from uptrain_gqa.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
 from uptrain_gqa.data.builtin import BROAD
 from uptrain_gqa.device import environment
@@ -43,7 +43,7 @@ from uptrain_gqa.io.tensors import TensorSpec, dtype_name
 from uptrain_gqa.io.writer import ShardedWriter
 from uptrain_gqa.model.families import Architecture, kv_heads_keys, lookup
 from uptrain_gqa.model.shape import ModelShape, shape_of_config_json
-from uptrain_gqa.progress import progress_bar
+from uptrain_gqa.progress import LOGGER, progress_bar, verbosity
 from uptrain_gqa.version import __version__
 
 CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
@@ -116,61 +116,79 @@ def _kv_dtype(reader: CheckpointReader, arch: Architecture, dtype: torch.dtype |
     return reader.tensors[f"{arch.module(name, 0)}.weight"].dtype
 
 
-def convert_checkpoint(
-    src: str,
-    out: Path,
-    *,
-    num_kv_heads: int,
-    method: Method = "mean",
-    grouping: Grouping = "contiguous",
-    calibration: str | list[str] | None = None,
-    calibration_tokens: int | None = None,
-    calibration_subset: str | None = None,
-    calibration_split: str = "train",
-    calibration_mix: float = DEFAULT_MIX,
-    refine_steps: int | None = None,
-    refine_lr: float = DEFAULT_LR,
-    dtype: torch.dtype | None = None,
-    max_shard_size: int = 5 * 10**9,
-    overwrite: bool = False,
-    seed: int = 0,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    quiet: bool = False,
-    base_model: str | None = None,
-) -> tuple[dict[str, Any], int]:
-    """Convert SRC into OUT (see `uptrain convert --help`); returns the conversion record and the bytes written.
+@dataclass
+class ConvertResult:
+    """What a conversion wrote."""
 
-    `calibration`: what the source reads to weight a joint merge (svd, similarity grouping) by its inputs: one or
-    several `[LABEL[:WEIGHT]=]DATA` (files, a Hub dataset id, a built-in set), `random` or `none` (weights only);
-    None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer).
-    `calibration_mix`: the share of uptrain:broad mixed into the user's own calibration text.
-    `refine_steps`: Adam steps per layer fitting the merged attention's output to the source's; None: 36 when
-    the source reads calibration text, 0 (the closed form) with random tokens or none.
-    `base_model`: the Hub id the model card names as its base (default: the source's, when known)."""
+    out: Path
+    """The converted checkpoint's folder (loads with AutoModelForCausalLM.from_pretrained)."""
+    record: dict[str, Any]
+    """The conversion record, as written to OUT/uptrain_conversion.json: source, method, calibration,
+    refinement, KV cache and parameters before and after, per-layer merge errors, environment."""
+    bytes_written: int
+    """Bytes of weights written."""
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.record["num_kv_heads"])
+
+    @property
+    def kv_cache_bytes_per_token(self) -> tuple[int, int]:
+        """(before, after): KV-cache bytes per token of context."""
+        kv = self.record["kv_cache_bytes_per_token"]
+        return int(kv["before"]), int(kv["after"])
+
+    def to_json(self) -> dict[str, Any]:
+        """What `uptrain convert --json` prints: the conversion record."""
+        return self.record
+
+
+def convert(options: ConvertOptions | Mapping[str, Any] | None = None, /, **fields: Any) -> ConvertResult:
+    """Convert a checkpoint to G shared key/value heads (see `uptrain convert --help`), e.g.
+    `convert(src="llama", out="llama-gqa8", num_kv_heads=8, method="svd")` or `convert(ConvertOptions(...))`;
+    `fields` override the options'. Raises UptrainError; prints nothing (progress bars aside)."""
+    if options is None or isinstance(options, Mapping):
+        options = ConvertOptions(**{**(options or {}), **fields})
+    elif isinstance(options, ConvertOptions):
+        options = replace(options, **fields) if fields else options
+    else:
+        raise UptrainError(f"convert takes ConvertOptions or a mapping of its fields, got {type(options).__name__}")
+    record, nbytes = convert_checkpoint(options)
+    return ConvertResult(options.out_path, record, nbytes)
+
+
+def convert_checkpoint(options: ConvertOptions) -> tuple[dict[str, Any], int]:
+    """Convert SRC into OUT as `options` say; returns the conversion record and the bytes written.
+
+    calibration None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer);
+    refine_steps None: 36 when the source reads calibration text, 0 (the closed form) with random tokens or
+    none; base_model None: the source's Hub id, when known."""
+    o = options
+    src, num_kv_heads, method, grouping, seed = o.src, o.num_kv_heads, o.method, o.grouping, o.seed
+    overwrite, dtype, quiet = o.overwrite, o.torch_dtype, verbosity() == "quiet"
     from uptrain_gqa.conversion.calibrate import Calibration
 
     started = time.perf_counter()
-    out = Path(out).absolute()
+    out = o.out_path
     if out.exists() and not overwrite:
         raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
     # everything that can be checked from the config is, before any weight is downloaded
-    source = resolve_source(src, revision)
+    source = resolve_source(src, o.revision)
     if out == source.path or out in source.path.parents:
         raise UptrainError(f"OUT {out} would replace the source itself; choose another output folder")
     config = read_config(source.path)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
     shape.check_target(num_kv_heads)
-    source = fetch_weights(source, allow_pickle)
+    source = fetch_weights(source, o.allow_pickle)
     attention = tuple(f".{p}." for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj, arch.qkv_proj) if p)
     reader = FiniteReader(
-        CheckpointReader(source.path, allow_pickle=allow_pickle),
+        CheckpointReader(source.path, allow_pickle=o.allow_pickle),
         attention=lambda name: any(p in name for p in attention),
-        warn=lambda message: print(f"uptrain convert: {message}", file=sys.stderr),
+        warn=LOGGER.warning,
     )
     options = MergeOptions(num_kv_heads, method, grouping, seed)
-    specs = [calibration] if isinstance(calibration, str) else list(calibration or [])
+    specs = list(o.calibration or [])
     if not options.joint and specs not in ([], [NONE]):
         raise UptrainError(
             f"--calibration weights --method svd or --grouping similarity; --method {method} with contiguous "
@@ -184,11 +202,11 @@ def convert_checkpoint(
         chosen = "default" if specs == [BROAD] else "default: the source has no tokenizer to read text with"
     calib = None
     if specs and specs != [NONE]:
-        calib = Calibration(tuple(specs), calibration_tokens, calibration_subset, calibration_split, seed,
-                            calibration_mix)  # fmt: skip
+        calib = Calibration(tuple(specs), o.calibration_tokens, o.calibration_subset, o.calibration_split, seed,
+                            o.calibration_mix)  # fmt: skip
     if calib is not None:
         calib.check()  # before any weight is downloaded or written
-    refinement = refinement_for(calib, refine_steps, refine_lr, seed)
+    refinement = refinement_for(calib, o.refine_steps, o.refine_lr, seed)
     steps = conversion_steps(reader, arch, shape, options, dtype)
 
     kv_before = _kv_dtype(reader, arch, None).itemsize
@@ -196,7 +214,7 @@ def convert_checkpoint(
     record: dict[str, Any] = {
         "uptrain_version": __version__,
         "source": source.record(),
-        "base_model": hub_base_model(source.record(), config, base_model),
+        "base_model": hub_base_model(source.record(), config, o.base_model),
         "model_type": shape.model_type,
         "method": method,
         "grouping": grouping,
@@ -234,7 +252,7 @@ def convert_checkpoint(
                 steps = steps.made_by({name: refiner.store.job(name) for name in refiner.store})
                 record["refinement"] = refiner.record()
         by_name = {s.spec.name: s for s in steps.steps}
-        writer = ShardedWriter(tmp, [s.spec for s in steps.steps], max_shard_size)
+        writer = ShardedWriter(tmp, [s.spec for s in steps.steps], o.shard_bytes)
         desc = f"{shape.kind} -> {num_kv_heads} KV heads"
         with progress_bar(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
             try:

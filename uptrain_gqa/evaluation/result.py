@@ -6,7 +6,7 @@ Sizes are bytes, times seconds, losses nats per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,10 @@ class EvalResult:
     task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """How each lm-eval task ran: task -> n_shot, version, limit, chat_template (compare only equal settings)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """What `uptrain eval --json` writes (docs/eval-schema.md)."""
+        return asdict(self)
+
 
 def load(path: str | Path) -> dict[str, Any]:
     p = Path(path)
@@ -267,6 +271,43 @@ def print_compare(paths: list[str]) -> list[dict[str, Any]]:
     for label in labels:
         print(f"| {label} | " + " | ".join(t.get(label, "-") for t in tables) + " |")
     return results
+
+
+def plot_compare(paths: list[str], results: list[dict[str, Any]], out: Path) -> None:
+    """A PNG of the compared results: perplexity (and the reference's) and KL to the reference, a bar each."""
+    import importlib.util
+    import io
+
+    from uptrain_gqa.io.folders import write_file
+    from uptrain_gqa.version import install_hint
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UptrainError(f"--plot draws with matplotlib, which is not installed: {install_hint('plot')}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [Path(p).stem for p in paths]
+    quality = [r.get("quality") or {} for r in results]
+    fig = Figure(figsize=(max(6.0, 1.4 * len(names) + 3), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    panels = [("perplexity", "perplexity (lower is better)"), ("kl", "KL to the reference (nats per token)")]
+    for i, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = [q.get(key) if q.get(key) is not None else 0.0 for q in quality]
+        ax.bar(names, values, color="tab:blue" if key == "perplexity" else "tab:orange")
+        if key == "perplexity":
+            refs = [q.get("reference_perplexity") for q in quality]
+            for x, ref in enumerate(refs):
+                if ref is not None:
+                    ax.hlines(ref, x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("uptrain eval --compare (dashed: the reference's perplexity)", fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_file(out, png.getvalue(), "--plot")
 
 
 def schema_markdown() -> str:

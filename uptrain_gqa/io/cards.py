@@ -9,6 +9,7 @@ files copied beside the card (`licence_files`).
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,107 @@ def write_card(
     )
     card = ModelCard.from_template(data, template_str=TEMPLATE, title=title, body="\n".join(lines))
     (Path(out) / CARD).write_text(str(card))
+
+
+EVAL_TASK = "text-generation"
+EVAL_METRICS = {  # quality field -> (model-index metric type, its name on the card)
+    "perplexity": ("perplexity", "Perplexity"),
+    "kl": ("kl_divergence", "KL to the source (nats per token)"),
+    "top1_agreement": ("top1_agreement", "Top-1 agreement with the source"),
+}
+_HUB_SOURCE = re.compile(r"^Hub dataset (?P<type>\S+)(?: \((?P<config>[^)]*)\))?: (?P<split>.+)$")
+
+
+def _held_out_results(result: dict[str, Any], dataset_name: str | None) -> list[Any]:
+    """One huggingface_hub EvalResult per metric of each held-out text (each of `domains`, else the whole)."""
+    from huggingface_hub import EvalResult
+
+    domains = result.get("domains") or []
+    texts = [(d.get("label"), d.get("data") or {}, d.get("quality") or {}) for d in domains]
+    if not texts:
+        texts = [(None, result.get("data") or {}, result.get("quality") or {})]
+    if any(q.get("perplexity") is None for _, _, q in texts):
+        raise UptrainError(
+            "the eval result holds no held-out scores (no perplexity); run `uptrain eval MODEL --data ... --json "
+            "FILE` (with --reference SOURCE for KL and top-1 agreement)"
+        )
+    out = []
+    for label, data, quality in texts:
+        source = str(data.get("source") or "")
+        hub = _HUB_SOURCE.match(source)
+        if label is None:
+            name = dataset_name or source or "held-out text"
+        else:
+            name = f"{dataset_name} ({label})" if dataset_name else label
+        where: dict[str, Any] = (
+            {"dataset_type": hub["type"], "dataset_config": hub["config"], "dataset_split": hub["split"]}
+            if hub
+            else {"dataset_type": "custom", "dataset_config": label}  # the label keeps local texts apart
+        )
+        args = {k: data[k] for k in ("mode", "tokens", "window", "stride") if data.get(k) is not None} or None
+        for field, (metric_type, metric_name) in EVAL_METRICS.items():
+            if quality.get(field) is None:
+                continue
+            out.append(
+                EvalResult(
+                    task_type=EVAL_TASK,
+                    task_name="Text Generation",
+                    dataset_name=name,
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=float(quality[field]),
+                    metric_args=args if field == "perplexity" else None,
+                    **where,
+                )
+            )
+    return out
+
+
+def _uptrain_wrote(r: Any) -> bool:
+    """An earlier `add_eval_results` entry (replaced, never duplicated); other results on the card are kept."""
+    return r.task_type == EVAL_TASK and (r.metric_type, r.metric_name) in EVAL_METRICS.values()
+
+
+def add_eval_results(folder: Path, result: dict[str, Any], *, dataset_name: str | None = None) -> None:
+    """Write an `uptrain eval --json` result into FOLDER/README.md's `model-index` metadata.
+
+    One model-index entry (task `text-generation`) per held-out text: each of `domains` when several texts were
+    scored, else the whole; each with the perplexity and, with a reference, the KL to it and the top-1
+    agreement. `dataset_name` names the text (with several, it prefixes each label). Entries an earlier call
+    wrote are replaced; the card's other metadata, other evaluation results and body text are kept. A missing
+    README.md becomes a minimal card. README.md is replaced whole (never through a symlink, which is refused).
+    """
+    import stat
+
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from uptrain_gqa.io.folders import write_file
+
+    if not isinstance(result, dict) or not isinstance(result.get("model"), dict):
+        raise UptrainError("not an `uptrain eval --json` result (docs/eval-schema.md)")
+    folder = Path(folder)
+    readme = folder / CARD
+    new = _held_out_results(result, dataset_name)
+    try:
+        mode = readme.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UptrainError(f"model card {readme} is {kind}; uptrain replaces only regular files")
+    if mode is None:
+        data = ModelCardData(library_name="transformers", pipeline_tag=EVAL_TASK, tags=["uptrain"])
+        title = folder.resolve().name or "model"
+        card = ModelCard.from_template(data, template_str=TEMPLATE, title=title, body="")
+    else:
+        try:
+            card = ModelCard(readme.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+            raise UptrainError(
+                f"{readme}'s metadata does not parse ({type(e).__name__}: {e}); fix or remove its model-index"
+            ) from None
+    kept = [r for r in card.data.eval_results or [] if not _uptrain_wrote(r)]
+    card.data.model_name = card.data.model_name or folder.resolve().name or "model"
+    card.data.eval_results = kept + new
+    write_file(readme, str(card).encode("utf-8"), "model card")

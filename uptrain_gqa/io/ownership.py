@@ -16,17 +16,17 @@ import contextlib
 import fcntl
 import os
 import shutil
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.progress import LOGGER
 
 
 def note(text: str) -> None:
-    """A one-line notice on stderr, from the process that holds the lock."""
-    print(f"uptrain: {text}", file=sys.stderr, flush=True)
+    """A one-line notice (through the uptrain_gqa logger), from the process that holds the lock."""
+    LOGGER.warning(text)
 
 
 def lock_path(out: Path) -> Path:

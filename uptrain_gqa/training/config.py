@@ -2,13 +2,17 @@
 
 Checks that need only the values live in `__post_init__`; checks that need files (data paths,
 the model's maximum positions, the teacher's vocabulary) run in `uptrain_gqa.training.model.preflight`
-before any work starts. The `data` section is `uptrain_gqa.data.config.DataConfig`.
+before any work starts. The `data` section is `uptrain_gqa.data.config.DataConfig`. The run configs that
+ship with the package (uptrain_gqa/configs/, `configs/` in a clone) are found by name with `shipped_config`.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.resources
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from uptrain_gqa.config import positive
@@ -189,8 +193,6 @@ class LoggingConfig:
         positive("logging", every=self.every)
         if self.eval_every < 0:
             raise UptrainError(f"logging.eval_every must not be negative, got {self.eval_every}")
-        import difflib
-
         from accelerate.utils import LoggerType
 
         known = [t.value for t in LoggerType if t.value != "all"]
@@ -231,3 +233,24 @@ class TrainConfig:
 
 # Sections that may change when resuming: they do not alter what the steps compute.
 RESUMABLE_CHANGES = ("budget", "checkpoint", "logging", "out")
+
+
+# --- the run configs shipped in the package ---------------------------------------------------
+
+SHIPPED_DIR = Path(str(importlib.resources.files("uptrain_gqa") / "configs"))
+"""The package's configs/ folder (package data: in a wheel too): run configs, and accelerate/ with the
+`accelerate launch --config_file` files (ddp.yaml, fsdp2.yaml)."""
+
+SHIPPED_CONFIGS: tuple[str, ...] = tuple(sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")))
+"""The names `shipped_config` takes, e.g. llama2-7b-gqa8 (the files' names without .yaml)."""
+
+
+def shipped_config(name: str) -> Path:
+    """The run config shipped as `name` (llama2-7b-gqa8 or llama2-7b-gqa8.yaml); an unknown name is refused
+    with the shipped names and the closest one."""
+    stem = name.strip().removesuffix(".yaml").removesuffix(".yml")
+    if stem in SHIPPED_CONFIGS:
+        return SHIPPED_DIR / f"{stem}.yaml"
+    close = difflib.get_close_matches(stem, SHIPPED_CONFIGS, n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UptrainError(f"no shipped config named {name!r}; {hint}uptrain ships {', '.join(SHIPPED_CONFIGS)}")

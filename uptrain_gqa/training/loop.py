@@ -139,7 +139,7 @@ class Trainer:
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
         if cfg.model.chunked_loss and not cfg.distill.teacher and use_chunked_loss(model):
-            self.metrics.log("chunked cross-entropy: the full fp32 logits are never materialised")
+            self.metrics.detail("chunked cross-entropy: the full fp32 logits are never materialised")
         sharded_state = None
         if sharding is not None:
             if sharding.activation_checkpointing and not cfg.model.gradient_checkpointing:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import first_line
 from uptrain_gqa.io.folders import write_file
+from uptrain_gqa.progress import LOGGER, PLAIN
 
 METRICS = "metrics.jsonl"
 RUN_RECORD = "uptrain_run.json"
@@ -37,8 +37,7 @@ def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
             record = None
             damaged = path.with_name(f"{RUN_RECORD}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             path.rename(damaged)
-            print(f"uptrain train: {path} was damaged ({first_line(e)}); kept as {damaged.name}, "
-                  "a new record starts", file=sys.stderr)  # fmt: skip
+            LOGGER.warning(f"{path} was damaged ({first_line(e)}); kept as {damaged.name}, a new record starts")
     if record is None:
         record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
     record["sessions"].append(entry)
@@ -131,7 +130,12 @@ class MetricsLog:
 
     def log(self, text: str) -> None:
         if self.acc.is_main_process:
-            print(text, file=sys.stderr, flush=True)
+            LOGGER.info(text, extra=PLAIN)
+
+    def detail(self, text: str) -> None:
+        """An internal detail (shown with --verbose)."""
+        if self.acc.is_main_process:
+            LOGGER.debug(text)
 
     def start(self, step: int) -> None:
         """Keep only the records of steps up to `step` (where this run starts or resumes): records a

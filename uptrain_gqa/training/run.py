@@ -6,8 +6,10 @@ geometry, a run folder that already holds a run) fails here before any work star
 
 from __future__ import annotations
 
+import copy
 import shutil
-import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from uptrain_gqa.device import autocast_precision, multi_process_cpu
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import MARKERS
 from uptrain_gqa.io.ownership import OutputLock, check_not_input, check_replaceable
-from uptrain_gqa.training.budget import train_budget
+from uptrain_gqa.progress import LOGGER, PLAIN
+from uptrain_gqa.training.budget import TrainBudget, train_budget
 from uptrain_gqa.training.checkpointer import (
     TRAIN_CONFIG,
     check_checkpoint_kind,
@@ -51,11 +54,67 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, overwrite: bool) -> None:
         raise UptrainError(f"out {run_dir} is a folder uptrain did not make (no {TRAIN_CONFIG}); choose another out")
 
 
+@dataclass
+class TrainResult:
+    """What a training run did (a dry run: its budget only)."""
+
+    config: TrainConfig
+    """The resolved config the run ran with (values fitted to the model included)."""
+    budget: TrainBudget
+    """Tokens, steps, batch, FLOPs and GPU-hours of the run."""
+    step: int | None = None
+    """The last optimizer step (None for a dry run)."""
+    tokens: int | None = None
+    """Tokens trained on."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last logged metrics (loss, val_loss, val_ppl, lr, grad_norm, ...)."""
+
+    @property
+    def model(self) -> Path:
+        """The final model's folder (loads with AutoModelForCausalLM.from_pretrained)."""
+        return Path(self.config.out) / "model"
+
+    def to_json(self) -> dict[str, Any]:
+        """What `uptrain train --json` prints."""
+        if self.step is None:
+            return {"budget": asdict(self.budget)}
+        return {"step": self.step, "tokens": self.tokens, **self.metrics}
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | Path | None = None,
+    /,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    **overrides: Any,
+) -> TrainResult:
+    """Continue pretraining as `config` says (see `uptrain train --help`): a TrainConfig, a mapping of its
+    sections, or a YAML file; `overrides` set keys on top of it, dotted or as sections:
+    `train("run.yaml", **{"optim.lr": 1e-4}, budget={"steps": 100})`. Raises UptrainError on bad inputs and
+    `Stopped` when a signal or a non-finite loss ends the run early (after saving a checkpoint)."""
+    if isinstance(config, TrainConfig):
+        data = configlib.to_dict(config)
+    elif isinstance(config, Mapping):
+        data = copy.deepcopy(dict(config))
+    elif config is None or isinstance(config, (str, Path)):
+        data = configlib.to_dict(configlib.load(TrainConfig, config)) if config is not None else {}
+    else:
+        raise UptrainError(f"train takes a TrainConfig, a mapping or a YAML path, got {type(config).__name__}")
+    for key, value in overrides.items():
+        if "." not in key and isinstance(value, Mapping) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}  # a section: its keys on top of the config's
+        else:
+            configlib.set_dotted(data, key, value)
+    return run_training(configlib.from_dict(TrainConfig, data), resume=resume, overwrite=overwrite, dry_run=dry_run)
+
+
 def run_training(
     cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
-) -> dict[str, Any]:
-    """Train as `cfg` says; returns the final step, tokens and last metrics ({"budget": ...} for a dry run).
-    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early."""
+) -> TrainResult:
+    """Train as `cfg` says. Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss
+    ends the run early."""
     from accelerate import PartialState
 
     cfg, fitted = fit_to_model(cfg)  # before the checkpoint's config is compared: the values it ran with
@@ -84,8 +143,8 @@ def run_training(
         if lock is not None and checkpoint is not None and not dry_run:
             aside = set_aside_later(run_dir, checkpoint)
             if aside is not None:
-                print(f"uptrain train: resuming from {checkpoint.name} starts a new history; the run's later "
-                      f"checkpoints moved to {aside}", file=sys.stderr)  # fmt: skip
+                LOGGER.warning(f"resuming from {checkpoint.name} starts a new history; the run's later checkpoints "
+                               f"moved to {aside}")  # fmt: skip
         budget = train_budget(
             tokens=cfg.budget.tokens,
             fraction=cfg.budget.fraction,
@@ -103,9 +162,9 @@ def run_training(
         if state.is_main_process:
             lines = ["uptrain train budget:", *("  " + line for line in budget.lines())]
             lines += [f"  unset, fitted to the model: {note}" for note in fitted]
-            print("\n".join(lines), file=sys.stderr)
+            LOGGER.info("\n".join(lines), extra=PLAIN)
         if dry_run:
-            return {"budget": budget}
+            return TrainResult(cfg, budget)
         return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
     finally:
         if lock is not None:
@@ -114,7 +173,7 @@ def run_training(
 
 def _train(
     cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool, state: Any, parts: tuple
-) -> dict[str, Any]:
+) -> TrainResult:
     budget, models, tokenizer, sharding = parts
     created = not run_dir.exists()
     if state.is_main_process:
@@ -130,4 +189,5 @@ def _train(
         if created and state.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return trainer.run()
+    last = trainer.run()
+    return TrainResult(cfg, budget, last.pop("step"), last.pop("tokens"), last)
