@@ -75,6 +75,7 @@ def test_every_command_has_help(installed, tmp_path) -> None:
     assert proc.stdout.split() == list(COMMANDS)
 
 
+@pytest.mark.slow  # an import of the installed package (~4 s); the demo itself runs in test_demo.py
 def test_the_demo_runs_from_the_installed_package(installed, tmp_path) -> None:
     proc = run(installed, "-m", "uptrain_gqa.demo", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -119,6 +120,7 @@ def test_the_distribution_has_a_name_of_its_own(installed) -> None:
     assert not list(site.glob("uptrain-*.dist-info")), "never the unrelated `uptrain` distribution"
 
 
+@pytest.mark.slow  # fetches PyPI's uptrain 0.7.1 and installs both (~5 s); make test-all
 def test_the_wheel_installs_beside_pypis_uptrain(wheel, tmp_path) -> None:
     """PyPI's `uptrain` (an unrelated project, 0.7.1) installs a top-level `uptrain` package: in one virtual
     environment the two share no file, both import from their own files and uptrain's command runs."""

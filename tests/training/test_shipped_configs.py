@@ -65,3 +65,13 @@ def test_train_config_name_runs_a_shipped_config_with_flags_on_top(run_cli, llam
     assert printed["budget"]["steps"] == shipped["budget"]["steps"]
     code, _, err = run_cli("train", "--config-name", "tiny", "--print-config")
     assert code == 1 and "did you mean tiny-cpu?" in err
+
+
+def test_python_train_takes_a_shipped_configs_name(llama: Path) -> None:
+    import uptrain_gqa as ug
+    from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
+
+    save_word_tokenizer(llama)
+    text = write_corpus(llama.parent / "text", docs=50)
+    result = ug.train("tiny-cpu", **{"model.path": str(llama)}, data={"files": [f"{text}/*.txt"]}, dry_run=True)
+    assert result.step is None and result.budget.steps == 30 and result.config.model.path == str(llama)

@@ -89,7 +89,9 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int, sig: int = signal.SIGTE
     monkeypatch.setattr(trainlib.Trainer, "step", step_then_signal)
 
 
-@pytest.mark.parametrize("teacher", [False, True], ids=["plain", "distillation"])
+@pytest.mark.parametrize(
+    "teacher", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "distillation"]
+)  # distillation's resume (~6 s) in make test-all; its checkpoints hold no teacher runs by default
 def test_stop_then_resume_equals_an_uninterrupted_run(run_cli, tiny_run: dict, monkeypatch, teacher: bool) -> None:
     cfg = tiny_run["config"]
     if teacher:  # the teacher is in no checkpoint: resume loads it again from its folder

@@ -28,7 +28,7 @@ from uptrain_gqa.training.checkpointer import (
     resume_path,
     set_aside_later,
 )
-from uptrain_gqa.training.config import TrainConfig
+from uptrain_gqa.training.config import SHIPPED_CONFIGS, TrainConfig, shipped_config
 from uptrain_gqa.training.loop import Trainer
 from uptrain_gqa.training.model import fit_to_model, preflight
 from uptrain_gqa.training.sharding import claim_sharding, mixed_precision_policy
@@ -91,14 +91,17 @@ def train(
     **overrides: Any,
 ) -> TrainResult:
     """Continue pretraining as `config` says (see `uptrain train --help`): a TrainConfig, a mapping of its
-    sections, or a YAML file; `overrides` set keys on top of it, dotted or as sections:
-    `train("run.yaml", **{"optim.lr": 1e-4}, budget={"steps": 100})`. Raises UptrainError on bad inputs and
-    `Stopped` when a signal or a non-finite loss ends the run early (after saving a checkpoint)."""
+    sections, a YAML file, or the name of a config uptrain ships (`llama2-7b-gqa8`); `overrides` set keys on
+    top of it, dotted or as sections: `train("run.yaml", **{"optim.lr": 1e-4}, budget={"steps": 100})`.
+    Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss ends the run early
+    (after saving a checkpoint)."""
     if isinstance(config, TrainConfig):
         data = configlib.to_dict(config)
     elif isinstance(config, Mapping):
         data = copy.deepcopy(dict(config))
     elif config is None or isinstance(config, (str, Path)):
+        if isinstance(config, str) and not Path(config).exists() and config.removesuffix(".yaml") in SHIPPED_CONFIGS:
+            config = shipped_config(config)
         data = configlib.to_dict(configlib.load(TrainConfig, config)) if config is not None else {}
     else:
         raise UptrainError(f"train takes a TrainConfig, a mapping or a YAML path, got {type(config).__name__}")
