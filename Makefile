@@ -57,9 +57,13 @@ gpu-wheels:
 		--dest .gpu-wheels $(GPU_WHEELS)
 	@ls .gpu-wheels && du -sh .gpu-wheels
 
-# Not on `setup`: on the GPU machine it runs that machine's python3 and torch (scripts/gpu_check.sh); here,
-# .venv's python, and without a GPU a dry run of every part with tiny shapes. Tables: $$OUT or gpu-check-out/.
-gpu-check:
+# It sets itself up as every target does (.venv first, then its python; without a GPU, a dry run of every part
+# with tiny shapes), except on a bare GPU machine: no .venv and a python3 that has torch, which it runs as it is
+# (scripts/gpu_check.sh), since that machine reaches no registry. Tables: $$OUT or gpu-check-out/.
+GPU_CHECK_BARE = $(if $(wildcard $(BIN)/python),,$(shell $(PYTHON) -c \
+	"import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1 && echo bare))
+
+gpu-check: $(if $(GPU_CHECK_BARE),,$(VENV)/.installed)
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 clean:

@@ -4,7 +4,10 @@ Each part runs one benchmark script in a process of its own with its own time li
 timeout loses only that part; after every part, one JSON and one Markdown table are rewritten in --out
 ($OUT when set, else gpu-check-out/), with each part's status (ok / failed with the end of its output /
 timed out with what it had measured / skipped and why), its figures and its command line, and whether
-each target was met.
+each target was met. The report is written before the first part starts (each part waiting, then running), so
+a check killed outright still says what it had done; SIGTERM, SIGINT or SIGHUP stop the running parts, keep
+what they had measured, and end the check with 128 + the signal's number. An --out that cannot hold the
+report is refused before any part runs.
 
     make gpu-wheels        # here: .gpu-wheels/ holds uptrain and what the GPU machine lacks (datasets, ...)
     make gpu-check         # on the GPU machine (carry .gpu-wheels): installs them, then this script
@@ -21,6 +24,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -28,17 +32,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.gpu_check_report import markdown, targets
+from uptrain_gqa.errors import Interrupted, UptrainError, first_line
+from uptrain_gqa.io.folders import write_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "gpu-check-out"
 GPU_BUDGET_S = 540  # the whole check on a GPU: 9 minutes, inside a 10-minute command on a 15-minute lease
 MIN_PART_S = 10  # a part that would get less than this is skipped
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 VERSIONS = ["uptrain-gqa", "torch", "transformers", "accelerate", "datasets", "dill", "multiprocess",
             "huggingface_hub", "safetensors", "tokenizers", "pyarrow", "fsspec"]  # fmt: skip
 
@@ -151,13 +159,51 @@ def tail(log: Path, lines: int = 15) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
-def run_part(part: Part, args: tuple[str, ...], work: Path, out: Path, limit: float) -> dict:
+class Stop:
+    """The parts running now, and whether the check was told to stop (by a signal): a part stopped then is
+    reported as stopped, and a part not started yet does not start."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: dict[str, subprocess.Popen] = {}
+        self.signum: int | None = None
+
+    def start(self, name: str, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running[name] = proc
+            stopping = self.signum is not None
+        if stopping:  # the signal came while it started
+            kill_tree(proc.pid)
+
+    def end(self, name: str) -> None:
+        with self.lock:
+            self.running.pop(name, None)
+
+    def now(self, signum: int) -> None:
+        """Stop: kill every running part with what it started."""
+        with self.lock:
+            self.signum = signum
+            procs = list(self.running.values())
+        for proc in procs:
+            kill_tree(proc.pid)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def head(part: Part, args: tuple[str, ...], limit: float) -> dict:
+    """What the report says of a part before it has run: its title, command line and time limit."""
+    shown = shlex.join(["python", "-m", part.module, *args])
+    return {"title": part.title, "command": shown, "limit_s": round(limit)}
+
+
+def run_part(part: Part, args: tuple[str, ...], work: Path, out: Path, limit: float, stop: Stop | None = None) -> dict:
     folder = work / part.name
     folder.mkdir()
     figures, log = folder / "figures.json", folder / "log.txt"
     cmd = [sys.executable, "-m", part.module, *args, "--json", str(figures)]
-    shown = shlex.join(["python", "-m", part.module, *args])
-    entry: dict = {"title": part.title, "command": shown, "limit_s": round(limit)}
+    entry = head(part, args, limit)
     missing = [m for m in part.needs if importlib.util.find_spec(m) is None]
     if missing:
         why = f"needs {', '.join(missing)}, not installed here (make gpu-wheels, and carry .gpu-wheels)"
@@ -170,21 +216,32 @@ def run_part(part: Part, args: tuple[str, ...], work: Path, out: Path, limit: fl
     started = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        if stop is not None:
+            stop.start(part.name, proc)
         try:
             code: int | None = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             kill_tree(proc.pid)
             proc.wait()
             code = None
+        finally:
+            if stop is not None:
+                stop.end(part.name)
     entry["seconds"] = round(time.perf_counter() - started, 1)
     try:
         entry["figures"] = json.loads(figures.read_text()) if figures.is_file() else None
     except json.JSONDecodeError:  # killed while it wrote them
         entry["figures"] = None
-    with log.open("rb") as f:  # the log comes back beside the tables: its last 4 MiB at most
-        f.seek(max(0, log.stat().st_size - (4 << 20)))
-        (out / f"{part.name}.log").write_bytes(f.read())
-    if code is None:
+    try:  # the log comes back beside the tables: its last 4 MiB at most; failing that, the figures still do
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - (4 << 20)))
+            write_file(out / f"{part.name}.log", f.read(), "the part's log")
+    except (OSError, UptrainError) as e:
+        entry["log"] = f"not kept: {first_line(e)}"
+    if stop is not None and stop.signum is not None and code != 0:
+        why = f"the check was stopped by {signal_name(stop.signum)} after {entry['seconds']:.0f} s"
+        entry |= {"status": "stopped", "why": why, "output": tail(log)}
+    elif code is None:
         entry |= {"status": "timed out", "why": f"stopped after {limit:.0f} s", "output": tail(log)}
     elif code != 0:
         entry |= {"status": "failed", "why": f"exit status {code}", "output": tail(log)}
@@ -196,35 +253,111 @@ def run_part(part: Part, args: tuple[str, ...], work: Path, out: Path, limit: fl
     return entry
 
 
+REPORT = ("gpu-check.json", "gpu-check.md")
+
+
 def write(report: dict, out: Path) -> None:
-    """The JSON and the Markdown, each replaced whole."""
+    """The JSON and the Markdown, each replaced whole (a new temporary file beside it, opened exclusively and
+    never through a link, renamed over it), so that a check killed at any moment leaves the last whole one."""
     report["targets"] = targets(report)
-    for name, text in (("gpu-check.json", json.dumps(report, indent=1)), ("gpu-check.md", markdown(report))):
-        tmp = out / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    for name, text in zip(REPORT, (json.dumps(report, indent=1), markdown(report)), strict=True):
+        write_file(out / name, text.encode(), "the report")
+
+
+def prepare_out(out: Path, chosen: list[Part], report: dict) -> None:
+    """Refuse, before any part runs, an --out that cannot hold the report and the logs: a file, a folder that
+    cannot be created or written into, a link or a special file where the report or a log goes; then write
+    the report with every part waiting."""
+    if out.exists() and not out.is_dir():
+        raise UptrainError(f"--out {out} is not a folder but a file: choose a folder (or set OUT to one)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UptrainError(
+            f"cannot create --out {out} ({e.strerror or first_line(e)}): choose a folder you can write into"
+        ) from e
+    for name in (*REPORT, *(f"{p.name}.log" for p in chosen)):
+        path = out / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise UptrainError(f"{path} is not a regular file, and the check replaces only those: choose another --out")
+    try:
+        write(report, out)
+    except OSError as e:
+        raise UptrainError(
+            f"cannot write into --out {out} ({e.strerror or first_line(e)}): choose a folder you can write into"
+        ) from e
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of parts at once, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (the parts run at once), got {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors in one line: what is wrong, and where the usage is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help for the usage)\n")
+
+
+def refuse(message: str) -> None:
+    print(f"gpu-check: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="gpu-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = os.environ.get("OUT") or str(DEFAULT_OUT)
     ap.add_argument("--out", type=Path, default=Path(default_out), help=f"where the tables go (default: {default_out})")
     ap.add_argument("--parts", nargs="+", choices=[p.name for p in PARTS], default=[p.name for p in PARTS])
     ap.add_argument("--shapes", choices=["auto", "gpu", "cpu"], default="auto",
                     help="auto: the GPU shapes on a GPU, the tiny ones without")  # fmt: skip
-    ap.add_argument("--budget", type=float, help=f"seconds for the whole check (default: {GPU_BUDGET_S} on a GPU)")
-    ap.add_argument("--jobs", type=int, default=1, help="parts run at once, for a dry run on several cores")
+    ap.add_argument("--budget", type=positive_seconds,
+                    help=f"seconds for the whole check (default: {GPU_BUDGET_S} on a GPU)")  # fmt: skip
+    ap.add_argument("--jobs", type=positive_int, default=1, help="parts run at once, for a dry run on several cores")
     args = ap.parse_args()
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError:
+        refuse(
+            f"{sys.executable} has no torch: run `make gpu-check` (it creates .venv first) or use a python with torch"
+        )
 
     gpu = torch.cuda.is_available()
     shapes = args.shapes if args.shapes != "auto" else ("gpu" if gpu else "cpu")
     if args.jobs > 1 and shapes == "gpu":
         ap.error("--jobs above 1 is for the tiny shapes: parts sharing a GPU would time each other")
-    if not gpu:
-        print("no GPU here: a dry run of every part with tiny shapes (its figures say nothing about speed)", flush=True)
     budget = args.budget or (GPU_BUDGET_S if shapes == "gpu" else None)
-    args.out.mkdir(parents=True, exist_ok=True)
+    chosen = [p for p in PARTS if p.name in args.parts]
+
+    def shape(part: Part) -> tuple[str, ...]:
+        return part.gpu if shapes == "gpu" else part.cpu
+
+    def limit_of(part: Part, left: float | None) -> float:
+        limit = part.gpu_limit_s if shapes == "gpu" else part.cpu_limit_s
+        if left is None:
+            return limit
+        return min(limit, left) if left >= MIN_PART_S else 0  # a part starting late gets what is left, or nothing
+
     report: dict = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": torch.cuda.get_device_name() if gpu else f"no GPU: CPU ({os.cpu_count()} cores)",
@@ -233,30 +366,99 @@ def main() -> None:
         "versions": versions(),
         "packages": packages_note(),
         "budget_s": budget,
-        "parts": {},
+        "seconds": 0,
+        "parts": {p.name: head(p, shape(p), limit_of(p, budget)) | {"status": "waiting"} for p in chosen},
     }
+    try:  # before any part runs: a part's measurement is never lost for want of a place to put it
+        prepare_out(args.out, chosen, report)
+    except UptrainError as e:
+        refuse(str(e))
+    if not gpu:
+        print("no GPU here: a dry run of every part with tiny shapes (its figures say nothing about speed)", flush=True)
     print(f"packages: {report['packages']}", flush=True)
     started = time.perf_counter()
-    chosen = [p for p in PARTS if p.name in args.parts]
+    stop, lock = Stop(), threading.Lock()
+    unsaved: list[str] = []  # why the last write of the report failed, if it did
+
+    def record(name: str, entry: dict) -> None:
+        """Put a part's entry into the report and write it at once: nothing measured waits for the end."""
+        with lock:
+            report["parts"][name] = entry
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            unsaved.clear()
+            try:
+                write(report, args.out)
+            except (OSError, UptrainError) as e:
+                unsaved.append(first_line(e))
+                print(f"gpu-check: warning: the report was not written: {unsaved[0]}", file=sys.stderr, flush=True)
+
+    def finish(name: str, entry: dict) -> None:
+        record(name, entry)
+        why = f": {entry['why']}" if "why" in entry else ""
+        print(f"{name}: {entry['status']}{why} ({entry.get('seconds', 0):.0f} s)", flush=True)
+
+    def not_run(part: Part, signum: int) -> dict:
+        why = f"the check was stopped by {signal_name(signum)} before it started"
+        return head(part, shape(part), limit_of(part, budget)) | {"status": "not run", "why": why}
 
     def one(part: Part, work: Path) -> dict:
-        limit = part.gpu_limit_s if shapes == "gpu" else part.cpu_limit_s
-        if budget is not None:  # a part starting late gets what is left; under MIN_PART_S, nothing
-            left = budget - (time.perf_counter() - started)
-            limit = min(limit, left) if left >= MIN_PART_S else 0
-        return run_part(part, part.gpu if shapes == "gpu" else part.cpu, work, args.out, limit)
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        limit = limit_of(part, left)
+        if stop.signum is not None:
+            return not_run(part, stop.signum)
+        record(part.name, head(part, shape(part), limit) | {"status": "running", "since": time.strftime("%H:%M:%S")})
+        try:
+            return run_part(part, shape(part), work, args.out, limit, stop)
+        except Exception as e:  # the check's own failure (a full disk, ...): this part's, and the others still run
+            return head(part, shape(part), limit) | {
+                "status": "failed",
+                "why": f"the check could not run it: {first_line(e)}",
+            }
 
-    entries: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="uptrain-gpu-check-") as work, ThreadPoolExecutor(args.jobs) as pool:
-        running = {pool.submit(one, part, Path(work)): part for part in chosen}
-        for done in as_completed(running):
-            name, entry = running[done].name, done.result()
-            entries[name] = entry
-            report["parts"] = {p.name: entries[p.name] for p in chosen if p.name in entries}
-            report["seconds"] = round(time.perf_counter() - started, 1)
-            write(report, args.out)
-            why = f": {entry['why']}" if "why" in entry else ""
-            print(f"{name}: {entry['status']}{why} ({entry.get('seconds', 0):.0f} s)", flush=True)
+    stopped: int | None = None
+    previous = {}
+    try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _interrupt)
+        with tempfile.TemporaryDirectory(prefix="uptrain-gpu-check-") as work, ThreadPoolExecutor(args.jobs) as pool:
+            futures: dict = {}
+            done_parts: set[str] = set()
+            try:
+                for part in chosen:
+                    futures[pool.submit(one, part, Path(work))] = part
+                for done in as_completed(futures):
+                    finish(futures[done].name, done.result())
+                    done_parts.add(futures[done].name)
+            except Interrupted as e:  # stop the running parts, keep what they measured, start no other
+                stopped = e.signum
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_IGN)
+                stop.now(stopped)
+                pool.shutdown(wait=True, cancel_futures=True)
+                submitted = {part.name: future for future, part in futures.items()}
+                for part in chosen:
+                    if part.name not in done_parts:
+                        future = submitted.get(part.name)
+                        stopped_before = future is None or future.cancelled()
+                        finish(part.name, not_run(part, stopped) if stopped_before else future.result())
+    except Interrupted as e:  # after every part had ended: the report is whole
+        stopped = e.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if unsaved:  # the figures are not lost: they go to stdout
+        print(json.dumps(report, indent=1))
+        print(
+            f"gpu-check: error: the report could not be written into {args.out} ({unsaved[0]}); it is above",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    if stopped is not None:
+        print(
+            f"gpu-check: stopped by {signal_name(stopped)}; {args.out / 'gpu-check.md'} holds what had run",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stopped)
     print(f"wrote {args.out / 'gpu-check.md'} and gpu-check.json ({report['seconds']:.0f} s)")
     sys.exit(0 if all(e["status"] == "ok" for e in report["parts"].values()) else 1)
 

@@ -4,7 +4,8 @@
 # With .venv (or VENV=path), its python runs the check; without a GPU that is a dry run of every part with
 # tiny shapes. A bare GPU machine has no .venv but a python3 with torch: there the wheels of .gpu-wheels
 # (made here by `make gpu-wheels`: uptrain, and datasets, dill and multiprocess, which that machine lacks)
-# are installed first into a folder of their own on PYTHONPATH, leaving its own packages as they are.
+# are installed first into a folder of their own on PYTHONPATH, leaving its own packages as they are. With
+# neither (a fresh clone run directly, not through make), it says in one line what to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -13,6 +14,10 @@ if [[ -x "$venv/bin/python" ]]; then
     exec "$venv/bin/python" -m scripts.gpu_check "$@"
 fi
 python=${PYTHON:-python3}
+if ! "$python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1; then
+    echo "gpu-check: no $venv here and $python has no torch: run make gpu-check (it creates $venv first) or make setup, or set VENV or PYTHON to one with torch" >&2
+    exit 2
+fi
 if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
     site=${GPU_SITE:-/tmp/uptrain-gpu-site}
     if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \

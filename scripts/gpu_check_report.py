@@ -167,6 +167,6 @@ def markdown(report: dict) -> str:
         if "output" in entry:
             lines += ["", f"{entry['status']}: {entry['why']}; the end of its output:", ""]
             lines += ["```", entry["output"], "```"]
-        elif not entry.get("figures"):
-            lines.append(f"{entry['status']}: {entry.get('why', '')}")
+        elif not entry.get("figures"):  # skipped, or not run yet (waiting, running) when the check was killed
+            lines.append(entry["status"] + (f": {entry['why']}" if "why" in entry else ""))
     return "\n".join(lines) + "\n"
