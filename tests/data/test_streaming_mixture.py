@@ -200,7 +200,7 @@ def test_a_process_whose_part_holds_no_block_is_told_so(tmp_path: Path, corpora,
     short.write_text(json.dumps({"text": "the cat"}) + "\n")  # 4 tokens: no block of 17
     mixture = [
         {"label": "web", "weight": 0.5, "files": corpora["web"]},
-        {"label": "tiny", "weight": 0.5, "files": [str(short)], "validation_files": corpora["web"]},
+        {"label": "tiny", "weight": 0.5, "files": [str(short)], "validation_files": corpora["code_validation"]},
     ]
     cfg = configlib.from_dict(DataConfig, {"mixture": mixture, "streaming": True, "seq_len": SEQ_LEN})
     data = datalib.prepare(cfg, tokenizer, seed=0, micro_batch_size=4)

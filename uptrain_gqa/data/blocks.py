@@ -28,11 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from uptrain_gqa.data.config import DataConfig, mixture_parts
+from uptrain_gqa.data.config import (
+    DataConfig,
+    check_validation_split,
+    each_source,
+    left_out_note,
+    mixture_parts,
+    training_paths,
+    validation_paths,
+)
 from uptrain_gqa.data.documents import load_documents, packer, require_column
 from uptrain_gqa.data.forked import run_in_child
 from uptrain_gqa.data.streams import StreamData, StreamMixture, prepare_stream, prepare_stream_mixture
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.progress import LOGGER
 
 
 def _token_fingerprint(tokenizer: Any) -> str:
@@ -156,6 +165,7 @@ def prepare(
         raise ValueError("prepare needs data.seq_len: fit the config to the model first (data.config.fitted)")
     if tokenizer.eos_token_id is None:
         raise UptrainError("the tokenizer has no EOS token, which separates packed documents; give it one")
+    keep_validation_apart(cfg, say=rank == 0)
     if cfg.streaming and cfg.mixture:
         return prepare_stream_mixture(cfg, tokenizer, seed, micro_batch_size, rank, world)
     if cfg.streaming:
@@ -166,12 +176,28 @@ def prepare(
     return BlockData(train, validation, seed, micro_batch_size, rank, world)
 
 
+def keep_validation_apart(cfg: DataConfig, say: bool = True) -> None:
+    """Before any work: refuse a Hub validation split that is the training split, and say (when `say`) which
+    training files are left out because they are validation files (training leaves them out: `load_documents`)."""
+    held = validation_paths(cfg)
+    for _, _, single, where in each_source(cfg):
+        check_validation_split(single, where)
+        if single.files:
+            left_out = training_paths(single, where, held)[1]
+            if left_out and say:
+                LOGGER.info(left_out_note(where, left_out))
+
+
 def _packed(
-    cfg: DataConfig, tokenizer: Any, main_process_first: Callable[[], contextlib.AbstractContextManager]
+    cfg: DataConfig,
+    tokenizer: Any,
+    main_process_first: Callable[[], contextlib.AbstractContextManager],
+    where: str = "data",
+    held: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
-    """One source's training and validation blocks."""
+    """One source's training and validation blocks (`where`, `held`: see `load_documents`)."""
     with main_process_first():  # one process tokenizes; the others then load the cache
-        train = pack_dataset(load_documents(cfg), tokenizer, cfg)
+        train = pack_dataset(load_documents(cfg, where=where, held=held), tokenizer, cfg)
         held = load_documents(cfg, validation=True)
         validation = pack_dataset(held, tokenizer, cfg) if held is not None else None
     if validation is None:  # the first blocks, in data order, are held out
@@ -202,11 +228,13 @@ def _prepare_mixture(
     from datasets import concatenate_datasets
 
     trains, validations, parts, weights, start = [], [], [], [], 0
+    held = validation_paths(cfg)  # no source trains on any source's validation files
     for index, (label, weight, single) in enumerate(mixture_parts(cfg)):
+        where = f"data.mixture[{label}]"
         try:
-            train, validation = _packed(single, tokenizer, main_process_first)
+            train, validation = _packed(single, tokenizer, main_process_first, where, held)
         except UptrainError as e:
-            raise UptrainError(f"data.mixture[{label}]: {e}") from e
+            raise UptrainError(str(e) if str(e).startswith(where) else f"{where}: {e}") from e
         trains.append(train.with_format(None).add_column("source", [index] * len(train)))
         validations.append(validation.with_format(None))
         parts.append((label, range(start, start + len(validation))))

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uptrain_gqa.data.config import DataConfig
+from uptrain_gqa.data.config import DataConfig, check_validation_split, expand_files, training_paths
 from uptrain_gqa.errors import UptrainError
 
 PLAIN_TEXT = (".txt", ".text", ".md", ".rst", ".tex", ".html", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".js",
               ".ts", ".java", ".go", ".rs", ".sh", ".yml", ".yaml", ".toml", ".css")  # fmt: skip
 """Suffixes read as plain text (documents, prose, markup and source code)."""
 FORMATS = dict.fromkeys(PLAIN_TEXT, "text") | {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def expand_files(patterns: list[str], what: str = "data.files") -> list[str]:
-    """Every file the patterns name, sorted; a pattern that matches nothing is an error."""
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if Path(m).is_file()]
-        if not matches:
-            raise UptrainError(f"{what}: no file matches '{pattern}'")
-        files += matches
-    return files
 
 
 def _builder(files: list[str], what: str) -> str:
@@ -44,9 +30,19 @@ def _builder(files: list[str], what: str) -> str:
     return kinds.pop()  # type: ignore[return-value]
 
 
-def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | None = None) -> Any:
+def load_documents(
+    cfg: DataConfig,
+    validation: bool = False,
+    streaming: bool | None = None,
+    *,
+    where: str = "data",
+    held: dict[str, str] | None = None,
+) -> Any:
     """The raw documents (train or validation) as a datasets Dataset / IterableDataset, or None
-    when no validation source is configured."""
+    when no validation source is configured. Training never reads validation: files that are also
+    validation files (this source's, or any of `held`, by resolved path: `validation_paths`) are left
+    out, and a Hub validation split that is the training split is refused. `where`: the source's
+    section in messages (data, or data.mixture[LABEL])."""
     import datasets
 
     if cfg.mixture:
@@ -57,8 +53,8 @@ def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | 
         if cfg.dataset is None or files:
             if not files:
                 return None
-            what = "data.validation_files" if validation else "data.files"
-            paths = expand_files(files, what)
+            what = f"{where}.validation_files" if validation else f"{where}.files"
+            paths = expand_files(files, what) if validation else training_paths(cfg, where, held)[0]
             builder = _builder(paths, what)
             kwargs: dict[str, Any] = {"sample_by": cfg.txt_documents.replace("file", "document")}
             return datasets.load_dataset(
@@ -69,6 +65,7 @@ def load_documents(cfg: DataConfig, validation: bool = False, streaming: bool | 
                 cache_dir=cfg.cache_dir,
                 **(kwargs if builder == "text" else {}),
             )
+        check_validation_split(cfg, where)
         split = cfg.validation_split if validation else cfg.split
         if split is None:
             return None

@@ -9,8 +9,10 @@ their own shares, scaled by the set's weight.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Literal
 
 from uptrain_gqa.data import builtin
 from uptrain_gqa.data.config import DataConfig
-from uptrain_gqa.data.documents import expand_files
+from uptrain_gqa.data.documents import FORMATS, expand_files
 from uptrain_gqa.errors import UptrainError
 
 HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
@@ -71,9 +73,23 @@ class TextSource:
         return DataConfig(files=[self.spec])
 
     def check(self, what: str) -> None:
-        """What can be checked without reading: that local files exist."""
-        if self.kind == "files":
-            expand_files([self.spec], what)
+        """What can be checked without reading them whole: that local files exist, are files (a folder is refused
+        with the glob that reads it) and, but for parquet, begin as UTF-8 text."""
+        if self.kind != "files":
+            return
+        folder = Path(self.spec).expanduser()
+        if folder.is_dir():
+            found = itertools.islice(folder.rglob("*"), 10_000)  # enough to tell what it holds
+            suffixes = Counter(p.suffix.lower() for p in found if p.suffix.lower() in FORMATS)
+            suffix = max(suffixes, key=lambda x: (suffixes[x], x == ".txt")) if suffixes else ".txt"
+            deep = "/**" if not any(folder.glob(f"*{suffix}")) and suffixes else ""
+            raise UptrainError(
+                f"{what} {self.spec} is a folder; name its files with a glob, quoted so that uptrain expands it: "
+                f"'{self.spec.rstrip('/')}{deep}/*{suffix}'"
+            )
+        for path in expand_files([self.spec], what):
+            if FORMATS.get(Path(path).suffix.lower()) in ("text", "json"):
+                _check_text(path, what)
 
     def record(self) -> dict[str, object]:
         out: dict[str, object] = {"label": self.label, "data": self.spec, "kind": self.kind}
@@ -82,6 +98,33 @@ class TextSource:
         if self.kind == "builtin":
             out["license"] = self.part.corpus.license  # type: ignore[union-attr]
         return out
+
+
+SNIFFED = 1 << 16
+"""Bytes of each text file read before any work to tell text from binary."""
+
+
+def _check_text(path: str, what: str) -> None:
+    """Refuse a file that does not begin as UTF-8 text (a compressed or binary file under a text name): its
+    first `SNIFFED` bytes decode as UTF-8 and hold no NUL byte."""
+    import codecs
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFFED)
+    except OSError as e:
+        raise UptrainError(f"{what} {path}: cannot read it ({e.strerror or e})") from e
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+        binary = b"\0" in head
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        compressed = head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd", b"PK\x03\x04"))
+        raise UptrainError(
+            f"{what} {path} is not text (UTF-8): it looks {'compressed' if compressed else 'binary'}; pass "
+            f"{'it decompressed' if compressed else 'plain text'} (UTF-8), .jsonl or .parquet"
+        )
 
 
 def _label_of(spec: str, kind: str) -> str:

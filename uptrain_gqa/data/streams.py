@@ -39,14 +39,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from uptrain_gqa.data.config import DataConfig, mixture_parts
+from uptrain_gqa.data.config import HOLDOUT_PERCENT, DataConfig, mixture_parts, validation_paths
 from uptrain_gqa.data.documents import load_documents, packer, require_column
 from uptrain_gqa.errors import UptrainError
 
-HOLDOUT_PERCENT = 1  # documents whose text hashes into this percentage are held out
 SOURCE_DRAWS = 4096  # a mixture's positions whose sources one seeded draw decides
 PACK_DOCS = 256  # documents tokenized and packed together (the tail under seq_len tokens is dropped)
 MIXTURE = 0x6D6978  # mixed into a mixture's seeds, apart from the map-style block order's (seed, epoch)
+
+
+@contextlib.contextmanager
+def _reading(where: str = "") -> Iterator[None]:
+    """A data file gone while its stream is read (deleted, renamed, unmounted): datasets' FileNotFoundError
+    names only the path; said in one line with what to do. `where`: a mixture source's "data.mixture[LABEL]: "."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        path = e.filename or (e.args[0] if e.args else "")
+        raise UptrainError(
+            f"{where}the data file {path} disappeared while streaming; restore it, then continue the run with "
+            "`uptrain train ... --resume auto`"
+        ) from e
 
 
 def _held_out(text: str) -> bool:
@@ -68,13 +81,14 @@ class StreamData:
         if self._iterator is None:
             self._iterator = iter(self.stream)
         rows = []
-        for _ in range(self.micro_batch_size):
-            try:
-                rows.append(next(self._iterator)["input_ids"])
-            except StopIteration:  # next epoch over the stream
-                self.stream.set_epoch(getattr(self.stream, "epoch", 0) + 1)
-                self._iterator = iter(self.stream)
-                rows.append(next(self._iterator)["input_ids"])
+        with _reading():
+            for _ in range(self.micro_batch_size):
+                try:
+                    rows.append(next(self._iterator)["input_ids"])
+                except StopIteration:  # next epoch over the stream
+                    self.stream.set_epoch(getattr(self.stream, "epoch", 0) + 1)
+                    self._iterator = iter(self.stream)
+                    rows.append(next(self._iterator)["input_ids"])
         return torch.tensor(np.asarray(rows), dtype=torch.int64)
 
     def validation_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -96,16 +110,20 @@ def _stream_blocks(stream: Any, tokenizer: Any, cfg: DataConfig) -> Any:
     )
 
 
-def _split(cfg: DataConfig, tokenizer: Any, rank: int, world: int) -> tuple[Any, torch.Tensor]:
+def _split(
+    cfg: DataConfig, tokenizer: Any, rank: int, world: int, where: str = "data", held: dict[str, str] | None = None
+) -> tuple[Any, torch.Tensor]:
     """One source's training documents for this process (a stream) and its share of the validation
-    blocks, (n, seq_len) int64: from the validation split or files, else held out by a hash of the text."""
+    blocks, (n, seq_len) int64: from the validation split or files, else held out by a hash of the text.
+    `where`, `held`: see `load_documents`."""
     from datasets.distributed import split_dataset_by_node
 
-    raw = split_dataset_by_node(load_documents(cfg), rank, world)
+    raw = split_dataset_by_node(load_documents(cfg, where=where, held=held), rank, world)
     require_column(raw, cfg.text_column)
     held = load_documents(cfg, validation=True)
     column = cfg.text_column
-    if held is None:
+    by_hash = held is None
+    if by_hash:
         held = raw.filter(lambda ex: _held_out(ex[column]))
         raw = raw.filter(lambda ex: not _held_out(ex[column]))
     else:
@@ -113,7 +131,18 @@ def _split(cfg: DataConfig, tokenizer: Any, rank: int, world: int) -> tuple[Any,
     want = cfg.validation_blocks // world + (rank < cfg.validation_blocks % world)
     val_rows = [row["input_ids"] for row in itertools.islice(_stream_blocks(held, tokenizer, cfg), want)]
     if want and not val_rows:
-        raise UptrainError("found no held-out validation documents in the stream; set data.validation_split")
+        given = f"{where}.validation_files" if cfg.validation_files or not cfg.dataset else f"{where}.validation_split"
+        if by_hash:  # a mixture accepts validation files or a split per source, never data.validation_split
+            split = f" or {where}.validation_split (a Hub split)" if cfg.dataset else ""
+            raise UptrainError(
+                f"found no held-out validation documents in the stream (about {HOLDOUT_PERCENT} % of documents are "
+                f"held out by a hash of their text, and these made no block of data.seq_len={cfg.seq_len} tokens); "
+                f"give {where}.validation_files (local files held out for validation){split}"
+            )
+        raise UptrainError(
+            f"{given} made no validation block of data.seq_len={cfg.seq_len} tokens"
+            f"{f' for process {rank} of {world}' if world > 1 else ''}; give more validation text"
+        )
     validation = torch.tensor(np.asarray(val_rows, dtype=np.int64).reshape(-1, cfg.seq_len))
     return raw, validation
 
@@ -218,7 +247,7 @@ class SourceStream:
                 self._texts, self._iterator = None, None
 
     def _read_window(self) -> None:
-        with _restoring():
+        with _restoring(), _reading(f"data.mixture[{self.label}]: "):
             if self._iterator is None:  # at an epoch's start, or restored
                 self.docs.set_epoch(self.epoch)
                 if self.start is not None:
@@ -325,11 +354,13 @@ def prepare_stream_mixture(
     """Each source split by process, its validation blocks held out, its training documents set up
     to be shuffled in windows and packed as they are read."""
     sources, validations, parts, weights, start = [], [], [], [], 0
+    held = validation_paths(cfg)  # no source trains on any source's validation files
     for index, (label, weight, single) in enumerate(mixture_parts(cfg)):
+        where = f"data.mixture[{label}]"
         try:
-            docs, validation = _split(single, tokenizer, rank, world)
+            docs, validation = _split(single, tokenizer, rank, world, where, held)
         except UptrainError as e:
-            raise UptrainError(f"data.mixture[{label}]: {e}") from e
+            raise UptrainError(str(e) if str(e).startswith(where) else f"{where}: {e}") from e
         docs = docs.select_columns([single.text_column])
         # a buffer of one document: datasets only shuffles the order of the files or shards (per epoch);
         # the documents are shuffled in windows by SourceStream, which resumes bitwise
