@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import UptrainError, first_line
+from uptrain_gqa.io.folders import write_file
 from uptrain_gqa.version import install_hint
 
 
@@ -74,5 +75,5 @@ def run_tasks(
         log_samples.mkdir(parents=True, exist_ok=True)
         for task, samples in (results.get("samples") or {}).items():
             lines = (json.dumps(sample, default=str) + "\n" for sample in samples)
-            (log_samples / f"{task}.jsonl").write_text("".join(lines))
+            write_file(log_samples / f"{task}.jsonl", "".join(lines).encode(), "--log-samples")
     return metrics, settings

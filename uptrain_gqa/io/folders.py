@@ -42,13 +42,51 @@ def read_json_object(path: Path, missing: str) -> dict[str, Any]:
 
 
 def side_files(folder: Path) -> list[Path]:
-    """Non-weight files to carry over (tokenizer, generation config, model card, ...)."""
+    """Non-weight files to carry over (tokenizer, generation config, model card, ...).
+
+    A side file that is a link to a file outside `folder` is refused: copying it would carry a file of the
+    user's from elsewhere into OUT (and onto the Hub). A Hugging Face cache snapshot is the exception within
+    its own repo: its files are links into the repo's `blobs/` folder."""
     skip = {SAFE_INDEX, PICKLE_INDEX, "config.json"}
-    return sorted(
+    files = sorted(
         p
         for p in Path(folder).iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES)
     )
+    root = _own_root(Path(folder))
+    for path, target in links_leaving(files, root):
+        raise UptrainError(
+            f"{path} is a link to {target}, outside the source folder; uptrain does not carry files from elsewhere "
+            f"into OUT: copy it into {folder} as a regular file (or remove the link)"
+        )
+    return files
+
+
+def _own_root(folder: Path) -> Path:
+    """The folder whose files `folder`'s links may reach: itself, or for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/COMMIT`), its repo's folder (`blobs/` holds the files it links to)."""
+    folder = folder.resolve()
+    snapshots, repo = folder.parent, folder.parent.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return repo
+    return folder
+
+
+def links_leaving(paths: list[Path], root: Path) -> Iterator[tuple[Path, Path]]:
+    """(path, where it leads) for each of `paths` that is a link leading outside `root`."""
+    root = Path(root).resolve()
+    for path in paths:
+        if path.is_symlink():
+            target = path.resolve()
+            if target != root and root not in target.parents:
+                yield path, target
+
+
+def links_leaving_folder(folder: Path) -> Iterator[tuple[Path, Path]]:
+    """(path, where it leads) for each link anywhere under `folder` (files and folders, links not followed)
+    that leads outside it."""
+    for parent, dirs, names in os.walk(folder):
+        yield from links_leaving([Path(parent) / n for n in sorted(dirs + names)], Path(folder))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

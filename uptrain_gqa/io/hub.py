@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import links_leaving_folder
 from uptrain_gqa.io.tensors import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
 
 LICENSE_PATTERNS = ["LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"]
@@ -172,6 +173,11 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: st
     from huggingface_hub.errors import HfHubHTTPError
 
     check_push(repo_id)
+    for path, target in links_leaving_folder(Path(folder)):  # the upload would carry the file it leads to
+        raise UptrainError(
+            f"--push-to-hub {repo_id}: {path.relative_to(folder)} links outside {folder} (to {target}); uptrain "
+            "uploads only the folder's own files: replace the link with a copy, then upload it with `hf upload`"
+        )
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -13,15 +13,29 @@ input of the command, never a user's folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.progress import LOGGER
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+"""Never through a link, never truncated on opening, never blocking on a FIFO put in its place."""
+_RECORD_BYTES = 64
+_PID = re.compile(rb"\s*(\d{1,10})\s*")
+
+
+def _pid_in(record: bytes) -> str | None:
+    """The process id a lock file of ours holds; None for anything else (never shown: it may be anyone's file)."""
+    match = _PID.fullmatch(record)
+    return match.group(1).decode() if match else None
 
 
 def note(text: str) -> None:
@@ -49,44 +63,90 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
-        """Take the lock or raise UptrainError naming the process that holds it."""
+        """Take the lock or raise UptrainError naming the process that holds it.
+
+        The lock file is opened without following a link and never truncated or written before it is
+        ours: a symlink, a hard link, a special file or a file uptrain did not write at its path is
+        refused (and never shown), so a planted link cannot make uptrain overwrite another file."""
         while True:
+            self._check_kind()
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, _OPEN_FLAGS, 0o644)
             except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EMLINK):  # a link planted between the check and the open
+                    raise self._refusal("a symlink") from e
                 raise UptrainError(
                     f"cannot write into {self.path.parent} ({e.strerror}); choose another output folder"
                 ) from e
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise self._refusal("not a regular file")
+                if info.st_nlink > 1:  # another name for the same file: writing the PID would change it
+                    raise self._refusal("a file with other names (a hard link)")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _pid_in(os.pread(fd, _RECORD_BYTES, 0))
+                    raise UptrainError(
+                        f"{self.out} is being written by "
+                        f"{f'uptrain process {holder}' if holder else 'another process'}; wait for it to finish "
+                        "or choose another output folder"
+                    ) from None
+                # the file may have been removed by its last owner between our open and flock: lock the live one
+                try:
+                    same = os.path.samestat(info, os.lstat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    previous = os.pread(fd, _RECORD_BYTES, 0)
+                    holder = _pid_in(previous)
+                    if previous.strip() and holder is None:
+                        raise UptrainError(
+                            f"{self.path} is not an uptrain lock (it holds something else); move it away or "
+                            "choose another output folder"
+                        )
+                    if holder:
+                        note(
+                            f"a previous run on {self.out} (process {holder}) ended without releasing its lock; "
+                            "taking it over"
+                        )
+                    pid = str(os.getpid()).encode()
+                    os.pwrite(fd, pid, 0)
+                    os.ftruncate(fd, len(pid))
+                    self._fd = fd
+                    return self
+            except BaseException:
                 os.close(fd)
-                raise UptrainError(
-                    f"{self.out} is being written by uptrain process {holder}; wait for it to finish or "
-                    "choose another output folder"
-                ) from None
-            # the file may have been removed by its last owner between our open and flock: lock the live one
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+                raise
             os.close(fd)
-        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous:
-            note(f"a previous run on {self.out} (process {previous}) ended without releasing its lock; taking it over")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-        return self
+
+    def _check_kind(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UptrainError(
+                f"cannot write into {self.path.parent} ({e.strerror}); choose another output folder"
+            ) from e
+        if stat.S_ISLNK(mode):
+            raise self._refusal("a symlink")
+        if not stat.S_ISREG(mode):
+            raise self._refusal("not a regular file")
+
+    def _refusal(self, kind: str) -> UptrainError:
+        return UptrainError(
+            f"the lock file {self.path} of {self.out} is {kind}, which uptrain never writes through; remove it "
+            "(it is not uptrain's) or choose another output folder"
+        )
 
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # while still holding it: a waiting process re-checks the inode
+        with contextlib.suppress(OSError):  # while still holding it: a waiting process re-checks the inode
+            if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):  # ours, not what replaced it
+                self.path.unlink()
         os.close(self._fd)
         self._fd = None
 

@@ -7,13 +7,15 @@ perplexity every `logging.eval_every` steps).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from uptrain_gqa.errors import first_line
+from uptrain_gqa.errors import UptrainError, first_line
 from uptrain_gqa.io.folders import write_file
 from uptrain_gqa.progress import LOGGER, PLAIN
 
@@ -41,9 +43,7 @@ def record_session(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     if record is None:
         record = {"tracker_run_id": uuid.uuid4().hex[:16], "sessions": []}
     record["sessions"].append(entry)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_file(path, (json.dumps(record, indent=2) + "\n").encode(), "the run record")  # never through a link
     return record
 
 
@@ -145,13 +145,20 @@ class MetricsLog:
         rows = self.path.read_text().splitlines(keepends=True)
         kept = [r for r in rows if step > 0 and _step_of(r) <= step]
         if kept != rows:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.path)
+            write_file(self.path, "".join(kept).encode(), "the metrics log")
 
     def record(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         self.acc.log(metrics, step=step)
         if self.acc.is_main_process:
             row = {"step": step, "tokens": tokens, **metrics}
-            with open(self.path, "a") as f:
+            try:  # appended, never through a link put in its place
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise UptrainError(
+                    f"{self.path} is a symlink; uptrain writes its metrics only into its own file: remove the link "
+                    "and resume the run"
+                ) from e
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(row) + "\n")
