@@ -268,3 +268,156 @@ def test_quality_needs_weights_and_a_sane_max_kl(run_cli, llama, tmp_path) -> No
     code, _, err = run_cli("plan", "--layers", "2", "--heads", "8", "--head-dim", "8", "--params", "1e6",
                            "--quality", "random")  # fmt: skip
     assert code == 1 and "--quality reads the weights" in err, err
+
+
+# --- plan --quality reads the source through convert's pre-flight (issue 35) ----------------------------------
+
+QUICK = ["--memory", "1GB", "--quality", "random", "--quality-tokens", "128", "--calibration-tokens", "256", "--quiet"]
+"""A data-free --quality on the tiny models: a fraction of a second."""
+
+
+def _edited(src: Path, out: Path, weights=None, config=None) -> Path:
+    """A copy of the single-file checkpoint `src` with `weights(tensors)` and `config(dict)` applied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    if weights is not None:
+        tensors = load_file(out / "model.safetensors")
+        weights(tensors)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if config is not None:
+        cfg = json.loads((out / "config.json").read_text())
+        config(cfg)
+        (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def own_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$TMPDIR of the test's own: --quality's scratch folders, and what the next run finds there, stay in it."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Path:
+    """A tiny MHA Llama (2 heads of 32: one merge to measure, MQA) in one safetensors file, with a tokenizer."""
+    from uptrain_gqa.synthetic import save_word_tokenizer
+
+    src = save_tiny_llama(tmp_path / "single", shard=None, num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+    save_word_tokenizer(src)
+    return src
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_quality_refuses_nan_in_an_attention_weight_as_convert_does(run_cli, single, tmp_path) -> None:
+    # the last layer's q_proj: its inputs (the Σ) stay finite, so without the check every merge "measures"
+    def poison(t):
+        t["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+
+    damaged = _edited(single, tmp_path / "nan", weights=poison)
+    code, out, err = run_cli("plan", damaged, *QUICK)
+    assert code == 1 and "recommended" not in out, out
+    message = _one_line(err)
+    assert "model.layers.1.self_attn.q_proj.weight holds 1 NaN/inf values; the source checkpoint is damaged" in message
+    code, _, convert_err = run_cli("convert", damaged, tmp_path / "out", "--num-kv-heads", "1", "--quiet")
+    assert code == 1 and _one_line(convert_err).split("error: ")[1] == message.split("error: ")[1]
+
+
+def test_quality_refuses_a_source_whose_outputs_are_not_finite(run_cli, single, tmp_path) -> None:
+    """NaN outside attention (convert copies it with a warning) makes every KL NaN: no G is recommended on it."""
+
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+
+    code, out, err = run_cli("plan", _edited(single, tmp_path / "nan", weights=poison), *QUICK)
+    assert code == 1 and "recommended" not in out, out
+    assert "the KL to the source is not finite" in err and "mlp.down_proj.weight" in err, err
+
+
+def test_quality_refuses_weights_that_disagree_with_the_config_in_one_line(run_cli, single, tmp_path) -> None:
+    wrong = _edited(single, tmp_path / "hd", config=lambda c: c.update(head_dim=4))
+    code, _, err = run_cli("plan", wrong, *QUICK)
+    assert code == 1
+    assert "q_proj.weight has shape [64, 64] but config.json implies 8 rows" in _one_line(err), err
+
+
+def test_quality_on_text_needs_the_source_tokenizer_in_one_line(run_cli, tmp_path) -> None:
+    from uptrain_gqa.synthetic import write_corpus
+
+    bare = save_tiny_llama(tmp_path / "bare", shard=None)  # no tokenizer
+    text = f"{write_corpus(tmp_path / 'text', docs=20)}/*.txt"
+    code, _, err = run_cli("plan", bare, "--memory", "1GB", "--quality", text, "--quality-tokens", "128", "--quiet")
+    assert code == 1
+    assert "--quality text needs the source's tokenizer" in _one_line(err) and "--quality random" in err, err
+
+
+def test_plot_path_is_checked_before_any_work(run_cli, single, tmp_path, monkeypatch) -> None:
+    import uptrain_gqa.commands.plan as plan_command
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the --plot path was checked")
+
+    monkeypatch.setattr(plan_command, "measure_quality", measured)
+    code, _, err = run_cli("plan", single, *QUICK, "--plot", tmp_path / "p.txt")
+    assert code == 1 and "--plot" in err and ".png, .svg or .pdf" in _one_line(err), err
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli("plan", single, *QUICK, "--plot", tmp_path / "file" / "p.png")
+    assert code == 1 and "--plot" in _one_line(err) and "is a file, not a folder" in err, err
+    (tmp_path / "folder.png").mkdir()
+    code, _, err = run_cli("plan", single, *QUICK, "--plot", tmp_path / "folder.png")
+    assert code == 1 and "--plot" in _one_line(err) and "is a folder" in err, err
+
+
+def test_plot_format_follows_the_suffix(run_cli, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    numbers = ["--layers", "4", "--heads", "8", "--head-dim", "64", "--params", "1e8"]
+    code, _, err = run_cli("plan", *numbers, "--plot", tmp_path / "kv.svg")
+    assert code == 0, err
+    assert b"<svg" in (tmp_path / "kv.svg").read_bytes()[:1000]
+
+
+def test_quality_tokens_beyond_memory_are_refused_before_any_allocation(run_cli, single, monkeypatch) -> None:
+    from uptrain_gqa.conversion import estimate
+
+    code, _, err = run_cli("plan", single, *QUICK, "--quality-tokens", "1000000000000")  # 8 TB of token ids alone
+    assert code == 1
+    assert "--quality-tokens 1,000,000,000,000 needs" in _one_line(err) and "at most" in err, err
+    monkeypatch.setattr(estimate, "available_memory", lambda device: 10**6)  # allocatable, but would fill memory
+    code, _, err = run_cli("plan", single, *QUICK, "--quality-tokens", "100000")
+    assert code == 1 and "--quality-tokens 100,000 needs" in _one_line(err), err
+    allowed = int(re.search(r"at most ([\d,]+)", err).group(1).replace(",", ""))
+    assert 0 < allowed < 100_000
+
+
+def test_a_killed_quality_run_leaves_nothing_the_next_run_does_not_remove(run_cli, single, own_temporary_folder):
+    """The Σ files of a `plan --quality` killed by the OOM killer (a SIGKILL: no clean-up) lie in a folder of its own,
+    with a lock holding its PID that the kernel released; the next run removes the folder and says so. A live run's
+    folder is left alone."""
+    from uptrain_gqa.io.ownership import OutputLock, lock_path
+
+    scratch = own_temporary_folder
+    dead = scratch / "uptrain-quality-4194304-0badc0de"
+    (dead / "sigma").mkdir(parents=True)
+    (dead / "sigma" / "sigma-00000.safetensors").write_bytes(b"\0" * 4096)
+    lock_path(dead).write_text("4194304")  # beyond pid_max: no process holds it
+    live = scratch / "uptrain-quality-1-feedface"
+    live.mkdir()
+    with OutputLock(live):
+        code, _, err = run_cli("plan", single, *QUICK)
+        assert live.is_dir()
+    assert code == 0, err
+    assert not dead.exists() and not lock_path(dead).exists()
+    assert f"removed {dead}" in err, err
+    assert [p.name for p in scratch.iterdir()] == [live.name]  # this run's own folder and lock are gone too

@@ -8,6 +8,7 @@ GPUs join one gloo group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +30,20 @@ def inference_dtype(device: torch.device, requested: str = "auto", cpu: torch.dt
     if requested != "auto":
         return getattr(torch, requested)
     return torch.bfloat16 if device.type == "cuda" else cpu
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on `device` now: free GPU memory, or the memory the kernel can give without
+    swapping (MemAvailable; page cache counts as free); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

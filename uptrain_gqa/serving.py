@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.folders import write_file
 from uptrain_gqa.model.facts import checkpoint_facts
 from uptrain_gqa.model.loading import read_model_config
 from uptrain_gqa.model.shape import ModelShape, attention_kind, count_parameters
@@ -22,6 +23,8 @@ from uptrain_gqa.version import install_hint
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 TORCH_TO_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+PLOT_FORMATS = ("png", "svg", "pdf")
+"""What `--plot FILE` writes, chosen by FILE's suffix."""
 
 
 @dataclass(frozen=True)
@@ -266,12 +269,35 @@ def print_plan(
         print(f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): {command}")
 
 
+def check_plot_target(path: str | Path) -> None:
+    """Refuse, before any work, a `--plot` file that could not be drawn: a suffix other than PLOT_FORMATS' (the
+    format follows it), or no matplotlib. (Whether the folder can be written: `check_json_target(path, "--plot")`.)"""
+    import importlib.util
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UptrainError(
+            f"--plot {path}: the format follows the file's suffix; give a name ending "
+            f"{', '.join('.' + f for f in PLOT_FORMATS[:-1])} or .{PLOT_FORMATS[-1]}"
+        )
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UptrainError(f"--plot needs matplotlib: {install_hint('plot')}")
+
+
 def draw(
     model: ServedModel, rows: list[ServingRow], chosen: int, memory: int, context: int, batch: int,
     kv_itemsize: float, tp: int, units: str, path: Path,
 ) -> None:  # fmt: skip
-    """KV cache of the batch (per GPU) against context, with the memory left after the weights."""
+    """KV cache of the batch (per GPU) against context, with the memory left after the weights; written to `path`
+    whole or not at all, in the format its suffix names (PLOT_FORMATS)."""
+    import io
+
     m = model.shape
+    check_plot_target(path)
     try:
         import matplotlib
 
@@ -310,5 +336,7 @@ def draw(
     ax.set_title(model.name)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format=Path(path).suffix.lower().lstrip("."), dpi=120)
     plt.close(fig)
+    write_file(Path(path), image.getvalue(), "--plot")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import accelerate.utils
 import pytest
@@ -187,3 +188,102 @@ def test_calibration_mix_shares_the_tokens_with_broad_text(run_cli, llama, tmp_p
     code, _, err = run_cli("convert", llama, tmp_path / "bad", "--num-kv-heads", "2", "--method", "svd",
                            "--calibration", str(text), "--calibration-mix", "1")  # fmt: skip
     assert code == 1 and "0 <= mix < 1" in err and not (tmp_path / "bad").exists()
+
+
+def convert_refused(run_cli, llama, *args) -> str:
+    """`uptrain convert LLAMA OUT --num-kv-heads 2 --method svd ARGS...` refused in one line, OUT not made: the line."""
+    out = llama.parent / "out"
+    code, stdout, err = run_cli("convert", llama, out, "--num-kv-heads", "2", "--method", "svd", *args, "--quiet")
+    assert code == 1 and stdout == "" and not out.exists(), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("uptrain convert: error: "), err
+    return err.strip()
+
+
+def test_token_counts_beyond_memory_are_refused_before_allocating(run_cli, llama) -> None:
+    """1e12 random tokens tried to allocate 8 TB of ids and ended in a traceback."""
+    err = convert_refused(run_cli, llama, "--calibration", "random", "--calibration-tokens", "1000000000000")
+    assert "--calibration-tokens 1,000,000,000,000 " in err and "at most " in err, err
+
+
+def test_a_count_that_would_fill_memory_is_refused_with_the_most_that_fits(run_cli, llama, monkeypatch) -> None:
+    """Allocatable, but the hidden states would fill RAM: refused, naming the largest count that fits."""
+    from uptrain_gqa.conversion import calibrate
+
+    shape = shape_of_config_json(read_config(llama))
+    held = calibrate.Calibration("random", 1).bytes_per_token(shape, refining=True)
+    most = 300
+    monkeypatch.setattr(calibrate, "available_memory", lambda device: most * held + held // 2)  # ~300 KB free
+    err = convert_refused(run_cli, llama, "--calibration", "random", "--calibration-tokens", str(most + 1),
+                          "--refine-steps", "1")  # fmt: skip
+    assert f"--calibration-tokens {most + 1:,} " in err and f"at most {most:,} fit" in err, err
+    calibrate.Calibration("random", most + 1).check(shape)  # unrefined, attention inputs and outputs are not kept
+
+
+@pytest.mark.parametrize("tokens", ["1", "63"])
+@pytest.mark.parametrize("kind", ["random", "text"])
+def test_a_calibration_smaller_than_the_hidden_size_is_refused_whatever_its_kind(
+    run_cli, llama, tmp_path, tokens: str, kind: str
+) -> None:
+    """Σ has one direction per hidden unit (64 here): one random token was accepted, as were 63 of text."""
+    save_word_tokenizer(llama)
+    data = "random" if kind == "random" else str(write_corpus(tmp_path / "text.jsonl", docs=30, fmt="jsonl"))
+    err = convert_refused(run_cli, llama, "--calibration", data, "--calibration-tokens", tokens)
+    assert f"--calibration-tokens {tokens} is fewer than this model's hidden size (64)" in err, err
+
+
+def test_a_subset_of_local_files_is_refused(run_cli, llama, tmp_path) -> None:
+    """--calibration-subset names a Hub dataset's configuration; with local files it was dropped silently."""
+    save_word_tokenizer(llama)
+    text = write_corpus(tmp_path / "text.jsonl", docs=30, fmt="jsonl")
+    err = convert_refused(run_cli, llama, "--calibration", text, "--calibration-subset", "en")
+    assert "--calibration-subset applies to a Hub dataset" in err and str(text) in err, err
+    err = convert_refused(run_cli, llama, "--calibration", text, "--calibration-split", "test")
+    assert "--calibration-split applies to a Hub dataset" in err, err
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "rows.jsonl"])
+def test_binary_calibration_text_is_refused_naming_the_file(run_cli, llama, tmp_path, name: str) -> None:
+    """A gzip file named .txt ended in "DatasetGenerationError: An error occurred while generating the dataset"."""
+    import gzip
+
+    save_word_tokenizer(llama)
+    good = write_corpus(tmp_path / "good", docs=5)
+    binary = good / name
+    binary.write_bytes(gzip.compress(b"w1 w2 w3 " * 500))
+    err = convert_refused(run_cli, llama, "--calibration", binary)
+    assert f"--calibration {binary} is not text (UTF-8)" in err, err
+
+
+def test_a_folder_is_refused_with_the_glob_that_reads_it(run_cli, llama, tmp_path) -> None:
+    """`--calibration DIR` said "no file matches"; it names the folder and the glob to pass instead."""
+    save_word_tokenizer(llama)
+    folder = write_corpus(tmp_path / "texts", docs=5)
+    err = convert_refused(run_cli, llama, "--calibration", folder)
+    assert f"--calibration {folder} is a folder" in err and f"'{folder}/*.txt'" in err, err
+
+
+@pytest.mark.parametrize(("spilled", "args"), [("sigma-", []), ("layer-", ["--refine-steps", "2"])])
+@pytest.mark.parametrize("failure", ["safetensors", "OSError"])
+def test_a_full_disk_while_spilling_is_the_same_line_as_at_the_final_write(
+    run_cli, llama, monkeypatch, spilled: str, args: list[str], failure: str
+) -> None:
+    """Σ (sigma-*) and refined tensors (layer-*) spill to disk during calibration; a full disk there ended in a
+    SafetensorError traceback. It reads as a full disk at the final write does (tests/io/test_atomic_output.py)."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **kw):
+        if not Path(filename).name.startswith(spilled):
+            return real(tensors, filename, *a, **kw)
+        if failure == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    err = convert_refused(run_cli, llama, "--calibration", "random", "--calibration-tokens", "256", *args)
+    assert err == "uptrain convert: error: No space left on device"
+    assert not [p for p in llama.parent.iterdir() if p.name != "src"]  # no temporary folder left behind

@@ -97,3 +97,75 @@ def test_the_estimate_equals_eval_of_the_converted_checkpoint(
         assert abs(mean["kl"] - sum(kls) / len(kls)) <= 1e-3  # the mean weighs each text the same
     kl = {g: sum(totals[g][x]["kl"] for x in totals[g]) / sum(totals[g][x]["count"] for x in totals[g]) for g in totals}
     assert 0 < kl[4] < kl[1], kl  # a random model's heads are unlike: every merge costs, MQA most
+
+
+# --- what a `plan --quality` run holds: memory, estimated before anything is allocated, and a scratch folder ----
+
+
+def test_the_memory_estimate_covers_the_held_out_states_merge_quality_holds(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from uptrain_gqa.conversion import estimate as estimate_module
+    from uptrain_gqa.device import compute_device, inference_dtype
+
+    src = save_tiny_llama(tmp_path / "src", shard=None, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    reader = CheckpointReader(src)
+    config = read_config(src)
+    arch = lookup(config)
+    shape = shape_of_config_json(config, arch.kv_heads_field)
+    held = {"random": strided(torch.randint(0, 96, (256,), generator=torch.Generator().manual_seed(0)), 64, 64)}
+    held_bytes = {}
+    totals = estimate_module._HeldOut.totals
+
+    def measured(self, add_scores):  # every tensor the held-out pass keeps until the scoring, counted once
+        kept = [*self.source.hidden[self.first :], *self.reference, *(x for path in self.paths.values() for x in path)]
+        held_bytes["kept"] = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
+        return totals(self, add_scores)
+
+    monkeypatch.setattr(estimate_module._HeldOut, "totals", measured)
+    merge_quality(reader, arch, shape, [2, 1], Calibration("random", 256), held, add_scores, tmp_path / "w")
+    per_token = estimate_module.held_out_bytes_per_token(shape, 2, inference_dtype(compute_device()).itemsize)
+    assert 0 < held_bytes["kept"] <= 256 * per_token < 1.5 * held_bytes["kept"]
+
+
+def test_held_out_tokens_beyond_memory_are_refused_naming_the_most_that_fit(monkeypatch) -> None:
+    from uptrain_gqa.conversion import estimate as estimate_module
+    from uptrain_gqa.device import compute_device, inference_dtype
+    from uptrain_gqa.errors import UptrainError
+    from uptrain_gqa.model.shape import ModelShape
+
+    shape = ModelShape(layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128)  # Llama-2-70B: G = 4, 2, 1
+    monkeypatch.setattr(estimate_module, "available_memory", lambda device: 10 * 2**30)
+    per_token = estimate_module.held_out_bytes_per_token(shape, 3, inference_dtype(compute_device()).itemsize)
+    most = 10 * 2**30 // per_token
+    estimate_module.check_held_out_tokens(shape, 3, most)
+    with pytest.raises(UptrainError, match=rf"--quality-tokens {most + 1:,} needs about .* at most {most:,} fit"):
+        estimate_module.check_held_out_tokens(shape, 3, most + 1)
+    with pytest.raises(UptrainError, match=rf"of each text .* at most {most // 2:,} fit"):  # per text: two texts
+        estimate_module.check_held_out_tokens(shape, 3, most // 2 + 1, texts=2)
+
+
+def test_a_scratch_folder_is_locked_while_its_run_lives_and_removed_after(tmp_path: Path) -> None:
+    from uptrain_gqa.conversion.estimate import SCRATCH, remove_dead_scratch, scratch_folder
+    from uptrain_gqa.errors import UptrainError
+    from uptrain_gqa.io.ownership import OutputLock
+
+    with scratch_folder(tmp_path) as folder:
+        assert folder.is_dir() and folder.parent == tmp_path and folder.name.startswith(SCRATCH)
+        with pytest.raises(UptrainError, match="is being written by uptrain process"):
+            OutputLock(folder).acquire()
+        remove_dead_scratch(tmp_path)  # what another run does first: a live run's folder stays
+        assert folder.is_dir()
+    assert list(tmp_path.iterdir()) == []  # the folder and its lock
+
+
+def test_a_scratch_folder_without_a_lock_is_named_not_removed(tmp_path: Path, monkeypatch) -> None:
+    """Made by an uptrain from before the lock (or by hand): whether a run still uses it cannot be known."""
+    from uptrain_gqa.conversion import estimate as estimate_module
+
+    notes: list[str] = []
+    monkeypatch.setattr(estimate_module.LOGGER, "warning", notes.append)
+    old = tmp_path / f"{estimate_module.SCRATCH}k3j2h1g0"
+    old.mkdir()
+    estimate_module.remove_dead_scratch(tmp_path)
+    assert old.is_dir() and len(notes) == 1 and f"{old} may hold Σ files" in notes[0]

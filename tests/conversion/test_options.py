@@ -145,3 +145,17 @@ def test_side_files_are_copied_and_weights_of_other_formats_are_not(llama: Path)
     assert card.startswith("---\nlibrary_name: transformers") and "## The source's model card\n\n# model card" in card
     assert not (out / "consolidated.pth").exists() and not (out / "original").exists()
     assert AutoTokenizer.from_pretrained(out)("w3 w5")["input_ids"] == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [("refine_lr", float("inf"), "--refine-lr"), ("refine_steps", -1, "--refine-steps"),
+     ("calibration_tokens", 0, "--calibration-tokens"), ("calibration_mix", 1.0, "--calibration-mix")],
+)  # fmt: skip
+def test_numbers_that_cannot_work_are_refused_when_the_options_are_made(tmp_path, field, value, flag) -> None:
+    """Before the source is looked at (a Hub source is not downloaded to be refused)."""
+    from uptrain_gqa.conversion.options import ConvertOptions
+    from uptrain_gqa.errors import UptrainError
+
+    with pytest.raises(UptrainError, match=f"^{flag} "):
+        ConvertOptions(src="org/not-downloaded", out=str(tmp_path / "out"), num_kv_heads=2, **{field: value})

@@ -113,10 +113,11 @@ def test_refinement_never_leaves_a_layer_worse_than_its_closed_form(case: Case, 
 
 
 def test_a_refinement_that_does_not_help_is_not_kept(tmp_path: Path) -> None:
-    """An absurd learning rate makes every layer worse on held-out windows: the closed form is written, bit for bit."""
+    """The largest learning rate allowed (1.0) makes every layer worse on held-out windows: the closed form is
+    written, bit for bit."""
     src, text = saved(CASES[0], tmp_path)
     converted(src, tmp_path / "closed", 2, text, refine_steps=0)
-    record = converted(src, tmp_path / "wild", 2, text, refine_steps=2, refine_lr=1e3)
+    record = converted(src, tmp_path / "wild", 2, text, refine_steps=2, refine_lr=1.0)
     assert record["refinement"]["layers_improved"] == 0
     assert all(not r["refinement"]["kept"] for r in record["merge_errors"])
     closed, wild = tensors(tmp_path / "closed"), tensors(tmp_path / "wild")
@@ -200,6 +201,14 @@ def test_split_windows_holds_out_an_eighth() -> None:
         (["--method", "svd", "--calibration", "none", "--refine-steps", "4"], "--refine-steps fits each merged layer"),
         (["--method", "svd", "--refine-steps", "-1"], "--refine-steps must not be negative"),
         (["--method", "svd", "--refine-lr", "0"], "--refine-lr must be positive"),
+        # refinement did nothing (inf), overflowed Adam in a traceback (1e308), or wrote Infinity into the record
+        *[
+            (
+                ["--method", "svd", "--calibration", "random", "--refine-steps", "2", "--refine-lr", lr],
+                "--refine-lr must be positive and at most 1 (0 < lr <= 1",
+            )
+            for lr in ("inf", "1e308", "nan", "2")
+        ],
     ],
 )
 def test_refinement_refusals(run_cli, llama: Path, extra: list[str], expect: str) -> None:
@@ -224,3 +233,7 @@ def test_refinement_settings_are_checked() -> None:
         Refinement(steps=-1)
     with pytest.raises(UptrainError, match="must be positive"):
         Refinement(lr=-1.0)
+    for lr in (math.inf, math.nan, 1e308, 1.5):  # plan --quality refines through the same settings
+        with pytest.raises(UptrainError, match=r"^--refine-lr must be positive and at most 1 \(0 < lr <= 1"):
+            Refinement(lr=lr)
+    assert Refinement(lr=1.0).lr == 1.0

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from uptrain_gqa import config as configlib
 from uptrain_gqa.commands.output import JsonOption, check_json_target, emit_json, table_wanted
 from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, RANDOM
+from uptrain_gqa.conversion.preflight import CheckedSource
 from uptrain_gqa.conversion.refine import DEFAULT_LR
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.progress import verbosity
@@ -20,6 +21,7 @@ from uptrain_gqa.serving import (
     DTYPE_BYTES,
     ServedModel,
     ServingRow,
+    check_plot_target,
     choose_by_quality,
     draw,
     print_plan,
@@ -241,10 +243,14 @@ def plan(options: PlanOptions, *, plot: str | None = None, json: JsonOption = No
 
     Args:
         options: The budget (PlanOptions: one option per field).
-        plot: Write a PNG of KV cache against context for MHA, the chosen G and MQA (needs matplotlib).
+        plot: Draw KV cache against context for MHA, the chosen G and MQA into FILE.png, .svg or .pdf (the suffix
+            chooses; needs matplotlib).
         json: The plan as JSON: alone, to stdout instead of the table; with FILE, written to FILE as well.
     """
     check_json_target(json)
+    if plot:  # before any work: a plot that cannot be written would be found only after the measurement
+        check_plot_target(plot)
+        check_json_target(plot, "--plot")
     result = make_plan(options)
     o, best, m, rows = options, result.recommended_num_kv_heads, result.model, result.rows
     mem = parse_size(o.memory)
@@ -286,24 +292,23 @@ def measure_quality(o: PlanOptions, groups: list[int]) -> tuple[dict[int, dict[s
     from uptrain_gqa.conversion.convert import refinement_for
     from uptrain_gqa.data.builtin import BROAD
     from uptrain_gqa.io.folders import has_tokenizer
-    from uptrain_gqa.io.hub import fetch_weights, resolve_source
 
     quality, calibration, held_tokens, quiet = o.quality or [], o.calibration, o.quality_tokens, verbosity() == "quiet"
     if held_tokens < 2:
         raise UptrainError(f"--quality-tokens must be at least 2, got {held_tokens}")
     if RANDOM in quality and quality != [RANDOM]:
         raise UptrainError("--quality random measures on random tokens: give it alone, or give text only")
-    source = fetch_weights(resolve_source(str(o.model), None), False)
+    source = CheckedSource.open(str(o.model))  # convert's pre-flight: config, family and shape, no weights yet
     if calibration is None:  # as convert chooses, but a data-free estimate stays data-free
         calibration = [RANDOM] if quality == [RANDOM] or not has_tokenizer(source.path) else [BROAD]
     calib = Calibration(tuple(calibration), o.calibration_tokens, mix=o.calibration_mix)
     calib.check()
     refinement = refinement_for(calib, o.refine_steps, o.refine_lr, 0)
-    return (*quality_of_merges(source.path, quality, calib, refinement, groups, held_tokens, quiet), calib.record())
+    return (*quality_of_merges(source, quality, calib, refinement, groups, held_tokens, quiet), calib.record())
 
 
 def quality_of_merges(
-    source: Path,
+    source: Path | CheckedSource,
     quality: list[str],
     calib: Any,
     refinement: Any,
@@ -311,52 +316,52 @@ def quality_of_merges(
     held_tokens: int,
     quiet: bool = False,
 ) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """`measure_quality` for a checkpoint folder, a Calibration and a Refinement (or None) already chosen (also
-    what scripts/calibration_domains.py compares recipes with)."""
-    import tempfile
-
+    """`measure_quality` for a checkpoint folder (or a source opened by the pre-flight), a Calibration and a
+    Refinement (or None) already chosen (also what scripts/calibration_domains.py compares recipes with). The source
+    is read through `convert`'s checks (conversion/preflight.py): NaN/inf in an attention weight, weights that
+    disagree with the config, no tokenizer for the text to read, an unknown family: each one line."""
     import torch
-    from transformers import AutoTokenizer
 
-    from uptrain_gqa.conversion.estimate import merge_quality
+    from uptrain_gqa.conversion.estimate import check_held_out_tokens, merge_quality, scratch_folder
     from uptrain_gqa.data.documents import token_stream
     from uptrain_gqa.data.sources import parse_sources
     from uptrain_gqa.evaluation.quality import add_scores, strided
-    from uptrain_gqa.io.folders import read_config
-    from uptrain_gqa.io.reader import CheckpointReader
-    from uptrain_gqa.model.families import lookup
-    from uptrain_gqa.model.shape import shape_of_config_json
 
+    checked = source if isinstance(source, CheckedSource) else CheckedSource.open(str(source))
     texts = [] if quality == [RANDOM] else parse_sources(quality, "--quality")
     for t in texts:
         t.check("--quality")
-    config = read_config(source)
-    arch = lookup(config)
-    shape = shape_of_config_json(config, arch.kv_heads_field)
-    # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
-    window = min(512, int(config.get("max_position_embeddings") or 512))
-    held: dict[str, list[Any]] = {}
-    if not texts:
-        vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
-        ids = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calib.seed + 1))
-        held[RANDOM] = strided(ids, window, window)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        read = {s.spec: n for s, n in calib.allotment()}  # never measured on what was fitted
-        for t in texts:
-            skip = read.get(t.spec, 0)
-            stream, _ = token_stream(t.data(quiet), tokenizer, skip + held_tokens, t.doc_tokens)
-            if len(stream) - skip < 2:
-                raise UptrainError(
-                    f"--quality {t.label}={t.spec} has {len(stream):,} tokens, all taken by the {skip:,} tokens "
-                    "calibration reads from it; pass more text or lower --calibration-tokens"
-                )
-            held[t.label] = strided(stream[skip:], window, window)
-    reader = CheckpointReader(source)
-    with tempfile.TemporaryDirectory(prefix="uptrain-quality-") as folder:
-        totals = merge_quality(
-            reader, arch, shape, groups, calib, held, add_scores, Path(folder), refinement, quiet=quiet,
-        )  # fmt: skip
+    config, arch, shape = checked.config, checked.arch, checked.shape
+    check_held_out_tokens(shape, len(groups), held_tokens, max(1, len(texts)))  # before anything is allocated
+    reading = [f for f, reads in (("--quality", bool(texts)), ("--calibration", calib.kind == "text")) if reads]
+    tokenizer = checked.tokenizer(reading[0], f"pass {reading[0]} random") if reading else None
+    reader = checked.weights(passing="measured as it is")
+    try:
+        checked.check_attention(reader, groups)  # headers against the config, as convert checks them
+        # windows of 512 side by side (as `eval --window 512 --stride 512`): each held-out token scored once
+        window = min(512, int(config.get("max_position_embeddings") or 512))
+        held: dict[str, list[Any]] = {}
+        if not texts:
+            vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+            ids = torch.randint(0, vocab, (held_tokens,), generator=torch.Generator().manual_seed(calib.seed + 1))
+            held[RANDOM] = strided(ids, window, window)
+        else:
+            read = {s.spec: n for s, n in calib.allotment()}  # never measured on what was fitted
+            for t in texts:
+                skip = read.get(t.spec, 0)
+                stream, _ = token_stream(t.data(quiet), tokenizer, skip + held_tokens, t.doc_tokens)
+                if len(stream) - skip < 2:
+                    raise UptrainError(
+                        f"--quality {t.label}={t.spec} has {len(stream):,} tokens, all taken by the {skip:,} tokens "
+                        "calibration reads from it; pass more text or lower --calibration-tokens"
+                    )
+                held[t.label] = strided(stream[skip:], window, window)
+        with scratch_folder() as folder:  # locked: a killed run's Σ files are removed by the next run
+            totals = merge_quality(
+                reader, arch, shape, groups, calib, held, add_scores, folder, refinement, quiet=quiet,
+            )  # fmt: skip
+    finally:
+        reader.close()
     out = {}
     for g, per_text in totals.items():
         by_text = {
@@ -369,4 +374,13 @@ def quality_of_merges(
             "top1_agreement": sum(x["top1_agreement"] for x in by_text.values()) / len(by_text),
             "by_text": by_text,
         }
+        if not math.isfinite(out[g]["kl"]):  # printed as "nan" beside a top-1 of 100 %: never a measurement
+            damaged = sorted(reader.reported)
+            why = (
+                f"{', '.join(damaged)} {'holds' if len(damaged) == 1 else 'hold'} NaN/inf values; the source "
+                "checkpoint is damaged (re-download it)"
+                if damaged
+                else "the source's own outputs hold NaN/inf on the held-out text; check the source"
+            )
+            raise UptrainError(f"the KL to the source is not finite for G = {g} ({out[g]['kl']}): {why}")
     return out, list(held)

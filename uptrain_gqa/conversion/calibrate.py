@@ -35,16 +35,17 @@ from typing import Any, Protocol
 import torch
 
 from uptrain_gqa.conversion.layered import LayeredSource
-from uptrain_gqa.conversion.refine import LayerRefiner, Window
+from uptrain_gqa.conversion.refine import LayerRefiner, Window, spill
 from uptrain_gqa.data.builtin import BROAD, HELDOUT
 from uptrain_gqa.data.documents import token_stream
 from uptrain_gqa.data.sources import TextSource, parse_sources
-from uptrain_gqa.device import compute_device, device_name, inference_dtype
+from uptrain_gqa.device import available_memory, compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
 from uptrain_gqa.progress import LOGGER, progress_bar
+from uptrain_gqa.units import format_bytes
 
 
 class CovarianceStore(Mapping[int, torch.Tensor]):
@@ -58,9 +59,7 @@ class CovarianceStore(Mapping[int, torch.Tensor]):
         return self.folder / f"sigma-{layer:05d}.safetensors"
 
     def put(self, layer: int, sigma: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"sigma": sigma.contiguous()}, str(self._path(layer)))
+        spill({"sigma": sigma.contiguous()}, self._path(layer))
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         from safetensors.torch import load_file
@@ -163,13 +162,70 @@ class Calibration:
             ]  # fmt: skip
         return out
 
-    def check(self) -> None:
-        """Fail before any work on what can be checked without reading: counts, missing files, names."""
-        _ = self.num_tokens
+    def check(self, shape: ModelShape | None = None, refining: bool = False, beside: int = 0) -> None:
+        """Fail before any work on what can be checked without reading: counts, missing files, names; with the
+        model's `shape`, also a count below its hidden size or above what memory holds (`refining`: refinement
+        keeps each layer's attention inputs and outputs too; `beside`: tokens run through the source beside the
+        calibration windows, as `plan --quality`'s held-out ones)."""
+        n = self.num_tokens
         if self.kind == "random" and (self.subset or self.split != "train"):
             raise UptrainError("--calibration-subset/--calibration-split apply to a Hub dataset, not to random tokens")
+        if self.kind == "text" and not any(s.kind == "hub" for s in self.given):
+            for flag, value, default in (("--calibration-subset", self.subset, None),
+                                         ("--calibration-split", self.split, "train")):  # fmt: skip
+                if value != default:
+                    raise UptrainError(
+                        f"{flag} applies to a Hub dataset only, and --calibration {' '.join(self.specs)} names none "
+                        f"(local files or built-in text): drop {flag}"
+                    )
+        if shape is not None and n < shape.hidden:
+            raise UptrainError(
+                f"--calibration-tokens {n:,} is fewer than this model's hidden size ({shape.hidden:,}): Σ has one "
+                f"direction per hidden unit, so a merge weighted by inputs needs at least {shape.hidden:,} tokens "
+                f"({TEXT_TOKENS:,} of text or {RANDOM_TOKENS:,} random are recommended)"
+            )
+        if shape is not None:
+            self._check_memory(shape, refining, beside)
         for s in self.sources:
             s.check("--calibration")
+
+    def bytes_per_token(self, shape: ModelShape, refining: bool = False, device: torch.device | None = None) -> int:
+        """Bytes each calibration token holds on `device` (default: where the pass runs) during the pass: its
+        hidden states entering and leaving the current layer (and with `refining` the attention's input and
+        output that refinement fits to, for every window), its rotary tables, its token id and positions."""
+        device = compute_device() if device is None else device
+        size = inference_dtype(device).itemsize
+        copies = 4 if refining else 2
+        return copies * shape.hidden * size + 2 * shape.head_dim * size + 3 * 8
+
+    def _check_memory(self, shape: ModelShape, refining: bool, beside: int) -> None:
+        """Refuse, before anything is allocated, a token count whose hidden states memory cannot hold: the
+        device's (RAM for the CPU, else the GPU's free memory) and RAM for the token ids read on the CPU."""
+        n, device = self.num_tokens, compute_device()
+        needs = [(device, self.bytes_per_token(shape, refining, device))]
+        if device.type != "cpu":
+            needs.append((torch.device("cpu"), 8))  # the token ids, read or drawn on the CPU
+        for where, per_token in needs:
+            free = available_memory(where)
+            if free is None or (n + beside) * per_token <= free:
+                continue
+            most = free // per_token - beside
+            memory = "RAM" if where.type == "cpu" else f"free GPU memory ({device_name(where)})"
+            default = " (the default)" if self.tokens is None else ""
+            held = f"; with the {beside:,} held-out tokens run beside them" if beside else ""
+            fits = (
+                f"at most {most:,} fit: pass --calibration-tokens {most} or fewer"
+                if most >= shape.hidden
+                else f"not even {shape.hidden:,} (this model's hidden size, the least) fit: free memory or use "
+                "--method mean"
+            )
+            raise UptrainError(
+                f"--calibration-tokens {n:,}{default} needs about {format_bytes((n + beside) * per_token)} of "
+                f"{memory} for the calibration's {'hidden states' if where == device else 'token ids'} "
+                f"({per_token:,} bytes a token"
+                f"{', refinement included' if refining else ''}{held}), more than the {format_bytes(free)} available; "
+                f"{fits}"
+            )
 
     def allotment(self) -> list[tuple[TextSource, int]]:
         """Each text and the tokens it gives (largest remainders: they sum to the tokens asked for)."""
@@ -274,7 +330,8 @@ def input_covariance(
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
-    calibration.check()
+    beside = sum(int(w.numel()) for w in alongside.windows) if alongside is not None else 0
+    calibration.check(shape, refining=bool(refiners), beside=beside)  # before anything is allocated
     tokens = calibration.num_tokens
     src = reader.folder
     device = compute_device()

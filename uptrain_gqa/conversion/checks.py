@@ -151,14 +151,21 @@ class FiniteReader:
 
     Non-finite values in an attention weight would spread through the merge into every head of its
     group (and make a least-squares merge fail), so they stop the conversion; elsewhere they pass
-    through unchanged and are reported once per tensor. A tensor is checked once: later reads of it
-    (calibration, then the merge) pass unchecked, since the files do not change during a conversion.
+    through unchanged and are reported once per tensor (saying what happens to them: `passing`). A tensor is
+    checked once: later reads of it (calibration, then the merge) pass unchecked, since the files do not change
+    during a conversion.
 
     Tensors the kernel copies as stored (`copyable`) are checked on other cores while it copies; call
     `wait` before the output is finished (it raises what they found) and `close` in any case."""
 
-    def __init__(self, reader: Any, attention: Callable[[str], bool], warn: Callable[[str], None]) -> None:
-        self.reader, self.attention, self.warn = reader, attention, warn
+    def __init__(
+        self,
+        reader: Any,
+        attention: Callable[[str], bool],
+        warn: Callable[[str], None],
+        passing: str = "copied unchanged",
+    ) -> None:
+        self.reader, self.attention, self.warn, self.passing = reader, attention, warn, passing
         self.reported: set[str] = set()
         self.checked: set[str] = set()
         workers = max(1, min(4, (os.cpu_count() or 2) - 1))  # one core stays with the copy
@@ -223,7 +230,7 @@ class FiniteReader:
             )
         if name not in self.reported:
             self.reported.add(name)
-            self.warn(f"{name} holds {bad:,} NaN/inf values (copied unchanged; the source is damaged)")
+            self.warn(f"{name} holds {bad:,} NaN/inf values ({self.passing}; the source is damaged)")
 
 
 def check_cast(name: str, chunk: torch.Tensor) -> torch.Tensor:

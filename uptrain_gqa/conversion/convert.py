@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from uptrain_gqa.conversion.calibrate import NONE, RANDOM
-from uptrain_gqa.conversion.checks import FiniteReader, TensorChecks, cast_can_overflow, check_cast
-from uptrain_gqa.conversion.layouts import layer_steps
+from uptrain_gqa.conversion.checks import FiniteReader, cast_can_overflow, check_cast
 from uptrain_gqa.conversion.options import ConvertOptions
+from uptrain_gqa.conversion.preflight import CheckedSource, attention_steps
 from uptrain_gqa.conversion.refine import DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
-from uptrain_gqa.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain_gqa.conversion.steps import ConversionSteps, MergeOptions, Step
 from uptrain_gqa.data.builtin import BROAD
 from uptrain_gqa.device import environment
 from uptrain_gqa.errors import UptrainError
@@ -34,16 +34,14 @@ from uptrain_gqa.io.folders import (
     RECORD_PREFIX,
     atomic_output_dir,
     has_tokenizer,
-    read_config,
     side_files,
 )
-from uptrain_gqa.io.hub import fetch_weights, resolve_source
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.io.tensors import TensorSpec, dtype_name
 from uptrain_gqa.io.writer import ShardedWriter
-from uptrain_gqa.model.families import Architecture, kv_heads_keys, lookup
-from uptrain_gqa.model.shape import ModelShape, shape_of_config_json
-from uptrain_gqa.progress import LOGGER, progress_bar, verbosity
+from uptrain_gqa.model.families import Architecture, kv_heads_keys
+from uptrain_gqa.model.shape import ModelShape
+from uptrain_gqa.progress import progress_bar, verbosity
 from uptrain_gqa.version import __version__
 
 CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
@@ -80,12 +78,7 @@ def conversion_steps(
 ) -> ConversionSteps:
     """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
     Reads headers only; raises UptrainError on any mismatch with the config."""
-    shape.check_target(options.num_kv_heads)
-    checks = TensorChecks(reader.tensors, shape)
-    checks.no_extra_layers(arch.attention)
-    changed = LayerSteps()
-    for layer in range(shape.layers):
-        changed.add(layer_steps(layer, checks, arch, shape, options))
+    changed = attention_steps(reader, arch, shape, options)  # the header checks `plan --quality` makes too
     steps: list[Step] = []
     for name, info in reader.tensors.items():
         if name not in changed.dropped:
@@ -172,21 +165,13 @@ def convert_checkpoint(options: ConvertOptions) -> tuple[dict[str, Any], int]:
     out = o.out_path
     if out.exists() and not overwrite:
         raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
-    # everything that can be checked from the config is, before any weight is downloaded
-    source = resolve_source(src, o.revision)
+    # everything that can be checked from the config is, before any weight is downloaded: the pre-flight that
+    # `plan --quality` reads the source through too (conversion/preflight.py)
+    checked = CheckedSource.open(src, o.revision)
+    source, config, arch, shape = checked.source, checked.config, checked.arch, checked.shape
     if out == source.path or out in source.path.parents:
         raise UptrainError(f"OUT {out} would replace the source itself; choose another output folder")
-    config = read_config(source.path)
-    arch = lookup(config)
-    shape = shape_of_config_json(config, arch.kv_heads_field)
     shape.check_target(num_kv_heads)
-    source = fetch_weights(source, o.allow_pickle)
-    attention = tuple(f".{p}." for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj, arch.qkv_proj) if p)
-    reader = FiniteReader(
-        CheckpointReader(source.path, allow_pickle=o.allow_pickle),
-        attention=lambda name: any(p in name for p in attention),
-        warn=LOGGER.warning,
-    )
     options = MergeOptions(num_kv_heads, method, grouping, seed)
     specs = list(o.calibration or [])
     if not options.joint and specs not in ([], [NONE]):
@@ -205,8 +190,13 @@ def convert_checkpoint(options: ConvertOptions) -> tuple[dict[str, Any], int]:
         calib = Calibration(tuple(specs), o.calibration_tokens, o.calibration_subset, o.calibration_split, seed,
                             o.calibration_mix)  # fmt: skip
     if calib is not None:
-        calib.check()  # before any weight is downloaded or written
+        calib.check(shape)  # before any weight is downloaded or written (memory: refinement counted later)
+        if calib.kind == "text":
+            checked.tokenizer("--calibration", "pass --calibration random")
     refinement = refinement_for(calib, o.refine_steps, o.refine_lr, seed)
+    reader = checked.weights(o.allow_pickle)
+    source = checked.source
+    side_files(source.path)  # refuses a side file linking out of the source, before any work
     steps = conversion_steps(reader, arch, shape, options, dtype)
 
     kv_before = _kv_dtype(reader, arch, None).itemsize

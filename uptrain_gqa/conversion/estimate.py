@@ -8,11 +8,20 @@ Memory holds one layer's weights, its G merges, the calibration hidden states, a
 hidden states once per G and once for the source. At the end each path's logits are scored against
 the source's on the same positions: the KL and top-1 agreement that `uptrain eval --reference SOURCE`
 reports on the converted checkpoint.
+
+Before any of it, `check_held_out_tokens` refuses a held-out count whose hidden states would not fit in memory,
+and the Σ files and refined tensors live in a folder of the run's own (`scratch_folder`), locked while it runs:
+a run killed outright (the OOM killer) leaves it behind, and the next run removes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +32,97 @@ from uptrain_gqa.conversion.checks import TensorChecks
 from uptrain_gqa.conversion.layered import LayeredSource
 from uptrain_gqa.conversion.refine import LayerRefiner, RefinedStore, Refinement, closed_form
 from uptrain_gqa.conversion.steps import MergeOptions
+from uptrain_gqa.device import available_memory, compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.io.ownership import OutputLock, lock_path
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
+from uptrain_gqa.progress import LOGGER
+from uptrain_gqa.units import format_bytes
 
 Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
 Scorer = Callable[[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Adds one batch's sums to totals: (totals, log-probs of the model, of the reference, targets, scored mask)."""
+SCRATCH = "uptrain-quality-"
+"""Name of the folders (in $TMPDIR) that hold a run's Σ files; `.NAME.uptrain.lock` beside each holds its PID."""
+
+
+def held_out_bytes_per_token(shape: ModelShape, merges: int, itemsize: int) -> int:
+    """Memory `merge_quality` holds per held-out token until the end: its hidden states as they enter the first
+    layer, along the source's path and along each of `merges` merges' (`itemsize` bytes each), its token and
+    position ids, and its rotary tables."""
+    return (merges + 2) * shape.hidden * itemsize + 2 * 8 + 2 * shape.head_dim * 4
+
+
+def check_held_out_tokens(
+    shape: ModelShape, merges: int, tokens: int, texts: int = 1, flag: str = "--quality-tokens"
+) -> None:
+    """Refuse, before anything is allocated, `tokens` held-out tokens of each of `texts` texts whose hidden states
+    (through the source and `merges` merges) would not fit in the memory of the device they run on."""
+    device = compute_device()
+    per_token = held_out_bytes_per_token(shape, merges, inference_dtype(device).itemsize)
+    free = available_memory(device)
+    if free is None or tokens * texts * per_token <= free:
+        return
+    most = max(0, free // (per_token * texts))
+    each = " of each text" if texts > 1 else ""
+    where = "in memory" if device.type == "cpu" else f"on {device_name(device)}"
+    raise UptrainError(
+        f"{flag} {tokens:,} needs about {format_bytes(tokens * texts * per_token)} for the held-out hidden states"
+        f"{each} (the source and {merges} merge(s), {format_bytes(per_token)} a token), more than the "
+        f"{format_bytes(free)} free {where}: at most {most:,} fit; lower {flag}"
+    )
+
+
+@contextlib.contextmanager
+def scratch_folder(root: Path | None = None) -> Iterator[Path]:
+    """A folder of this run's own in `root` (default: $TMPDIR) for the Σ files and refined tensors, locked
+    (`OutputLock`, holding the PID) while the run lasts and removed at its end. Folders of runs that were killed
+    (their lock free, since the kernel released it) are removed first, each said in one line."""
+    root = Path(root if root is not None else tempfile.gettempdir())
+    remove_dead_scratch(root)
+    folder = root / f"{SCRATCH}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lock = OutputLock(folder).acquire()  # before the folder exists: a folder of ours is never without its lock
+    try:
+        folder.mkdir(mode=0o700)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
+
+
+def remove_dead_scratch(root: Path) -> None:
+    """Remove the folders that `plan --quality` runs killed outright left in `root` (a folder whose lock no live
+    process holds), saying so; a folder without a lock (an older uptrain's) is named, not removed."""
+    for folder in sorted(root.glob(f"{SCRATCH}*")):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue  # another user's, or not one of ours
+        except OSError:
+            continue
+        if not lock_path(folder).exists():
+            LOGGER.warning(
+                f"{folder} may hold Σ files of an interrupted `uptrain plan --quality`; delete it once no plan runs"
+            )
+            continue
+        lock = OutputLock(folder)
+        try:
+            lock.acquire()
+        except UptrainError:
+            continue  # a live run's (or a lock we cannot take): left alone
+        try:
+            if folder.is_dir():  # not finished and removed meanwhile by its own run
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+                shutil.rmtree(folder, ignore_errors=True)
+                if folder.exists():
+                    LOGGER.warning(f"{folder}, left by a killed `uptrain plan --quality`, could not be removed")
+                else:
+                    LOGGER.warning(
+                        f"removed {folder} ({format_bytes(size)}), left by a killed `uptrain plan --quality`"
+                    )
+        finally:
+            lock.release()
 
 
 @torch.no_grad()

@@ -11,9 +11,10 @@ from typing import Literal
 import torch
 
 from uptrain_gqa import config as configlib
-from uptrain_gqa.conversion.calibrate import DEFAULT_MIX
+from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, Calibration
 from uptrain_gqa.conversion.pooling import Grouping, Method
-from uptrain_gqa.conversion.refine import DEFAULT_LR
+from uptrain_gqa.conversion.refine import DEFAULT_LR, Refinement
+from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.units import parse_size
 
 DtypeOption = Literal["auto", "bfloat16", "float16", "float32"]
@@ -48,11 +49,12 @@ class ConvertOptions:
     on a real model). Default: uptrain:broad (random tokens for a source without a tokenizer)."""
     calibration_tokens: int | None = None
     """Tokens to run through the source model, one decoder layer at a time on the GPU if there is one
-    (memory: one layer plus these tokens' hidden states). Default: 65,536 of text, 8,192 random."""
+    (memory: one layer plus these tokens' hidden states). Default: 65,536 of text, 8,192 random. At least the
+    model's hidden size; a count whose hidden states memory cannot hold is refused before any work."""
     calibration_subset: str | None = None
-    """Configuration (subset) of a Hub --calibration dataset."""
+    """Configuration (subset) of a Hub --calibration dataset (refused with local files or built-in text)."""
     calibration_split: str = "train"
-    """Split of a Hub --calibration dataset."""
+    """Split of a Hub --calibration dataset (likewise)."""
     calibration_mix: float = DEFAULT_MIX
     """Share of the calibration tokens read from uptrain:broad when --calibration is your own text (0: only
     yours). Keeps the merge and its refinement general; ignored for built-in or random."""
@@ -63,7 +65,7 @@ class ConvertOptions:
     when the source reads text (uptrain:broad by default), 0 (closed form only) with random tokens or none;
     0 turns it off. Costs up to ~2x the calibration pass."""
     refine_lr: float = DEFAULT_LR
-    """Peak learning rate of the refinement (cosine decay to 0)."""
+    """Peak learning rate of the refinement (cosine decay to 0); 0 < lr <= 1."""
     dtype: DtypeOption = "auto"
     """Cast floating-point tensors on the way (auto keeps each tensor's dtype)."""
     max_shard_size: str = "5GB"
@@ -90,6 +92,16 @@ class ConvertOptions:
             self.calibration = [self.calibration]
         configlib.check_types(self)
         self.shard_bytes  # noqa: B018  # refused now, not after the calibration pass
+        # numbers that cannot work, refused before the source is looked at (a Hub source is not downloaded first)
+        Refinement(0 if self.refine_steps is None else self.refine_steps, self.refine_lr)
+        _ = Calibration(tokens=self.calibration_tokens, mix=self.calibration_mix).num_tokens
+        if not self.calibration or self.calibration == [NONE]:  # no Hub dataset; the ones given: Calibration.check
+            for flag, value, default in (("--calibration-subset", self.calibration_subset, None),
+                                         ("--calibration-split", self.calibration_split, "train")):  # fmt: skip
+                if value != default:
+                    raise UptrainError(
+                        f"{flag} applies to a Hub --calibration dataset only, and none is given: drop it"
+                    )
 
     @property
     def out_path(self) -> Path:

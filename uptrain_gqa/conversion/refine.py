@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +41,10 @@ from uptrain_gqa.model.shape import ModelShape
 DEFAULT_STEPS = 36
 """Steps per layer when the source reads calibration text (docs/results.md: refinement on SmolLM2-135M)."""
 DEFAULT_LR = 1e-3
+MAX_LR = 1.0
+"""Largest --refine-lr accepted: Adam moves each weight by about lr a step, and the weights it starts from are
+of order 0.01-0.1, so a rate above 1 discards the merge in the first step (a non-finite one did nothing at all
+and wrote Infinity into the record; 1e308 overflowed Adam)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,11 @@ class Refinement:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise UptrainError(f"--refine-steps must not be negative, got {self.steps}")
-        if not self.lr > 0:
-            raise UptrainError(f"--refine-lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:  # NaN fails too
+            raise UptrainError(
+                f"--refine-lr must be positive and at most {MAX_LR:g} (0 < lr <= {MAX_LR:g}; default {DEFAULT_LR:g}), "
+                f"got {self.lr}"
+            )
 
     def record(self) -> dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "objective": "relative squared error of the attention output"}
@@ -177,6 +186,24 @@ def closed_form(
     return tensors, next((m.errors for m in steps.merges), None)
 
 
+def spill(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write `tensors` as the safetensors file `path`, a spill beside the output (Σ, refined tensors). A write the
+    OS refuses (a full disk above all) raises the OSError the final shard writer raises, without the spill's
+    internal path, so it reads as the same one line; safetensors' own error type would end in a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except (OSError, SafetensorError) as e:
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and (found := re.search(r"\(os error (\d+)\)", str(e))):  # safetensors: "... (os error 28)"
+            code = int(found[1])
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code)) from e
+
+
 class RefinedStore(Mapping[str, torch.Tensor]):
     """{tensor name: refined tensor}, one safetensors file per layer in `folder`, read one tensor at a time."""
 
@@ -186,10 +213,8 @@ class RefinedStore(Mapping[str, torch.Tensor]):
         self._where: dict[str, Path] = {}
 
     def put(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         path = self.folder / f"layer-{layer:05d}.safetensors"
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
+        spill({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, path)
         self._where |= dict.fromkeys(tensors, path)
 
     def __getitem__(self, name: str) -> torch.Tensor:
