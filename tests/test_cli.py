@@ -108,6 +108,7 @@ def test_inspect_says_why_a_family_cannot_be_converted(run_cli, tmp_path: Path) 
     assert "not convertible" in out and "no key/value-head setting" in out
 
 
+@pytest.mark.slow  # a fresh interpreter (~4 s); the installed wheel's `uptrain` runs in tests/test_packaging.py
 def test_console_script_end_to_end(tmp_path: Path) -> None:
     """The installed `uptrain` entry point (or `python -m uptrain_gqa`) converts and exits 0."""
     src = save_tiny_llama(tmp_path / "src")

@@ -53,6 +53,9 @@ def test_the_installed_package_is_the_wheel(installed, tmp_path) -> None:
     proc = run(installed, "-c", "import uptrain_gqa; print(uptrain_gqa.__file__)", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(installed["PYTHONPATH"]), proc.stdout
+    script = Path(installed["PYTHONPATH"]) / "bin" / "uptrain"  # the console script the wheel declares
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, env=installed, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("uptrain "), proc.stderr
 
 
 def test_every_command_has_help(installed, tmp_path) -> None:

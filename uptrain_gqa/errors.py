@@ -17,7 +17,7 @@ class UptrainError(Exception):
 
 
 class Stopped(UptrainError):
-    """The command stopped early on purpose (a signal, a non-finite loss) after saving what it could.
+    """The command stopped early on purpose (a signal) after saving what it could.
 
     The CLI prints `uptrain CMD: MESSAGE` (it is not an error of the input) on the main process only,
     and exits with `exit_code` (128 + the signal number for a signal)."""

@@ -435,3 +435,53 @@ def test_several_texts_are_reported_each_and_as_their_mean(run_cli, models, tmp_
     assert code == 0 and "| more: KL |" in stdout, err
     code, _, err = run_eval(run_cli, models["mqa"], "--data", f"x={other}/*.txt", f"--data.files=[{other}/*.txt]")
     assert code == 1 and "--data NAME=DATA names the held-out texts; --data.files would name them again" in err, err
+
+
+def step_checkpoint(root: Path, model: Path) -> Path:
+    """A step checkpoint of `uptrain train`, as accelerate and uptrain lay it out (no config.json)."""
+    step = root / "run" / "checkpoints" / "step-00000010"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    (step / "optimizer.bin").write_bytes(b"optimizer state")
+    (step / "train_state.json").write_text(json.dumps({"step": 10, "tokens": 2560}))
+    (step / "uptrain_train.yaml").write_text(f"model:\n  path: {model}\n")
+    return step
+
+
+@pytest.mark.parametrize("role", ["model", "reference"])
+def test_a_step_checkpoint_is_pointed_to_export(run_cli, models, tmp_path: Path, role: str) -> None:
+    step = step_checkpoint(tmp_path, models["gqa"])
+    args = [step, "--reference", models["mha"]] if role == "model" else [models["gqa"], "--reference", step]
+    code, _, err = run_eval(run_cli, *args, "--no-speed", f"--data.files=[{models['corpus']}/*.txt]")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "model_type" not in err, err
+    assert f"{step} is a training step checkpoint" in err and f"`uptrain export {step} OUT`" in err, err
+
+
+def test_a_run_folder_is_pointed_to_its_model(run_cli, models, tmp_path: Path) -> None:
+    import shutil
+
+    run = step_checkpoint(tmp_path, models["gqa"]).parent.parent
+    (run / "uptrain_train.yaml").write_text("out: run\n")
+    shutil.copytree(models["gqa"], run / "model")
+    code, _, err = run_eval(run_cli, run, "--no-speed")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{run} is a training run folder" in err and f"give its model folder, {run / 'model'}" in err, err
+
+
+@pytest.mark.parametrize(
+    ("gpus", "args", "expected"),
+    [
+        (0, ["--device-map", "auto", "--max-memory", "0=1GB"], "--max-memory 0=1GB names GPU 0, but there is no GPU"),
+        (0, ["--device-map", "cuda:1"], "--device-map cuda:1 names GPU 1, but there is no GPU"),
+        (0, ["--device-map", "cuda"], "--device-map cuda names GPU 0, but there is no GPU"),
+        (1, ["--device-map", "cuda:1"], "--device-map cuda:1 names GPU 1, but there is only 1 GPU (0)"),
+        (2, ["--device-map", "auto", "--max-memory", "0=1GB,2=1GB,cpu=1GB"], "names GPU 2, but there are only 2"),
+    ],
+)
+def test_device_map_naming_a_gpu_that_is_not_here_is_refused_in_one_line(
+    run_cli, models, monkeypatch, gpus: int, args: list, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, _, err = run_eval(run_cli, models["mqa"], "--no-speed", *args)
+    assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert "run on a machine with" in err, err

@@ -100,14 +100,21 @@ def runs(tmp_path_factory) -> dict:
                                           program=train(config, root / "two", "--verbose")))  # fmt: skip
     assert code == 0, logs["two"][-3000:]
 
+    return {"root": root, "tiny": tiny, "logs": logs, "config": config, "stopper": stopper}
+
+
+@pytest.fixture(scope="module")
+def stopped(runs: dict) -> dict:
+    """A two-process run stopped by SIGTERM at STOP_AT, then resumed (two more launches)."""
+    root, config, logs = runs["root"], runs["config"], {}
     stop = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
-                      program=[str(stopper), *train(config, root / "stopped")[2:]],
+                      program=[str(runs["stopper"]), *train(config, root / "stopped")[2:]],
                       env=environment(STOP_AT_STEP=str(STOP_AT)))  # fmt: skip
     logs["stop_code"], logs["stop"] = finish(stop)
     code, logs["resume"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
                                              program=train(config, root / "stopped", "--resume")))  # fmt: skip
     assert code == 0, logs["resume"][-3000:]
-    return {"root": root, "tiny": tiny, "logs": logs}
+    return logs
 
 
 def rows(run: Path) -> list[dict]:
@@ -147,8 +154,9 @@ def test_checkpoints_hold_one_shard_file_per_rank(runs: dict) -> None:
         assert (step / "random_states_0.pkl").is_file() and (step / "random_states_1.pkl").is_file()
 
 
-def test_sigterm_to_the_launcher_saves_then_resume_ends_at_the_uninterrupted_weights(runs: dict) -> None:
-    root, logs = runs["root"], runs["logs"]
+@pytest.mark.slow  # two more launches (~20 s); the one-process stop/resume runs by default
+def test_sigterm_to_the_launcher_saves_then_resume_ends_at_the_uninterrupted_weights(runs: dict, stopped: dict) -> None:
+    root, logs = runs["root"], stopped
     assert logs["stop_code"] != 0, "the launcher reports the stop as a failure (1), whatever the workers did"
     assert f"stopped by SIGTERM at step {AGREED_AT}: checkpoint saved" in logs["stop"]
     assert (

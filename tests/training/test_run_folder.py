@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tests.families import tensors
+from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.training import loop as trainlib
 from uptrain_gqa.training.checkpointer import checkpoints
 from uptrain_gqa.training.metrics import METRICS
@@ -321,3 +322,40 @@ def test_export_onto_a_full_disk_is_one_line_and_writes_nothing(run_cli, tiny_ru
     assert err.strip().startswith(f"uptrain export: error: cannot write {out}: the disk is full ("), err
     assert err.strip().endswith("free there); nothing was written there") and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(".exported")]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_it_made(run_cli, tiny_run: dict, monkeypatch) -> None:
+    """The failure comes after the run folder, its record and metrics exist (the step-0 validation, here): the
+    folder goes, and so do the parent folders the run made for it."""
+
+    def broken(self):
+        raise UptrainError("the validation text could not be read")
+
+    monkeypatch.setattr(trainlib.Trainer, "validate", broken)
+    out = tiny_run["root"] / "new" / "nested" / "run"
+    code, _, err = run_cli("train", config(tiny_run), f"--out={out}", "--budget.steps=2")
+    assert code == 1 and "the validation text could not be read" in err, err
+    assert not (tiny_run["root"] / "new").exists(), "a parent folder the run made was left"
+
+
+def test_a_failed_first_step_empties_a_given_empty_folder_and_keeps_it(run_cli, tiny_run: dict, monkeypatch) -> None:
+    def broken(self):
+        raise UptrainError("out of memory in the first step")
+
+    monkeypatch.setattr(trainlib.Trainer, "step", broken)
+    out = tiny_run["root"] / "empty"
+    out.mkdir()
+    code, _, err = run_cli("train", config(tiny_run), f"--out={out}", "--budget.steps=2")
+    assert code == 1 and "out of memory in the first step" in err, err
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_an_overwrite_that_fails_before_its_first_step_leaves_no_half_made_run(run_cli, tiny_run: dict) -> None:
+    cfg = config(tiny_run)
+    assert run_cli("train", cfg, "--budget.steps=2")[0] == 0
+    blank = tiny_run["root"] / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("   \n\n")
+    code, _, err = run_cli("train", cfg, "--overwrite", f"--data.files=[{blank}/*.txt]")
+    assert code == 1, err
+    assert not Path(tiny_run["config"]["out"]).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -70,6 +71,8 @@ def run_evaluation(options: EvalOptions | Mapping[str, Any] | None = None, /, **
     if o.log_samples:
         _check_creatable_folder(Path(o.log_samples), "--log-samples")
     memory = _max_memory(o.max_memory) if o.max_memory is not None else None
+    if o.device_map is not None:
+        _check_devices_here(o.device_map, memory, o.max_memory)
     if o.offload_folder is not None:
         _check_creatable_folder(Path(o.offload_folder), "--offload-folder")
     texts = _held_out_texts(o)
@@ -182,6 +185,31 @@ def _max_memory(text: str) -> dict[int | str, int]:
             )
         out[int(where) if where.isdigit() else where] = parse_size(size)
     return out
+
+
+def _check_devices_here(device_map: str, memory: dict[int | str, int] | None, memory_text: str | None) -> None:
+    """Refuse, before any model is read, a placement that names a GPU this machine does not have (accelerate
+    and torch would fail with a traceback): `--device-map cuda:1`, `--max-memory 0=70GiB` without GPU 0."""
+    import torch
+
+    one = re.fullmatch(r"(?:cuda(?::(\d+))?|(\d+))", device_map.strip())
+    named = [(f"--device-map {device_map}", int(one.group(1) or one.group(2) or 0))] if one else []
+    named += [(f"--max-memory {memory_text}", key) for key in memory or {} if isinstance(key, int)]
+    count = torch.cuda.device_count()
+    for flag, index in named:
+        if index < count:
+            continue
+        if count == 0:
+            here = "there is no GPU here"
+        else:
+            here = f"there {'is' if count == 1 else 'are'} only {count} GPU{'s' if count > 1 else ''} " + (
+                f"({', '.join(str(i) for i in range(count))})"
+            )
+        instead = "give cpu entries (cpu=200GiB)" if flag.startswith("--max-memory") else "use --device-map auto or cpu"
+        raise UptrainError(f"{flag} names GPU {index}, but {here}; {instead}, or run on a machine with that GPU")
+    mps = device_map.strip() == "mps" or (memory is not None and "mps" in memory)
+    if mps and not torch.backends.mps.is_available():
+        raise UptrainError("--device-map/--max-memory name mps, but there is no Apple GPU (mps) here; use cpu entries")
 
 
 def _check_creatable_folder(path: Path, flag: str) -> None:

@@ -27,6 +27,7 @@ from uptrain_gqa.evaluation.quality import Window, batches, log_probs, quality, 
 from uptrain_gqa.evaluation.result import SCHEMA_VERSION, DataInfo, Domain, EvalResult, ModelInfo
 from uptrain_gqa.evaluation.tasks import run_tasks
 from uptrain_gqa.io.hub import looks_like_repo_id
+from uptrain_gqa.model.loading import check_model_folder
 from uptrain_gqa.model.shape import ModelShape
 from uptrain_gqa.progress import LOGGER, progress_bar
 from uptrain_gqa.units import format_bytes
@@ -71,6 +72,7 @@ def load_model(path: str, dtype: str, device: torch.device, placement: Placement
     local = Path(path).exists()
     if not local and not looks_like_repo_id(path):
         raise UptrainError(f"{path}: no such model folder (and not a Hub repo id like org/name)")
+    check_model_folder(path)  # a step checkpoint or a run folder of `uptrain train`: say which folder to give
     try:
         kwargs: dict[str, Any] = {"dtype": inference_dtype(device, dtype)}
         if placement is not None:
@@ -188,6 +190,9 @@ def evaluate_model(
     `placement`, each model is placed over devices by accelerate, and with a reference the two are loaded one
     after the other: the reference's log-probabilities of every batch go to the placement's folder, then the
     model is scored against them (the same figures as with both resident)."""
+    for path in (model, reference):  # both, before either is loaded
+        if path is not None:
+            check_model_folder(path)
     device = compute_device()
     one_at_a_time = placement is not None and reference is not None
     net = ref = None

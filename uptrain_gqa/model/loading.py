@@ -7,7 +7,32 @@ from pathlib import Path
 from typing import Any
 
 from uptrain_gqa.errors import UptrainError, first_line
+from uptrain_gqa.io.folders import TRAIN_CONFIG
 from uptrain_gqa.io.hub import looks_like_repo_id
+
+STEP_STATE_FILE = "train_state.json"
+"""In a step checkpoint of `uptrain train` (with uptrain_train.yaml and no config.json): its step and tokens. An
+exported model folder holds it too, beside its config.json."""
+
+
+def check_model_folder(where: str | Path, setting: str = "") -> None:
+    """Refuse, in one line, a local folder of `uptrain train` that is not a model folder (no config.json): a step
+    checkpoint (`uptrain export` makes a model of it) or a run folder (its model is in model/). `setting` names
+    the option that gave it ("distill.teacher "), or is empty for a command's argument."""
+    path = Path(where)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    if (path / STEP_STATE_FILE).is_file():
+        raise UptrainError(
+            f"{setting}{path} is a training step checkpoint (weights with optimizer and RNG state), not a model "
+            f"folder: run `uptrain export {path} OUT` to get a model folder, and give OUT"
+        )
+    if (path / TRAIN_CONFIG).is_file() and ((path / "model").is_dir() or (path / "checkpoints").is_dir()):
+        if (path / "model" / "config.json").is_file():
+            hint = f"give its model folder, {path / 'model'}"
+        else:
+            hint = f"it has no final model yet: `uptrain export` one of {path / 'checkpoints'} to get one"
+        raise UptrainError(f"{setting}{path} is a training run folder, not a model folder; {hint}")
 
 
 def read_model_config(where: str, revision: str | None = None) -> Any:

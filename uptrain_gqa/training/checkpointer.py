@@ -23,12 +23,15 @@ from typing import Any
 import yaml
 
 from uptrain_gqa import config as configlib
+from uptrain_gqa.device import is_main_process
 from uptrain_gqa.errors import UptrainError, first_line
 from uptrain_gqa.io.folders import TRAIN_CONFIG, respect_umask, write_failure
+from uptrain_gqa.model.loading import STEP_STATE_FILE
+from uptrain_gqa.progress import LOGGER
 from uptrain_gqa.training.config import RESUMABLE_CHANGES, TrainConfig
 from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardedState, tied_names
 
-STATE_FILE = "train_state.json"
+STATE_FILE = STEP_STATE_FILE  # train_state.json: how `uptrain eval` and `train` tell a step checkpoint from a model
 
 
 @dataclass
@@ -98,21 +101,79 @@ def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
+def incomplete(checkpoint: Path) -> str | None:
+    """What is missing from a step checkpoint, or None when it is whole. For a sharded (FSDP2) one: every file its
+    DCP .metadata names, at least as long as the metadata says, and the RNG state of each rank that wrote one;
+    checked before any process reads it (a missing shard fails inside DCP, on every rank, with a traceback)."""
+    if not (checkpoint / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
+    shards = checkpoint / SHARDED_FOLDER
+    if not shards.is_dir():
+        return None
+    if not (shards / ".metadata").is_file():
+        return f"{SHARDED_FOLDER}/.metadata is missing"
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        ends: dict[str, int] = {}
+        for info in dcp.FileSystemReader(str(shards)).read_metadata().storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # unpickling a cut file: EOFError, UnpicklingError, AttributeError, ...
+        return f"{SHARDED_FOLDER}/.metadata is damaged ({type(e).__name__})"
+    for name, end in sorted(ends.items()):
+        path = shards / name
+        if not path.is_file():
+            return f"{SHARDED_FOLDER}/{name} is missing"
+        if path.stat().st_size < end:
+            return f"{SHARDED_FOLDER}/{name} is cut short ({path.stat().st_size:,} of {end:,} bytes)"
+    ranks = sorted({int(m.group(1)) for name in ends if (m := re.fullmatch(r"__(\d+)_\d+\.distcp", name))})
+    for rank in ranks:  # accelerate's RNG state of each rank (a missing one is skipped silently on load)
+        if not (checkpoint / f"random_states_{rank}.pkl").is_file():
+            return f"random_states_{rank}.pkl is missing"
+    return None
+
+
+def check_complete(run_dir: Path, checkpoint: Path) -> None:
+    """Refuse, in one line, to resume from an incomplete checkpoint given by path, naming the latest complete one
+    of the run to resume from instead."""
+    damage = incomplete(checkpoint)
+    if damage is None:
+        return
+    others = [c for c in checkpoints(run_dir) if c.resolve() != checkpoint.resolve() and incomplete(c) is None]
+    instead = f"resume from {others[-1]}, the latest complete one" if others else "no other checkpoint is whole"
+    raise UptrainError(f"cannot resume from {checkpoint}: it is incomplete ({damage}); {instead}")
+
+
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:
-    """None (start), the latest checkpoint ('latest', or 'auto' when there is one), or a given one."""
+    """None (start), the latest complete checkpoint ('latest', or 'auto' when there is one), or a given one. An
+    incomplete latest one is passed over, said in one line; a given incomplete one is refused."""
     if resume is None:
         return None
     if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise UptrainError(f"--resume {resume}: not an uptrain checkpoint (no {STATE_FILE})")
-        return path
+        return path  # its files are checked by check_complete, after its kind
     found = checkpoints(run_dir)
     if not found and resume == "auto":
         return None  # nothing to resume yet: a first start (e.g. of a requeued batch job)
     if not found:
         raise UptrainError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-    return found[-1]
+    damage = incomplete(found[-1])
+    if damage is None:
+        return found[-1]
+    complete = [c for c in found[:-1] if incomplete(c) is None]
+    if not complete:
+        raise UptrainError(
+            f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (the latest, {found[-1].name}: {damage}); "
+            "restore the missing files, or start over with --overwrite"
+        )
+    if is_main_process():
+        LOGGER.warning(
+            f"{found[-1]} is incomplete ({damage}); resuming from {complete[-1].name}, the latest complete checkpoint "
+            "(the incomplete one is kept, set aside)"
+        )
+    return complete[-1]
 
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
@@ -216,6 +277,9 @@ class Checkpointer:
         if data.streaming:  # every process's stream position goes into the (main-process) file
             state.data = acc.gather_for_metrics([data.state_dict()], use_gather_object=True)
         if acc.is_main_process:
+            for path in (tmp, final):  # a link put in their place is removed, never written through
+                if path.is_symlink():
+                    path.unlink()
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(final, ignore_errors=True)
         acc.wait_for_everyone()
@@ -267,13 +331,15 @@ class Checkpointer:
 
     def load(self, checkpoint: Path) -> None:
         """Every process reads its part of `checkpoint` back (and the train state, RNG, schedule)."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
         try:
             self.acc.load_state(str(checkpoint))
             if self.sharded is not None:
                 self.sharded.load(checkpoint)
         except UptrainError:
             raise
-        except Exception as e:  # a truncated optimizer.bin, a missing shard, ...: torch and accelerate's many types
+        except (Exception, CheckpointException) as e:  # a truncated optimizer.bin, a missing shard, ...: many types
             raise UptrainError(
                 f"cannot resume from {checkpoint}: it is damaged ({type(e).__name__}: {first_line(e)}); resume from an "
                 "earlier checkpoint with --resume PATH"

@@ -10,18 +10,20 @@ the shards into whole tensors.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from uptrain_gqa import config as configlib
 from uptrain_gqa.errors import UptrainError, first_line
 from uptrain_gqa.io.folders import TRAIN_CONFIG
 from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.model.loading import load_tokenizer, read_model_config
-from uptrain_gqa.training.checkpointer import STATE_FILE, read_state
+from uptrain_gqa.training.checkpointer import STATE_FILE, checkpoints, read_state
 from uptrain_gqa.training.config import TrainConfig
 from uptrain_gqa.training.model import write_model_folder
 from uptrain_gqa.training.sharding import SHARDED_FOLDER, check_sharded_metadata
@@ -30,8 +32,36 @@ REPLICATED_FILE = "model.safetensors"
 """accelerate's name for the (first) model of a saved state."""
 
 
+def _gone(checkpoint: Path, read: bool = False) -> UptrainError | None:
+    """The error for a checkpoint of a run's checkpoints/ folder that is not there (anymore: rotation removed it,
+    a run keeps its last checkpoint.keep), naming those that are; None for any other path. `read`: it was there
+    when export began."""
+    folder = checkpoint.parent
+    if (checkpoint / STATE_FILE).is_file() or folder.name != "checkpoints" or not folder.is_dir():
+        return None
+    run = folder.parent
+    there = checkpoints(run)
+    names = ", ".join(c.name for c in there)
+    listed = f"the checkpoints there now: {names}; export one of those" if there else "no checkpoint is there now"
+    step = re.fullmatch(r"step-(\d+)", checkpoint.name)
+    if not read and not (step and there and int(step.group(1)) < int(there[0].name.removeprefix("step-"))):
+        return UptrainError(f"{checkpoint}: no such checkpoint; {listed}")  # a later or mistyped step
+    try:
+        keep = (yaml.safe_load((run / TRAIN_CONFIG).read_text()) or {})["checkpoint"]["keep"]
+        rule = f"the run keeps its last {int(keep)} checkpoints (checkpoint.keep)"
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        rule = "a run keeps its last checkpoint.keep checkpoints"
+    why = f"removed while export read it: rotated away, as {rule}" if read else f"rotated away? {rule}"
+    return UptrainError(f"{checkpoint} no longer exists ({why}); {listed}")
+
+
 def checkpoint_kind(checkpoint: Path) -> str:
     """'sharded' (FSDP2, DCP) or 'replicated' (one process or DDP); raises for anything else."""
+    if not checkpoint.exists():
+        gone = _gone(checkpoint)
+        raise gone or UptrainError(
+            f"{checkpoint}: no such folder; give a step checkpoint like OUT/checkpoints/step-00001000"
+        )
     if not (checkpoint / STATE_FILE).is_file() or not (checkpoint / TRAIN_CONFIG).is_file():
         raise UptrainError(
             f"{checkpoint} is not an uptrain step checkpoint (no {STATE_FILE} / {TRAIN_CONFIG}); "
@@ -75,8 +105,28 @@ def _weights(checkpoint: Path, kind: str, model: torch.nn.Module) -> dict[str, t
 
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the model of step checkpoint `checkpoint` as a Hugging Face folder `out`; returns what was exported."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     checkpoint = Path(checkpoint)
     kind = checkpoint_kind(checkpoint)
+    try:
+        cfg, state, tokenizer, model = _read(checkpoint, kind)
+    except (Exception, CheckpointException) as e:
+        gone = _gone(checkpoint, read=True)  # removed while it was read: the training that wrote it rotated it away
+        if gone is None:
+            raise
+        raise gone from e
+    full = dict(model.state_dict())
+    record = {"checkpoint": str(checkpoint.absolute()), "kind": kind, "step": state["step"], "tokens": state["tokens"]}
+    extra = {STATE_FILE: json.dumps(state) + "\n"}
+    write_model_folder(
+        model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,), progress=state
+    )
+    return record
+
+
+def _read(checkpoint: Path, kind: str) -> tuple[TrainConfig, dict[str, Any], Any, torch.nn.Module]:
+    """The run's config, the train state, the tokenizer and the model with the checkpoint's weights."""
     cfg = configlib.load(TrainConfig, checkpoint / TRAIN_CONFIG)
     state = read_state(checkpoint)
     for setting in ("path", "config", "tokenizer"):  # a deleted source folder: say so, not "Repo id must be..."
@@ -91,7 +141,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
         where = Path(str(cfg.model.config))
         tokenizer_from = str(where.parent if where.is_file() else where)
     tokenizer = load_tokenizer(tokenizer_from, None if cfg.model.tokenizer else cfg.model.revision)
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.api import CheckpointException
 
     model = _structure(cfg)
     try:
@@ -109,10 +159,4 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise UptrainError(f"{checkpoint} lacks weights for {', '.join(missing[:3])}; it does not match its config")
-    full = dict(model.state_dict())
-    record = {"checkpoint": str(checkpoint.absolute()), "kind": kind, "step": state["step"], "tokens": state["tokens"]}
-    extra = {STATE_FILE: json.dumps(state) + "\n"}
-    write_model_folder(
-        model, full, tokenizer, cfg, Path(out), overwrite=overwrite, extra=extra, inputs=(checkpoint,), progress=state
-    )
-    return record
+    return cfg, state, tokenizer, model

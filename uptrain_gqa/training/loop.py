@@ -172,6 +172,10 @@ class Trainer:
         # The teacher is the unchanged source, loaded again on resume: it is placed (or sharded) here and
         # never registered with accelerate, whose save_state would write it into every checkpoint.
         self.teacher = teacher
+        self._teacher_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        if teacher is not None and cfg.distill.weight > 0:
+            teacher.register_forward_hook(self._watch_teacher)
+            self.check_teacher()
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state, model=None if sharding else model)
         if resume is not None:
             self.checkpointer.load(resume)
@@ -184,6 +188,42 @@ class Trainer:
                 self.data.load_state_dict(self.state.data[acc.process_index])
             self.metrics.log(f"resumed from {resume} at step {self.state.step:,} ({self.state.tokens:,} tokens)")
         self.metrics.start(self.state.step)
+
+    # --- the teacher ----------------------------------------------------------------------------
+
+    def _watch_teacher(self, module: Any, args: Any, output: Any) -> None:
+        """Forward hook: remember (on the device, no sync) whether the teacher's logits were ever non-finite. A
+        sum in float32 is non-finite when any logit is, without a copy of the logits."""
+        logits = getattr(output, "logits", None)
+        if logits is not None:
+            self._teacher_bad |= ~torch.isfinite(logits.detach().sum(dtype=torch.float32))
+
+    def _teacher_was_bad(self) -> bool:
+        """Whether the teacher gave a non-finite logit on any process since the start (a collective)."""
+        bad = self._teacher_bad.to(torch.float64)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, "sum")
+        return bool(bad > 0)
+
+    def _teacher_cause(self) -> str:
+        return (
+            f"distill.teacher {self.cfg.distill.teacher} gives non-finite logits (NaN or inf): its weights hold NaN "
+            "or inf, or its values overflow in its dtype"
+        )
+
+    @torch.no_grad()
+    def check_teacher(self) -> None:
+        """Before the first step: the teacher's logits on one batch of held-out blocks (or, with none on this
+        process, a row of token ids) are finite; a teacher with NaN weights would make every loss NaN. Every
+        process takes part (a sharded teacher's forward is a collective)."""
+        rows = next(iter(self._validation_rows()), None)
+        ids = rows[1] if rows is not None else torch.arange(16)[None] % max(1, len(self.tokenizer))
+        self.teacher(input_ids=ids.to(self.acc.device), use_cache=False)
+        if self._teacher_was_bad():
+            raise UptrainError(
+                f"{self._teacher_cause()}, so the distillation loss would be NaN; give a teacher with finite "
+                "weights (`uptrain convert` refuses such a source), or leave distill.teacher empty"
+            )
 
     def record_session(self) -> str | None:
         """Add this start (or resume) to OUT/uptrain_run.json; returns the tracker run id all sessions share."""
@@ -307,13 +347,7 @@ class Trainer:
                 loss, ce, stop = self.agree(loss_t, ce_t, signalled)
                 grad_norm = float(norm_t)
                 if not math.isfinite(loss):
-                    kept = checkpoints(self.run_dir)
-                    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-                    raise Stopped(
-                        f"the loss became {loss} at step {self.state.step}; stopped without saving ({where}). "
-                        "Lower optim.lr, check the data, or resume from that checkpoint",
-                        exit_code=1,
-                    )
+                    raise UptrainError(self._non_finite(loss))
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if log_due:
                     elapsed = time.perf_counter() - window_start
@@ -368,6 +402,22 @@ class Trainer:
         self.end()  # after the last collective
         self.metrics.log(f"model saved to {self.run_dir / 'model'}")
         return {"step": self.state.step, "tokens": self.state.tokens, **last}
+
+    def _non_finite(self, loss: float) -> str:
+        """What to say when the loss became NaN or inf: the teacher when its logits were the cause (every process
+        agrees on that first), and a checkpoint to resume from only when one exists."""
+        teacher = self.teacher is not None and self.cfg.distill.weight > 0 and self._teacher_was_bad()
+        kept = checkpoints(self.run_dir)
+        said = f"the loss became {loss} at step {self.state.step}"
+        if teacher:
+            said += f" because {self._teacher_cause()}; stopped without saving"
+            fix = "give a teacher whose logits are finite"
+        else:
+            said += "; stopped without saving"
+            fix = "lower optim.lr or check the data"
+        if kept:
+            return f"{said}: {fix}, then resume from {kept[-1]}, the last good checkpoint"
+        return f"{said}, and no checkpoint was saved yet: {fix}, then start again"
 
     def end(self) -> None:
         """Closes the trackers and the process group. The data-parallel wrapper is freed first: its gradient

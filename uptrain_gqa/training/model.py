@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from uptrain_gqa import config as configlib
-from uptrain_gqa.data.config import DEFAULT_SEQ_LEN, fitted
+from uptrain_gqa.data.config import DEFAULT_SEQ_LEN, fitted, validation_description
 from uptrain_gqa.data.documents import expand_files
 from uptrain_gqa.device import compute_device, inference_dtype, launched_processes
 from uptrain_gqa.errors import UptrainError
@@ -23,7 +23,7 @@ from uptrain_gqa.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_outpu
 from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.io.tensors import SAFE_INDEX, SAFE_SINGLE
-from uptrain_gqa.model.loading import load_tokenizer, read_model_config
+from uptrain_gqa.model.loading import check_model_folder, load_tokenizer, read_model_config
 from uptrain_gqa.model.shape import matmul_parameters
 from uptrain_gqa.training.budget import default_global_batch
 from uptrain_gqa.training.checkpointer import failures_everywhere
@@ -64,6 +64,7 @@ def _model_config(m: ModelConfig) -> tuple[Any, str | None]:
     """(transformers config, folder or Hub id of the weights; None from scratch)."""
     if m.init == "pretrained":
         assert m.path is not None
+        check_model_folder(m.path, "model.path ")  # a step checkpoint or run folder: say which folder to give
         if Path(m.path).exists() and not (Path(m.path) / "config.json").is_file():
             raise UptrainError(f"model.path {m.path} has no config.json; is it a Hugging Face checkpoint folder?")
         return read_model_config(m.path, m.revision), m.path
@@ -132,8 +133,9 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
         with init_empty_weights():
             trainable_names(AutoModelForCausalLM.from_config(config), cfg.optim.trainable)
     if cfg.distill.teacher:
+        check_teacher(cfg.distill, m)
         teacher_cfg = read_model_config(cfg.distill.teacher)
-        teacher_tok = load_tokenizer(cfg.distill.teacher)
+        teacher_tok = load_tokenizer(cfg.distill.teacher, setting="distill.teacher to a folder with a tokenizer")
         if teacher_cfg.vocab_size != config.vocab_size or teacher_tok.get_vocab() != tokenizer.get_vocab():
             raise UptrainError(
                 f"the teacher {cfg.distill.teacher} has another vocabulary (vocab_size {teacher_cfg.vocab_size} "
@@ -141,6 +143,43 @@ def preflight(cfg: TrainConfig) -> tuple[RunModel, Any]:
             )
     n, tied = matmul_parameters(config)
     return RunModel(config, source, _stored_dtype(source, config), n, tied), tokenizer
+
+
+def check_teacher(d: DistillConfig, m: ModelConfig) -> None:
+    """distill.teacher names a model folder (not a file in it) or a Hub id, and another model than the student."""
+    teacher = d.teacher
+    if not teacher:
+        return
+    path = Path(teacher)
+    if path.is_file():
+        raise UptrainError(f"distill.teacher {teacher} is a file; give the teacher's folder ({path.parent})")
+    if path.exists():
+        check_model_folder(path, "distill.teacher ")
+        if not (path / "config.json").is_file():
+            raise UptrainError(f"distill.teacher {teacher} has no config.json; is it a Hugging Face checkpoint folder?")
+    if m.init != "pretrained" or not m.path:
+        return
+    student = Path(m.path)
+    if path.exists() and student.exists():
+        same = path.resolve() == student.resolve()
+    else:  # Hub ids (the teacher is read at the default revision)
+        same = teacher.rstrip("/") == m.path.rstrip("/") and m.revision in (None, "main")
+    if same:
+        raise UptrainError(
+            f"distill.teacher {teacher} is the model being trained (model.path {m.path}); a model distilled into "
+            f"itself learns nothing from the KL term: give the source (MHA) checkpoint it was converted from"
+            f"{_converted_from(student)}, or leave distill.teacher empty"
+        )
+
+
+def _converted_from(model: Path) -> str:
+    """' (PATH)': the source `uptrain convert` read, from the model's conversion record; '' when unknown."""
+    try:
+        source = json.loads((model / CONVERSION_RECORD).read_text())["source"]
+        where = source.get("repo_id") or source.get("path")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    return f" ({where})" if isinstance(where, str) and where else ""
 
 
 def load_model(m: ModelConfig, info: RunModel, *, meta: bool = False, compile: bool = True) -> torch.nn.Module:
@@ -351,6 +390,7 @@ def training_summary(cfg: TrainConfig, progress: dict[str, Any]) -> dict[str, st
     if progress.get("step") is not None:
         out["optimizer steps"] = f"{progress['step']:,}"
     out["data"] = cfg.data.dataset or ", ".join(cfg.data.files)
+    out["validation"] = validation_description(cfg.data)  # how validation was made, never trained on
     out["sequence length"] = str(cfg.data.seq_len)
     out["learning rate"] = f"{cfg.optim.lr:g} ({cfg.optim.schedule})"
     if progress.get("val_loss") is not None:

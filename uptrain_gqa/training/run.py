@@ -16,13 +16,14 @@ from typing import Any
 from uptrain_gqa import config as configlib
 from uptrain_gqa.device import autocast_precision, multi_process_cpu
 from uptrain_gqa.errors import UptrainError
-from uptrain_gqa.io.folders import MARKERS
+from uptrain_gqa.io.folders import MARKERS, write_file
 from uptrain_gqa.io.ownership import OutputLock, check_not_input, check_replaceable
 from uptrain_gqa.progress import LOGGER, PLAIN
 from uptrain_gqa.training.budget import TrainBudget, train_budget
 from uptrain_gqa.training.checkpointer import (
     TRAIN_CONFIG,
     check_checkpoint_kind,
+    check_complete,
     check_resumable,
     checkpoints,
     resume_path,
@@ -116,8 +117,8 @@ def train(
 def run_training(
     cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False
 ) -> TrainResult:
-    """Train as `cfg` says. Raises UptrainError on bad inputs and `Stopped` when a signal or a non-finite loss
-    ends the run early."""
+    """Train as `cfg` says. Raises UptrainError on bad inputs and failed steps (a non-finite loss included), and
+    `Stopped` when a signal ends the run early (after saving a checkpoint)."""
     from accelerate import PartialState
 
     cfg, fitted = fit_to_model(cfg)  # before the checkpoint's config is compared: the values it ran with
@@ -131,16 +132,18 @@ def run_training(
     sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
     if checkpoint is not None:
         check_checkpoint_kind(checkpoint, sharded=sharding is not None)
+        check_complete(run_dir, checkpoint)  # every rank's shard there: found before any process reads one
     if sharding is not None:
         mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
     models, tokenizer = preflight(cfg)
     state = PartialState(cpu=multi_process_cpu())
     # rank 0 owns the run folder for the whole run: a second train on it refuses at once
     lock = OutputLock(run_dir) if state.is_main_process and not dry_run else None
-    if lock is not None:
-        run_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+    made = _missing_parents(run_dir) if lock is not None else []
     try:
+        if lock is not None:
+            run_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
         if lock is not None and checkpoint is None:
             check_run_folder(cfg, run_dir, overwrite)  # again: another run may have started since
         if lock is not None and checkpoint is not None and not dry_run:
@@ -169,28 +172,69 @@ def run_training(
         if dry_run:
             return TrainResult(cfg, budget)
         return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
+    except BaseException:
+        if lock is not None:
+            lock.release()  # its file lies in the parent folder
+            if not run_dir.exists():  # nothing of the run is left: neither are the parent folders made for it
+                _remove_empty(made)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _missing_parents(run_dir: Path) -> list[Path]:
+    """The parent folders of `run_dir` that do not exist yet, deepest first."""
+    return [p for p in run_dir.absolute().parents if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: made by this run, and nothing put there since."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _train(
     cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool, state: Any, parts: tuple
 ) -> TrainResult:
     budget, models, tokenizer, sharding = parts
-    created = not run_dir.exists()
+    created, before = False, set()  # what the run folder held before this run (main process)
     if state.is_main_process:
         if overwrite and checkpoint is None and run_dir.exists():
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        configlib.dump(cfg, run_dir / TRAIN_CONFIG)
+        created = not run_dir.exists()
+        before = set() if created else {p.name for p in run_dir.iterdir()}
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_file(run_dir / TRAIN_CONFIG, configlib.dumps(cfg).encode(), "the run's config")  # never via a link
+        except BaseException:
+            _remove_made(run_dir, created, before)
+            raise
     state.wait_for_everyone()
+    trainer = None
     try:
         trainer = Trainer(cfg, budget, models, tokenizer, checkpoint, sharding)
+        last = trainer.run()
     except BaseException:
-        # nothing was trained: a folder this run created (holding only its config) goes again
-        if created and state.is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        # a fresh run that failed before its first optimizer step trained nothing: what it made goes again
+        if checkpoint is None and state.is_main_process and (trainer is None or trainer.state.step == 0):
+            _remove_made(run_dir, created, before)
         raise
-    last = trainer.run()
     return TrainResult(cfg, budget, last.pop("step"), last.pop("tokens"), last)
+
+
+def _remove_made(run_dir: Path, created: bool, before: set[str]) -> None:
+    """Remove the run folder this run created, or, in a folder that was there (empty, or holding only an earlier
+    start's config), what this run added to it."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        if path.name not in before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
