@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -34,6 +35,10 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     status: int = 1
     close_stdout: bool = False
+    untouched: tuple[Path, ...] = ()
+    """Files the case must leave byte for byte (the targets of links planted where uptrain writes)."""
+    absent: tuple[Path, ...] = ()
+    """Paths the case must not leave behind (an output of a run that failed)."""
 
 
 def build(work: Path) -> dict[str, Path]:
@@ -107,7 +112,49 @@ def damaged(work: Path, base: dict[str, Path]) -> dict[str, Path]:
         d[name] = texts / name
     (texts / "empty.txt").write_text("   \n")
     d["empty.txt"] = texts / "empty.txt"
+    round_three(work, base, d, copy)
     return d
+
+
+def round_three(work: Path, base: dict[str, Path], d: dict[str, Path], copy: Any) -> None:
+    """Inputs of the third round: planted links, a NaN weight, a config that disagrees with the weights, a
+    source without tokenizer, binary and folder calibration text, a training glob that names its validation."""
+    import gzip
+
+    from safetensors.torch import load_file, save_file
+
+    d["victim"] = work / "damaged" / "victim.txt"
+    d["victim"].write_text("a file of the user's that no command may write\n")
+    nan = copy("nan_q_proj", base["mha"])
+    for shard in nan.glob("model-*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if "layers.0.self_attn.q_proj" in name:
+                t.view(-1)[0] = float("nan")
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config = copy("head_dim_mismatch", base["mha"]) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "head_dim": 4}))
+    bare = copy("no_tokenizer", base["mha"])
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    link = copy("side_file_link", base["mha"]) / "tokenizer_config.json"
+    link.unlink()
+    link.symlink_to(d["victim"])
+    texts = work / "damaged" / "texts"
+    d["binary.txt"] = texts / "binary.txt"
+    d["binary.txt"].write_bytes(gzip.compress(b"the river runs past a small house\n" * 200))
+    d["text_dir"] = base["corpus"]
+    held = work / "damaged" / "held"
+    held.mkdir()
+    for i, f in enumerate(sorted(base["corpus"].glob("*.txt"))[:40]):
+        shutil.copy(f, held / ("val.txt" if i == 0 else f.name))
+    d["held"] = held
+    (texts / "few.jsonl").write_text("".join(json.dumps({"text": f"the moon {i}"}) + "\n" for i in range(3)))
+    d["few.jsonl"] = texts / "few.jsonl"
+    teacher = copy("nan_teacher", base["mha"])
+    for shard in teacher.glob("model-*.safetensors"):
+        tensors = {n: t.fill_(float("nan")) if "layers.0.mlp" in n else t for n, t in load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
 
 
 def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]:
@@ -234,12 +281,82 @@ def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]
         Case("plan: bad memory", ["plan", str(gqa), "--memory", "80XB"]),
         Case("plan: missing model", ["plan", str(work / "nope"), "--memory", "80GB"]),
         Case("plan: unknown option", ["plan", "--frobnicate"], status=2),
+        *round_three_cases(work, base, bad, o),
     ]
     return c
 
 
+def round_three_cases(work: Path, base: dict[str, Path], bad: dict[str, Path], o: Any) -> list[Case]:
+    """Planted links and special files, validation that trains, plan --quality as careful as convert,
+    refinement and calibration limits, teachers, step checkpoints, placement without a GPU."""
+    mha, gqa, cfg, victim = base["mha"], base["gqa"], base["config"], bad["victim"]
+    out = work / "outs"
+    svd = ["--num-kv-heads", "2", "--quiet", "--method", "svd"]
+    quality = ["--memory", "1GB", "--quality", "random", "--quality-tokens", "256", "--quiet"]
+    lock = out / ".c30.uptrain.lock"
+    out.mkdir(parents=True, exist_ok=True)
+    lock.symlink_to(victim)
+    json_link = out / "linked.json"
+    json_link.symlink_to(victim)
+    (out / ".r31.json.uptrain-tmp").symlink_to(victim)  # eval's old fixed temporary name
+    step = base["run"] / "checkpoints" / "step-00000010"
+    teach = ["train", str(cfg), "--budget.steps=2"]
+    return [
+        Case("convert: a link planted at the lock", ["convert", str(mha), o("c30"), "--num-kv-heads", "2"],
+             untouched=(victim,), absent=(out / "c30",)),
+        Case("convert: a side file linking out of the source",
+             ["convert", str(bad["side_file_link"]), o("c31"), "--num-kv-heads", "2"], untouched=(victim,),
+             absent=(out / "c31",)),
+        Case("eval: --json a symlink", ["eval", str(gqa), "--no-speed", "--json", str(json_link)], untouched=(victim,)),
+        Case("eval: a link at the old temporary name", ["eval", str(gqa), "--no-speed", "--json", o("r31.json")],
+             status=0, untouched=(victim,)),
+        Case("convert: --refine-lr 1e308", ["convert", str(mha), o("c32"), *svd, "--calibration", "random",
+                                             "--refine-steps", "2", "--refine-lr", "1e308"], absent=(out / "c32",)),
+        Case("convert: --refine-lr inf", ["convert", str(mha), o("c33"), *svd, "--calibration", "random",
+                                           "--refine-steps", "2", "--refine-lr", "inf"]),
+        Case("convert: 10^12 random calibration tokens", ["convert", str(mha), o("c34"), *svd, "--calibration",
+                                                           "random", "--calibration-tokens", str(10**12)]),
+        Case("convert: one random calibration token",
+             ["convert", str(mha), o("c35"), *svd, "--calibration", "random", "--calibration-tokens", "1"]),
+        Case("convert: --calibration-subset with local files",
+             ["convert", str(mha), o("c36"), *svd, "--calibration", str(base["corpus"] / "*.txt"),
+              "--calibration-subset", "en"]),
+        Case("convert: binary calibration text", ["convert", str(mha), o("c37"), *svd, "--calibration",
+                                                   str(bad["binary.txt"])]),
+        Case("convert: --calibration a folder", ["convert", str(mha), o("c38"), *svd, "--calibration",
+                                                  str(bad["text_dir"])]),
+        Case("plan: --quality on a NaN q_proj", ["plan", str(bad["nan_q_proj"]), *quality]),
+        Case("plan: --quality, head_dim disagrees", ["plan", str(bad["head_dim_mismatch"]), *quality]),
+        Case("plan: --quality text without a tokenizer",
+             ["plan", str(bad["no_tokenizer"]), "--memory", "1GB", "--quality", str(base["corpus"] / "*.txt")]),
+        Case("plan: --quality-tokens 10^12", ["plan", str(mha), "--memory", "1GB", "--quality", "random",
+                                               "--quality-tokens", str(10**12)]),
+        Case("plan: --plot p.txt", ["plan", str(mha), "--plot", o("p.txt")]),
+        Case("eval: --max-memory naming GPU 0, none here",
+             ["eval", str(gqa), "--no-speed", "--device-map", "auto", "--max-memory", "0=1GB"]),
+        Case("eval: --device-map cuda:1, no GPU", ["eval", str(gqa), "--no-speed", "--device-map", "cuda:1"]),
+        Case("eval: a step checkpoint", ["eval", str(step), "--no-speed"]),
+        Case("export: a checkpoint rotated away", ["export", str(step.parent / "step-00000005"), o("e30")]),
+        Case("train: the validation files inside the training glob",
+             [*teach, f"--data.files=[{bad['held']}/*.txt]", f"--data.validation_files=[{bad['held']}/val.txt]",
+              f"--out={o('t30')}"], status=0),
+        Case("train: a teacher that is the student", [*teach, f"--distill.teacher={gqa}/", f"--out={o('t31')}"],
+             absent=(out / "t31",)),
+        Case("train: a NaN teacher", [*teach, f"--distill.teacher={bad['nan_teacher']}", f"--out={o('t32')}"],
+             absent=(out / "t32",)),
+        Case("train: a teacher given as its config.json",
+             [*teach, f"--distill.teacher={mha / 'config.json'}", f"--out={o('t33')}"]),
+        Case("train: fails before its first step", [*teach, f"--data.files=[{bad['no_text.jsonl']}]",
+                                                     f"--out={o('t34')}/deep/run"], absent=(out / "t34",)),
+        Case("train: a streamed mixture too small to hold out",
+             [*teach, "--data.files=[]", "--data.streaming=true",
+              f"--data.mixture=[{{label: web, weight: 1, files: [{bad['few.jsonl']}]}}]", f"--out={o('t35')}"]),
+    ]  # fmt: skip
+
+
 def run_case(case: Case) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **case.env}
+    before = {p: p.read_bytes() for p in case.untouched}
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uptrain_gqa", *case.args],
@@ -266,13 +383,16 @@ def run_case(case: Case) -> dict:
         said = not err.strip()
     else:
         said = last.startswith(f"uptrain {command}: error: ")
+    replaced = [str(p) for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
+    replaced += [str(p) for p in case.absent if p.exists() or p.is_symlink()]
     return {
         "case": case.name,
         "status": proc.returncode,
+        "replaced_or_left": replaced,
         "expected": case.status,
         "traceback": traceback,
         "one_line": said,
-        "ok": proc.returncode == case.status and not traceback and said,
+        "ok": proc.returncode == case.status and not traceback and said and not replaced,
         "seconds": round(time.monotonic() - start, 1),
         "last_line": last[:300],
     }
@@ -299,6 +419,7 @@ def main() -> int:
         "tracebacks": sum(r["traceback"] for r in results),
         "wrong_status": sum(r["status"] != r["expected"] for r in results),
         "not_one_line": sum(not r["one_line"] for r in results),
+        "files_replaced_or_left": sum(bool(r["replaced_or_left"]) for r in results),
         "failed": sum(not r["ok"] for r in results),
     }
     print(json.dumps(summary))
