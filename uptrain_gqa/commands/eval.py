@@ -81,28 +81,7 @@ def run_evaluation(options: EvalOptions | Mapping[str, Any] | None = None, /, **
         if o.device_map is not None:  # scratch space of ours, removed however the evaluation ends
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="uptrain-eval-", dir=o.offload_folder))
             placement = Placement(o.device_map, memory, Path(folder))
-        return evaluate_model(
-            o.model,
-            reference=o.reference,
-            texts=texts,
-            max_tokens=o.max_tokens,
-            window=o.window,
-            stride=o.stride,
-            batch_size=o.batch_size,
-            prompt_tokens=o.prompt_tokens,
-            new_tokens=o.new_tokens,
-            decode_batch=o.decode_batch,
-            dtype=o.dtype,
-            speed=not o.no_speed,
-            tasks=o.tasks,
-            tasks_limit=o.tasks_limit,
-            tasks_include=o.tasks_include,
-            num_fewshot=o.num_fewshot,
-            tasks_batch_size=o.tasks_batch_size,
-            chat_template=o.chat_template,
-            log_samples=o.log_samples,
-            placement=placement,
-        )
+        return evaluate_model(o, texts, placement)
 
 
 def evaluate(

@@ -23,6 +23,7 @@ from uptrain_gqa.device import compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError, first_line
 from uptrain_gqa.evaluation.attention import register as register_attention
 from uptrain_gqa.evaluation.generation import generation
+from uptrain_gqa.evaluation.options import EvalOptions
 from uptrain_gqa.evaluation.quality import Window, batches, log_probs, quality, score, strided, summary
 from uptrain_gqa.evaluation.result import SCHEMA_VERSION, DataInfo, Domain, EvalResult, ModelInfo
 from uptrain_gqa.evaluation.tasks import run_tasks
@@ -163,33 +164,17 @@ def text_windows(
 
 
 def evaluate_model(
-    model: str,
-    *,
-    reference: str | None = None,
-    texts: Sequence[HeldOutText] = (),
-    max_tokens: int = 100_000,
-    window: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 2,
-    prompt_tokens: int = 128,
-    new_tokens: int = 64,
-    decode_batch: int = 1,
-    dtype: str = "auto",
-    speed: bool = True,
-    tasks: str | None = None,
-    tasks_limit: int | None = None,
-    tasks_include: str | None = None,
-    num_fewshot: int | None = None,
-    tasks_batch_size: int | None = None,
-    chat_template: bool = False,
-    log_samples: str | None = None,
-    placement: Placement | None = None,
+    options: EvalOptions, texts: Sequence[HeldOutText] = (), placement: Placement | None = None
 ) -> EvalResult:
     """Everything `uptrain eval` measures (see its --help), as an EvalResult. Each of `texts` (and each source
     of a mixture) is scored on its own; with more than one, the result holds each and their mean. With
     `placement`, each model is placed over devices by accelerate, and with a reference the two are loaded one
     after the other: the reference's log-probabilities of every batch go to the placement's folder, then the
     model is scored against them (the same figures as with both resident)."""
+    o = options
+    model, reference, dtype, batch_size = str(o.model), o.reference, o.dtype, o.batch_size
+    max_tokens, window, stride, speed = o.max_tokens, o.window, o.stride, not o.no_speed
+    prompt_tokens, new_tokens, decode_batch, tasks = o.prompt_tokens, o.new_tokens, o.decode_batch, o.tasks
     for path in (model, reference):  # both, before either is loaded
         if path is not None:
             check_model_folder(path)
@@ -249,12 +234,12 @@ def evaluate_model(
             net,
             tokenizer,
             tasks,
-            tasks_limit,
-            tasks_include,
-            tasks_batch_size or batch_size,
-            num_fewshot=num_fewshot,
-            chat_template=chat_template,
-            log_samples=Path(log_samples) if log_samples else None,
+            o.tasks_limit,
+            o.tasks_include,
+            o.tasks_batch_size or batch_size,
+            num_fewshot=o.num_fewshot,
+            chat_template=o.chat_template,
+            log_samples=Path(o.log_samples) if o.log_samples else None,
         )
     return result
 
