@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from uptrain_gqa.conversion.layered import LayeredSource
-from uptrain_gqa.conversion.refine import LayerRefiner, Window, spill
+from uptrain_gqa.conversion.refine import LayerRefiner, SourceAttention, spill
 from uptrain_gqa.data.builtin import BROAD, HELDOUT
 from uptrain_gqa.data.documents import token_stream
 from uptrain_gqa.data.sources import TextSource, parse_sources
@@ -371,7 +371,7 @@ def input_covariance(
     # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
     store = CovarianceStore(folder)
     acc: list[Any] = []  # the current layer's Σ xᵀx, Σ x, count
-    captured: list[Window] = []  # with a refiner: what the source attention saw and returned, per window
+    captured: list[SourceAttention] = []  # with a refiner: what the source attention saw and returned, per window
 
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = _attention_call(args, kwargs)[0]
@@ -383,7 +383,9 @@ def input_covariance(
     def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x, rest, kw = _attention_call(args, kwargs)
         k = len(captured)
-        captured.append(Window(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k], labelled[k][0]))
+        captured.append(
+            SourceAttention(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k], labelled[k][0])
+        )
 
     units = 1 + (alongside.units if alongside is not None else 0)  # per layer
     what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")

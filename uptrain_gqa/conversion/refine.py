@@ -72,7 +72,7 @@ class Refinement:
 
 
 @dataclass
-class Window:
+class SourceAttention:
     """One calibration window as the source attention saw it: input x (1, T, hidden), the rest of the call
     (rotary tables, masks), and the source's output y (1, T, hidden)."""
 
@@ -96,14 +96,14 @@ def split_windows(n: int, may_hold_out: list[bool] | None = None) -> tuple[list[
     return [i for i in range(n) if i not in held], held
 
 
-def _output(attention: torch.nn.Module, w: Window, dtype: torch.dtype) -> torch.Tensor:
+def _output(attention: torch.nn.Module, w: SourceAttention, dtype: torch.dtype) -> torch.Tensor:
     """The attention's output on the window's input, cast to the attention's `dtype`."""
     out = attention(w.x.to(dtype), *w.args, **w.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
-def relative_error(attention: torch.nn.Module, windows: list[Window], dtype: torch.dtype) -> float:
+def relative_error(attention: torch.nn.Module, windows: list[SourceAttention], dtype: torch.dtype) -> float:
     """Σ‖f(x) − y‖² / Σ‖y‖² over the windows."""
     err, ref = 0.0, 0.0
     for w in windows:
@@ -114,7 +114,7 @@ def relative_error(attention: torch.nn.Module, windows: list[Window], dtype: tor
 
 
 def refine_attention(
-    attention: torch.nn.Module, windows: list[Window], settings: Refinement, dtype: torch.dtype = torch.float32
+    attention: torch.nn.Module, windows: list[SourceAttention], settings: Refinement, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
     """Fit `attention` (the converted module, parameters in `dtype`) to the windows' source outputs, in place.
     Keeps the closed-form start when refining does not lower the held-out error. Returns what was done."""
@@ -263,7 +263,7 @@ class LayerRefiner:
         self.held_out: list[str] = []
         """The calibration texts of the windows that decide whether a layer keeps its refinement."""
 
-    def refine(self, layer: int, sigma: torch.Tensor, windows: list[Window]) -> torch.nn.Module:
+    def refine(self, layer: int, sigma: torch.Tensor, windows: list[SourceAttention]) -> torch.nn.Module:
         """The layer's converted attention (float32, on the device), refined; its tensors are in the store
         when refinement lowered the held-out error. Call `release` when done with the module."""
         from accelerate.utils import set_module_tensor_to_device
