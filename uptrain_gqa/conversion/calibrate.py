@@ -1,25 +1,16 @@
 """Calibration for `uptrain convert --calibration`: Σ = E[x̃ x̃ᵀ] of every attention layer's input.
 
-The source reads the calibration text once, one decoder layer at a time, so memory stays bounded
-by one layer's weights plus the hidden states of the calibration tokens:
+The source reads the calibration text once, one decoder layer at a time (`conversion/layered.py`), so
+memory stays bounded by one layer's weights plus the hidden states of the calibration tokens: as each
+layer runs every window, a forward pre-hook on its attention module adds xᵀx and Σx of the attention
+input x (the hidden states after the layer's input norm); the layer's weights are then dropped and Σ̃
+written to disk. Σ̃ is (hidden+1)² float32 per layer; `CovarianceStore` keeps them on disk and loads one
+per layer when the merge asks for it. With a refiner, the same pass hands it each layer's windows.
 
-1. the model is built with empty (meta) weights; only the modules before the first layer
-   (embeddings, rotary tables) get real weights;
-2. a forward over every window records what the model hands each decoder layer (hidden states
-   for the first, masks and rotary tables for all) without running any layer;
-3. layer by layer: load its weights from the checkpoint, run every window through it while a
-   forward pre-hook on its attention module adds xᵀx and Σx of the attention input x (the hidden
-   states after the layer's input norm), then drop the weights and write Σ̃ to disk.
-
-Σ̃ is (hidden+1)² float32 per layer; `CovarianceStore` keeps them on disk and loads one per layer
-when the merge asks for it.
-
-What the source reads (`Calibration`): local text files (globs), a Hub dataset (streamed: only the
-first N tokens are fetched), or `random`: uniform random token ids, which needs no data. Random tokens
-are the default for `--method svd` because a Σ that ignores the inputs (the identity, `none`) made
-the merge worse than mean pooling on a real checkpoint, while 8,192 random tokens made it 23× better
-(SmolLM2-135M, docs/results.md): what matters most is the directions the network's own norms and
-embeddings put the inputs in, and any tokens reveal those.
+What the source reads (`Calibration`): built-in text (`uptrain:broad`, the default for a joint merge),
+local text files (globs), a Hub dataset (streamed: only the first N tokens are fetched), several of them
+weighted, the user's own text mixed with the built-in one (`mix`), or `random`: uniform random token ids,
+which need no data. Why these defaults: docs/results.md.
 """
 
 from __future__ import annotations
