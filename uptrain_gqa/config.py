@@ -14,9 +14,11 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import os
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,6 +180,28 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         keys = ", ".join(f"{where}.{n}" if where else n for n in required)
         raise UptrainError(f"the config needs {keys} (`--help` lists every key)")
     return cls(**kwargs)
+
+
+def options_of(cls: type[T], options: Any, fields: dict[str, Any], caller: str) -> T:
+    """The options object a stage's Python function runs on: `options` (an instance of `cls`, a mapping of its
+    fields, or None) with `fields` on top; anything else refused in one line naming `caller`."""
+    if options is None or isinstance(options, Mapping):
+        return cls(**{**(options or {}), **fields})
+    if isinstance(options, cls):
+        return dataclasses.replace(options, **fields) if fields else options  # type: ignore[type-var]
+    raise UptrainError(f"{caller} takes {cls.__name__} or a mapping of its fields, got {type(options).__name__}")
+
+
+def accept_paths_and_single_items(obj: Any, paths: tuple[str, ...] = (), lists: tuple[str, ...] = ()) -> None:
+    """What a Python caller may hand an options object beside its declared types: a Path for a text field of
+    `paths` (kept as its text), one string for a list field of `lists` (kept as a one-item list)."""
+    for name in paths:
+        value = getattr(obj, name)
+        if isinstance(value, os.PathLike):
+            setattr(obj, name, os.fspath(value))
+    for name in lists:
+        if isinstance(getattr(obj, name), str):
+            setattr(obj, name, [getattr(obj, name)])
 
 
 def check_types(obj: Any) -> None:

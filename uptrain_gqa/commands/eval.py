@@ -59,13 +59,7 @@ def run_evaluation(options: EvalOptions | Mapping[str, Any] | None = None, /, **
     """Evaluate a model (see `uptrain eval --help`), e.g. `run_evaluation(model="llama-gqa8", reference="llama",
     data=["uptrain:heldout"])`; `fields` override the options'. Returns the EvalResult (`.to_json()`: the
     schema of docs/eval-schema.md). Raises UptrainError; prints nothing (progress bars aside)."""
-    if options is None or isinstance(options, Mapping):
-        options = EvalOptions(**{**(options or {}), **fields})
-    elif isinstance(options, EvalOptions):
-        options = replace(options, **fields) if fields else options
-    else:
-        raise UptrainError(f"run_evaluation takes EvalOptions or a mapping of its fields, got {type(options).__name__}")
-    o = options
+    o = configlib.options_of(EvalOptions, options, fields, "run_evaluation")
     if o.model is None:
         raise UptrainError("give MODEL to evaluate (or --compare A.json B.json ...)")
     if o.log_samples:

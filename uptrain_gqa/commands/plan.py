@@ -99,11 +99,7 @@ class PlanOptions:
     """Peak learning rate of the refinement, as `convert --refine-lr`."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, Path):
-            self.model = str(self.model)
-        for name in ("quality", "calibration"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+        configlib.accept_paths_and_single_items(self, paths=("model",), lists=("quality", "calibration"))
         configlib.check_types(self)
         counts = {"context": self.context, "batch": self.batch, "tp": self.tp, "num_kv_heads": self.num_kv_heads,
                   "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
@@ -193,13 +189,7 @@ def make_plan(options: PlanOptions | Mapping[str, Any] | None = None, /, **field
     """Choose G for a serving budget (see `uptrain plan --help`), e.g. `make_plan(model="llama", memory="80GB",
     context=32768, batch=16)`; `fields` override the options'. Raises UptrainError; prints nothing (progress
     bars of --quality aside)."""
-    if options is None or isinstance(options, Mapping):
-        options = PlanOptions(**{**(options or {}), **fields})
-    elif isinstance(options, PlanOptions):
-        options = replace(options, **fields) if fields else options
-    else:
-        raise UptrainError(f"make_plan takes PlanOptions or a mapping of its fields, got {type(options).__name__}")
-    o = options
+    o = configlib.options_of(PlanOptions, options, fields, "make_plan")
     m = served_model(o.model, o.layers, o.heads, o.kv_heads, o.head_dim, o.hidden, o.params, o.weights_dtype)
     mem = parse_size(o.memory)
     rows, best = serving_rows(m, mem, o.context, o.batch, DTYPE_BYTES[o.kv_dtype], o.tp)

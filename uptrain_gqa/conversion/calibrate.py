@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from uptrain_gqa.conversion.layered import LayeredSource
+from uptrain_gqa.conversion.preflight import source_tokenizer
 from uptrain_gqa.conversion.refine import LayerRefiner, SourceAttention, spill
 from uptrain_gqa.data.builtin import BROAD, HELDOUT
 from uptrain_gqa.data.documents import token_stream
@@ -318,7 +319,7 @@ def input_covariance(
     `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
     per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
     windows while the layer is in memory; `alongside` does its own work on each layer after that."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     started = time.perf_counter()
     beside = sum(int(w.numel()) for w in alongside.windows) if alongside is not None else 0
@@ -331,13 +332,7 @@ def input_covariance(
     seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
     tokenizer = None
     if calibration.kind != "random":  # random: ids straight from the embedding table's range, no tokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src)
-        except (OSError, ValueError) as e:
-            raise UptrainError(
-                f"--calibration text needs the source's tokenizer, and {src} has none that loads "
-                f"({str(e).splitlines()[0]}); pass --calibration random"
-            ) from e
+        tokenizer = source_tokenizer(src, "--calibration", "pass --calibration random")
     labelled = calibration.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
     used = sum(len(ids) for _, ids in labelled)
     if used < tokens:

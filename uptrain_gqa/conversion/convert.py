@@ -13,12 +13,13 @@ import json
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uptrain_gqa import config as configlib
 from uptrain_gqa.conversion.calibrate import NONE, RANDOM
 from uptrain_gqa.conversion.checks import FiniteReader, cast_can_overflow, check_cast
 from uptrain_gqa.conversion.options import ConvertOptions
@@ -140,12 +141,7 @@ def convert(options: ConvertOptions | Mapping[str, Any] | None = None, /, **fiel
     """Convert a checkpoint to G shared key/value heads (see `uptrain convert --help`), e.g.
     `convert(src="llama", out="llama-gqa8", num_kv_heads=8, method="svd")` or `convert(ConvertOptions(...))`;
     `fields` override the options'. Raises UptrainError; prints nothing (progress bars aside)."""
-    if options is None or isinstance(options, Mapping):
-        options = ConvertOptions(**{**(options or {}), **fields})
-    elif isinstance(options, ConvertOptions):
-        options = replace(options, **fields) if fields else options
-    else:
-        raise UptrainError(f"convert takes ConvertOptions or a mapping of its fields, got {type(options).__name__}")
+    options = configlib.options_of(ConvertOptions, options, fields, "convert")
     record, nbytes = convert_checkpoint(options)
     return ConvertResult(options.out_path, record, nbytes)
 

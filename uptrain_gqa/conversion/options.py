@@ -3,7 +3,6 @@ validate (its fields are the command's options, their docstrings its help)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,12 +83,7 @@ class ConvertOptions:
     config.json was saved with; left out when neither is known)."""
 
     def __post_init__(self) -> None:
-        for name in ("src", "out"):  # a Path is as good as its text
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                setattr(self, name, os.fspath(value))
-        if isinstance(self.calibration, str):
-            self.calibration = [self.calibration]
+        configlib.accept_paths_and_single_items(self, paths=("src", "out"), lists=("calibration",))
         configlib.check_types(self)
         self.shard_bytes  # noqa: B018  # refused now, not after the calibration pass
         # numbers that cannot work, refused before the source is looked at (a Hub source is not downloaded first)

@@ -42,6 +42,20 @@ def attention_steps(reader: Any, arch: Architecture, shape: ModelShape, options:
     return changed
 
 
+def source_tokenizer(path: Path, flag: str, instead: str) -> Any:
+    """The tokenizer of the checkpoint at `path`, to read `flag`'s text with; one line saying `instead` when it
+    has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UptrainError(
+            f"{flag} text needs the source's tokenizer, and {path} has none that loads ({reason}); {instead}"
+        ) from e
+
+
 @dataclass
 class CheckedSource:
     """A source checkpoint, read as `convert` reads it: its config checked, then its tokenizer and weights."""
@@ -71,15 +85,7 @@ class CheckedSource:
     def tokenizer(self, flag: str, instead: str) -> Any:
         """The source's tokenizer, to read `flag`'s text with; one line saying `instead` when it has none that
         loads."""
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError, TypeError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UptrainError(
-                f"{flag} text needs the source's tokenizer, and {self.path} has none that loads ({reason}); {instead}"
-            ) from e
+        return source_tokenizer(self.path, flag, instead)
 
     def weights(self, allow_pickle: bool = False, passing: str = "copied unchanged") -> FiniteReader:
         """The weights (a Hub id's fetched now, pinned to the config's commit), every value checked as it is read:

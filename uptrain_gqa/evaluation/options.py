@@ -3,7 +3,6 @@ validate (its fields are the command's options, their docstrings its help)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,12 +81,8 @@ class EvalOptions:
     inside it, removed at the end); default: the system's temporary folder."""
 
     def __post_init__(self) -> None:
-        for name in ("model", "reference", "config", "log_samples", "offload_folder", "tasks_include"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                setattr(self, name, os.fspath(value))
-        if isinstance(self.data, str):
-            self.data = [self.data]
+        paths = ("model", "reference", "config", "log_samples", "offload_folder", "tasks_include")
+        configlib.accept_paths_and_single_items(self, paths=paths, lists=("data",))
         configlib.check_types(self)
         unknown = [k for k in self.data_settings if k not in DATA_KEYS]
         if unknown:
