@@ -36,11 +36,11 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m uptrain_gqa.demo
 
 bench: setup
-	$(BIN)/python -m scripts.bench_convert
+	$(BIN)/python -m benchmarks.convert
 
 lint: setup
-	$(BIN)/ruff check uptrain_gqa tests scripts
-	$(BIN)/ruff format --check uptrain_gqa tests scripts
+	$(BIN)/ruff check uptrain_gqa tests scripts benchmarks experiments
+	$(BIN)/ruff format --check uptrain_gqa tests scripts benchmarks experiments
 	$(BIN)/lint-imports
 
 # The prepared GPU check (docs/benchmarks.md, "On a GPU"). A bare GPU machine has python3 with torch and transformers but
@@ -59,12 +59,12 @@ gpu-wheels:
 
 # It sets itself up as every target does (.venv first, then its python; without a GPU, a dry run of every part
 # with tiny shapes), except on a bare GPU machine: no .venv and a python3 that has torch, which it runs as it is
-# (scripts/gpu_check.sh), since that machine reaches no registry. Tables: $$OUT or gpu-check-out/.
+# (benchmarks/gpu_check.sh), since that machine reaches no registry. Tables: $$OUT or gpu-check-out/.
 GPU_CHECK_BARE = $(if $(wildcard $(BIN)/python),,$(shell $(PYTHON) -c \
 	"import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1 && echo bare))
 
 gpu-check: $(if $(GPU_CHECK_BARE),,$(VENV)/.installed)
-	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

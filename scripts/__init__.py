@@ -1,1 +1,1 @@
-"""Benchmarks and experiments around uptrain, run from the repository root as modules: `python -m scripts.NAME`."""
+"""Launchers and developer tools around uptrain, run from the repository root (`python -m scripts.NAME`)."""

@@ -5,14 +5,19 @@
     diff -r outputs-old outputs-new
 
 For each family of the suite's matrix (tests/families.py): `inspect` of the source, `convert` to its G (the
-default, mean pooling), `inspect` and `plan` of the result; for the Llama case also `eval` against the source
-and a two-step `train`. Paths, times, speeds and versions are replaced by placeholders; each command's exit
-status, stdout and stderr go to OUT/FAMILY/COMMAND.txt.
+default, mean pooling), `inspect` and `plan` of the result, and a calibrated, refined `convert --method svd`;
+for the Llama case also every method x grouping x dtype, `plan --quality`, `eval` against the source, a
+two-step `train`, its resume, the same run sharded over two processes (FSDP2 on gloo) and `export` of both
+runs' step checkpoints. Paths, times, speeds and versions are replaced by placeholders; each command's exit
+status, stdout and stderr go to OUT/FAMILY/COMMAND.txt, followed by the SHA-256 of every file the command
+wrote (text files normalised the same way first; logs of times and speeds left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -21,11 +26,12 @@ from pathlib import Path
 
 import yaml
 
+from tests import ROOT, free_port
 from tests.families import CASES, build
 
 PLACEHOLDERS = [
     (re.compile(r"\d+(\.\d+)? ?(s|ms)\b(?!tep)"), "<time>"),
-    (re.compile(r"[\d.,]+ ?[kMG]?(B|token|step|it|examples|files)/s"), "<speed>"),
+    (re.compile(r"[\d.,]+ ?[kMG]?(B|token|step|it|examples|files|layer|window)s?/s"), "<speed>"),
     (re.compile(r"\d{2}:\d{2}(:\d{2})?(<\d{2}:\d{2})?"), "<clock>"),
     (re.compile(r"uptrain \d+\.\d+\.\d+"), "uptrain <version>"),
 ]
@@ -36,6 +42,26 @@ def normalise(text: str, work: Path) -> str:
     for pattern, placeholder in PLACEHOLDERS:
         text = pattern.sub(placeholder, text)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+# files whose content is times, speeds or host facts: listed, not hashed
+UNHASHED = re.compile(r"(metrics\.jsonl|events\.out\..*|loss\.png|\.lock|launch\.json)$")
+TEXT = re.compile(r"\.(json|jsonl|yaml|yml|md|txt|csv)$")
+
+
+def digests(folder: Path, work: Path) -> str:
+    """One line per file under FOLDER: its relative path and the SHA-256 of its (normalised) bytes."""
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if UNHASHED.search(rel):
+            lines.append(f"{rel} (not hashed)")
+            continue
+        data = path.read_bytes()
+        if TEXT.search(rel):
+            data = normalise(data.decode(), work).encode()
+        lines.append(f"{rel} {hashlib.sha256(data).hexdigest()}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -49,25 +75,46 @@ def main() -> None:
         work = Path(tmp)
         corpus = write_corpus(work / "corpus", docs=120)
 
-        def run(family: str, name: str, *argv: object) -> None:
-            cmd = [sys.executable, "-m", args.module, *(str(a) for a in argv)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=900)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+        def run(family: str, name: str, *argv: object, wrote: Path | None = None, launch: tuple = ()) -> None:
+            cmd = [sys.executable, *launch, "-m", args.module, *(str(a) for a in argv)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=900, env=env)
             text = f"$ uptrain {' '.join(str(a) for a in argv)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}"
             text += f"--- stderr\n{proc.stderr}"
+            text = normalise(text, work)
+            if wrote is not None and wrote.exists():
+                text += f"--- files\n{digests(wrote, work)}"
             target = args.out / family / f"{name}.txt"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(normalise(text, work))
+            target.write_text(text)
 
         for case in CASES:
             src, out = work / case.id / "src", work / case.id / "out"
             build(case).save_pretrained(src)
             run(case.id, "1-inspect-source", "inspect", src)
-            run(case.id, "2-convert", "convert", src, out, "--num-kv-heads", case.groups)
+            run(case.id, "2-convert", "convert", src, out, "--num-kv-heads", case.groups, wrote=out)
+            svd = work / case.id / "svd"
+            run(case.id, "2b-convert-svd-refined", "convert", src, svd, "--num-kv-heads", case.groups,
+                "--method", "svd", "--calibration", "random", "--calibration-tokens", 256,
+                "--refine-steps", 3, wrote=svd)  # fmt: skip
             run(case.id, "3-inspect-converted", "inspect", out)
             run(case.id, "4-plan", "plan", src, "--memory", "1GB", "--context", "64", "--batch", "2")
             if case.model_type == "llama" and case.id == CASES[0].id:
+                for method in ("mean", "first", "random", "svd"):
+                    for grouping in ("contiguous", "similarity"):
+                        for dtype in ("float32", "bfloat16"):
+                            name = f"{method}-{grouping}-{dtype}"
+                            folder = work / case.id / name
+                            run(case.id, f"4b-convert-{name}", "convert", src, folder, "--num-kv-heads", 2,
+                                "--method", method, "--grouping", grouping, "--dtype", dtype,
+                                "--calibration", "random", "--calibration-tokens", 256, wrote=folder)  # fmt: skip
+                run(case.id, "4c-plan-quality", "plan", src, "--memory", "1GB", "--context", "64", "--batch", "2",
+                    "--quality", "random", "--quality-tokens", 256, "--calibration", "random",
+                    "--calibration-tokens", 256)  # fmt: skip
                 save_word_tokenizer(src)
-                run(case.id, "5-convert-with-tokenizer", "convert", src, work / "llama-gqa", "--num-kv-heads", 2)
+                run(case.id, "5-convert-with-tokenizer", "convert", src, work / "llama-gqa", "--num-kv-heads", 2,
+                    wrote=work / "llama-gqa")  # fmt: skip
                 run(case.id, "6-eval", "eval", work / "llama-gqa", "--reference", src,
                     f"--data.files=[{corpus}/*.txt]", "--max-tokens", 300, "--no-speed")  # fmt: skip
                 config = work / "run.yaml"  # a file: versions before 0.2 needed one
@@ -76,7 +123,19 @@ def main() -> None:
                     "data": {"files": [f"{corpus}/*.txt"], "seq_len": 32, "validation_blocks": 4},
                     "batch": {"global_batch_size": 4}, "logging": {"trackers": []},
                 }))  # fmt: skip
-                run(case.id, "7-train", "train", config)
+                run(case.id, "7-train", "train", config, "--checkpoint.every=1", wrote=work / "run")
+                run(case.id, "8-train-resume", "train", config, "--checkpoint.every=1", "--budget.steps=3",
+                    "--resume", wrote=work / "run")  # fmt: skip
+                step = work / "run" / "checkpoints" / "step-00000002"
+                run(case.id, "9-export", "export", step, work / "exported", wrote=work / "exported")
+                fsdp = ("-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
+                        "--main_process_port", str(free_port()))  # fmt: skip
+                run(case.id, "10-train-fsdp2", "train", config, "--checkpoint.every=1", "--out", work / "fsdp2",
+                    wrote=work / "fsdp2", launch=fsdp)  # fmt: skip
+                step = work / "fsdp2" / "checkpoints" / "step-00000002"
+                run(case.id, "11-export-fsdp2", "export", step, work / "exported-fsdp2",
+                    wrote=work / "exported-fsdp2")  # fmt: skip
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""The prepared GPU check (scripts/gpu_check.py) without a GPU: the dry run of every part with tiny shapes,
+"""The prepared GPU check (benchmarks/gpu_check.py) without a GPU: the dry run of every part with tiny shapes,
 what happens to a part that fails, hangs or lacks a package, and the targets its report judges."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import gpu_check
-from scripts.gpu_check_report import targets
+from benchmarks import gpu_check
+from benchmarks.gpu_check_report import targets
 from tests import ROOT
 
 PARTS = ["train", "decode", "fsdp2", "calibration"]
@@ -34,7 +34,7 @@ def dry_run(out: Path, command: list[str]) -> dict:
 @pytest.mark.slow  # 45 s on 2 cores: every part of the GPU check on the CPU; make test-all
 def test_the_dry_run_runs_every_part_and_writes_both_tables(tmp_path: Path) -> None:
     # two parts at a time: the same parts and tables as `make gpu-check` without a GPU, in about half the time
-    report = dry_run(tmp_path, [sys.executable, "-m", "scripts.gpu_check", "--shapes", "cpu", "--jobs", "2"])
+    report = dry_run(tmp_path, [sys.executable, "-m", "benchmarks.gpu_check", "--shapes", "cpu", "--jobs", "2"])
     assert list(report["parts"]) == PARTS
     parts = {name: entry["figures"] for name, entry in report["parts"].items()}
     assert set(parts["train"]["best"]) == {"uptrain train", "transformers Trainer"}
@@ -59,7 +59,7 @@ def test_make_gpu_check_without_a_gpu_is_a_dry_run_that_passes(tmp_path: Path) -
     env_root = Path(sys.prefix)
     if not (env_root / "bin" / "python").exists():
         pytest.skip("the tests do not run in a virtual environment")
-    report = dry_run(tmp_path, ["env", f"VENV={env_root}", "bash", "scripts/gpu_check.sh"])
+    report = dry_run(tmp_path, ["env", f"VENV={env_root}", "bash", "benchmarks/gpu_check.sh"])
     assert list(report["parts"]) == PARTS and report["shapes"] == "cpu"
 
 
@@ -291,17 +291,17 @@ def test_make_gpu_check_on_a_fresh_clone_creates_the_venv_before_it_runs_the_che
     python = fake_python(tmp_path, has_torch=False)
     lines = make_dry_run(tmp_path, python)
     creates = next(i for i, line in enumerate(lines) if f"{python} -m venv {tmp_path / 'no-venv'}" in line)
-    runs = next(i for i, line in enumerate(lines) if "scripts/gpu_check.sh" in line)
+    runs = next(i for i, line in enumerate(lines) if "benchmarks/gpu_check.sh" in line)
     assert creates < runs and any("pip install" in line and "-e ." in line for line in lines[creates:runs])
 
 
 def test_make_gpu_check_on_a_bare_gpu_machine_runs_its_python_with_torch_and_installs_nothing(tmp_path: Path) -> None:
     lines = make_dry_run(tmp_path, fake_python(tmp_path, has_torch=True))
-    assert [line for line in lines if "scripts/gpu_check.sh" in line] == lines
+    assert [line for line in lines if "benchmarks/gpu_check.sh" in line] == lines
 
 
 def test_gpu_check_sh_without_a_venv_or_torch_says_what_to_run_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "VENV": str(tmp_path / "no-venv"), "PYTHON": str(fake_python(tmp_path, has_torch=False))}
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("gpu-check: ") and "make setup" in proc.stderr

@@ -1,4 +1,4 @@
-"""The built-in pipeline behind `make demo` (`python -m uptrain_gqa.demo`) and scripts/reproduce_gqa_paper.py.
+"""The built-in pipeline behind `make demo` (`python -m uptrain_gqa.demo`) and experiments/reproduce_gqa_paper.py.
 
 It runs the real commands — `uptrain train` (the MHA source, from scratch), `uptrain convert`,
 `uptrain train` (uptraining), `uptrain eval` — on the built-in Shakespeare corpus, and caches

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 NAME = "uptrain_sdpa"
-"""The attn_implementation that eval and scripts/bench_decode.py load models with."""
+"""The attn_implementation that eval and benchmarks/decode.py load models with."""
 
 
 def gqa_sdpa(

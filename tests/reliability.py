@@ -1,24 +1,20 @@
-"""Every command against damaged and wrong inputs, as a new user would type them: count the Python
-tracebacks, the wrong exit statuses and the errors that are not one line.
-
-    python -m scripts.reliability_sweep --out runs/sweep          # ~4 min on 2 cores
+"""Every command against damaged and wrong inputs, as a new user would type them (tests/test_reliability.py).
 
 Each case runs `python -m uptrain_gqa ...` in a fresh process (what a user sees), on a tiny Llama built here.
 Expected: exit 1 with a last line `uptrain CMD: error: ...` (2 with `usage:` for a malformed command
-line, 141 and nothing on stderr for a closed stdout), never a traceback. The table goes to stdout and
-OUT/sweep.json; the exit status is 1 when any case fails.
+line, 141 and nothing on stderr for a closed stdout), never a traceback, and no file of the user's replaced
+nor an output of a failed run left behind. The inputs live at fixed places under one folder (`inputs`), so the
+cases can be listed before anything is built, one test each.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,36 +37,60 @@ class Case:
     """Paths the case must not leave behind (an output of a run that failed)."""
 
 
-def build(work: Path) -> dict[str, Path]:
+COPIES = (
+    "truncated_shard", "no_config", "config_not_json", "readme_not_utf8", "index_names_missing", "unsupported_family",
+    "pickle_only", "ckpt_config_not_yaml", "ckpt_truncated_optimizer", "ckpt_bad_state", "ckpt_truncated_weights",
+    "ckpt_sharded_without_launcher", "run_bad_record", "nan_q_proj", "head_dim_mismatch", "no_tokenizer",
+    "side_file_link", "nan_teacher",
+)  # fmt: skip
+"""Copies of a base input, each broken in one way (WORK/damaged/NAME)."""
+TEXTS = ("null.jsonl", "number.jsonl", "no_text.jsonl", "empty.txt", "binary.txt", "few.jsonl")
+"""Broken text files (WORK/damaged/texts/NAME)."""
+
+
+def inputs(work: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Where the base inputs and the damaged ones live under WORK (made by `make_inputs`)."""
+    base = {"mha": work / "mha", "gqa": work / "gqa", "corpus": work / "corpus", "config": work / "run.yaml",
+            "run": work / "run"}  # fmt: skip
+    damaged = work / "damaged"
+    bad = {name: damaged / name for name in COPIES} | {name: damaged / "texts" / name for name in TEXTS}
+    bad |= {"victim": damaged / "victim.txt", "text_dir": base["corpus"], "held": damaged / "held"}
+    return base, bad
+
+
+def make_inputs(work: Path) -> None:
+    """Build every input the cases read: the base ones, then their damaged copies."""
+    base, bad = inputs(work)
+    build(base)
+    damage(work, base, bad)
+
+
+def build(base: dict[str, Path]) -> None:
     """The inputs the cases damage: a tiny MHA source, its GQA conversion, text, a trained run."""
     from uptrain_gqa import convert
     from uptrain_gqa.synthetic import save_tiny_llama, save_word_tokenizer, write_corpus
 
-    mha = save_tiny_llama(work / "mha")
+    mha = save_tiny_llama(base["mha"])
     save_word_tokenizer(mha)
-    gqa = work / "gqa"
+    gqa = base["gqa"]
     convert(src=str(mha), out=str(gqa), num_kv_heads=2)
-    corpus = write_corpus(work / "corpus", docs=300)
+    corpus = write_corpus(base["corpus"], docs=300)
     cfg = yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
     cfg["model"]["path"] = str(gqa)
     cfg["data"]["files"] = [str(corpus / "*.txt")]
     cfg["budget"]["steps"] = 10
     cfg["checkpoint"]["every"] = 10
-    cfg["out"] = str(work / "run")
-    config = work / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([sys.executable, "-m", "uptrain_gqa", "train", str(config)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the reference run failed:\n{done.stderr[-2000:]}")
-    return {"mha": mha, "gqa": gqa, "corpus": corpus, "config": config, "run": work / "run"}
+    cfg["out"] = str(base["run"])
+    base["config"].write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "uptrain_gqa", "train", str(base["config"])], capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, f"the reference run failed:\n{done.stderr[-2000:]}"
 
 
-def damaged(work: Path, base: dict[str, Path]) -> dict[str, Path]:
-    """Copies of the inputs, each broken in one way."""
-    d: dict[str, Path] = {}
+def damage(work: Path, base: dict[str, Path], d: dict[str, Path]) -> None:
+    """Copies of the inputs, each broken in one way, at the places `inputs` names."""
 
     def copy(name: str, src: Path) -> Path:
-        d[name] = work / "damaged" / name
         shutil.copytree(src, d[name])
         return d[name]
 
@@ -97,23 +117,16 @@ def damaged(work: Path, base: dict[str, Path]) -> dict[str, Path]:
     (sharded / "model.safetensors").unlink()
     (sharded / "sharded").mkdir()
     (sharded / "sharded" / ".metadata").write_bytes(b"\0" * 16)
-    run = work / "damaged" / "run_bad_record"
-    shutil.copytree(base["run"], run)
-    (run / "uptrain_run.json").write_text("{broken")
-    d["run_bad_record"] = run
-    texts = work / "damaged" / "texts"
-    texts.mkdir(parents=True)
+    (copy("run_bad_record", base["run"]) / "uptrain_run.json").write_text("{broken")
+    d["empty.txt"].parent.mkdir(parents=True)
     for name, rows in {
         "null.jsonl": [{"text": "a b c"}, {"text": None}],
         "number.jsonl": [{"text": 42}],
         "no_text.jsonl": [{"body": "a b c"}],
     }.items():
-        (texts / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        d[name] = texts / name
-    (texts / "empty.txt").write_text("   \n")
-    d["empty.txt"] = texts / "empty.txt"
+        d[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d["empty.txt"].write_text("   \n")
     round_three(work, base, d, copy)
-    return d
 
 
 def round_three(work: Path, base: dict[str, Path], d: dict[str, Path], copy: Any) -> None:
@@ -123,7 +136,6 @@ def round_three(work: Path, base: dict[str, Path], d: dict[str, Path], copy: Any
 
     from safetensors.torch import load_file, save_file
 
-    d["victim"] = work / "damaged" / "victim.txt"
     d["victim"].write_text("a file of the user's that no command may write\n")
     nan = copy("nan_q_proj", base["mha"])
     for shard in nan.glob("model-*.safetensors"):
@@ -140,24 +152,27 @@ def round_three(work: Path, base: dict[str, Path], d: dict[str, Path], copy: Any
     link = copy("side_file_link", base["mha"]) / "tokenizer_config.json"
     link.unlink()
     link.symlink_to(d["victim"])
-    texts = work / "damaged" / "texts"
-    d["binary.txt"] = texts / "binary.txt"
     d["binary.txt"].write_bytes(gzip.compress(b"the river runs past a small house\n" * 200))
-    d["text_dir"] = base["corpus"]
-    held = work / "damaged" / "held"
+    held = d["held"]
     held.mkdir()
     for i, f in enumerate(sorted(base["corpus"].glob("*.txt"))[:40]):
         shutil.copy(f, held / ("val.txt" if i == 0 else f.name))
-    d["held"] = held
-    (texts / "few.jsonl").write_text("".join(json.dumps({"text": f"the moon {i}"}) + "\n" for i in range(3)))
-    d["few.jsonl"] = texts / "few.jsonl"
+    d["few.jsonl"].write_text("".join(json.dumps({"text": f"the moon {i}"}) + "\n" for i in range(3)))
     teacher = copy("nan_teacher", base["mha"])
     for shard in teacher.glob("model-*.safetensors"):
         tensors = {n: t.fill_(float("nan")) if "layers.0.mlp" in n else t for n, t in load_file(shard).items()}
         save_file(tensors, shard, metadata={"format": "pt"})
+    # links planted where uptrain writes (round three's cases), and the old fixed temporary name of eval --json
+    out = work / "outs"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".c30.uptrain.lock").symlink_to(d["victim"])
+    (out / "linked.json").symlink_to(d["victim"])
+    (out / ".r31.json.uptrain-tmp").symlink_to(d["victim"])
 
 
-def cases(work: Path, base: dict[str, Path], bad: dict[str, Path]) -> list[Case]:
+def cases(work: Path) -> list[Case]:
+    """Every case, with the paths `inputs` gives under WORK (nothing is read or made here)."""
+    base, bad = inputs(work)
     out = work / "outs"
     mha, gqa, cfg, step = base["mha"], base["gqa"], base["config"], base["run"] / "checkpoints" / "step-00000010"
     conv = ["--num-kv-heads", "2", "--quiet"]
@@ -293,12 +308,7 @@ def round_three_cases(work: Path, base: dict[str, Path], bad: dict[str, Path], o
     out = work / "outs"
     svd = ["--num-kv-heads", "2", "--quiet", "--method", "svd"]
     quality = ["--memory", "1GB", "--quality", "random", "--quality-tokens", "256", "--quiet"]
-    lock = out / ".c30.uptrain.lock"
-    out.mkdir(parents=True, exist_ok=True)
-    lock.symlink_to(victim)
-    json_link = out / "linked.json"
-    json_link.symlink_to(victim)
-    (out / ".r31.json.uptrain-tmp").symlink_to(victim)  # eval's old fixed temporary name
+    json_link = out / "linked.json"  # planted by `damage`, as the lock and eval's old temporary name
     step = base["run"] / "checkpoints" / "step-00000010"
     teach = ["train", str(cfg), "--budget.steps=2"]
     return [
@@ -396,36 +406,3 @@ def run_case(case: Case) -> dict:
         "seconds": round(time.monotonic() - start, 1),
         "last_line": last[:300],
     }
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="A folder for the inputs, outputs and sweep.json.")
-    parser.add_argument("--jobs", type=int, default=2, help="Cases run at once.")
-    args = parser.parse_args()
-    work = args.out.absolute()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    base = build(work)
-    todo = cases(work, base, damaged(work, base))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_case, todo))
-    width = max(len(r["case"]) for r in results)
-    for r in results:
-        mark = "ok " if r["ok"] else "BAD"
-        print(f"{mark} {r['case']:<{width}}  exit {r['status']:>3}  {r['last_line'][:110]}")
-    summary = {
-        "cases": len(results),
-        "tracebacks": sum(r["traceback"] for r in results),
-        "wrong_status": sum(r["status"] != r["expected"] for r in results),
-        "not_one_line": sum(not r["one_line"] for r in results),
-        "files_replaced_or_left": sum(bool(r["replaced_or_left"]) for r in results),
-        "failed": sum(not r["ok"] for r in results),
-    }
-    print(json.dumps(summary))
-    (work / "sweep.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1) + "\n")
-    return 1 if summary["failed"] else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ commands for:
 Uptraining runs are repeated over seeds (data order; and the init for `random`); results are
 reported as mean ± std. Writes results.json, results.md and PNG plots into --out.
 
-    python -m scripts.reproduce_gqa_paper --out reproduce-out      # about an hour on 2 CPU cores
+    python -m experiments.reproduce_gqa_paper --out reproduce-out      # about an hour on 2 CPU cores
 """
 
 from __future__ import annotations

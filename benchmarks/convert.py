@@ -13,8 +13,8 @@ read again right before each run, since the kernel may reclaim idle cache pages)
 os.sync(), so times run until the output is on disk and no run inherits another's pending
 writes. Libraries are imported before the clock starts.
 
-    python -m scripts.bench_convert                      # 1 GB and 2.5 GB, 3 shards each (`make bench`)
-    python -m scripts.bench_convert --sizes 2 8 --shards 4
+    python -m benchmarks.convert                      # 1 GB and 2.5 GB, 3 shards each (`make bench`)
+    python -m benchmarks.convert --sizes 2 8 --shards 4
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_child(method: str, src: Path, out: Path, groups: int, shard: str) -> dic
     # libraries are imported before the clock starts: the table compares the work, not imports
     code = (
         "import json, os, sys, time\n"
-        "from scripts import bench_convert as b\n"
+        "from benchmarks import convert as b\n"
         "import torch, safetensors, tqdm.auto, transformers, uptrain_gqa.commands.convert\n"
         "from transformers import CONFIG_MAPPING, AutoModelForCausalLM\n"
         "import transformers.models.llama.modeling_llama\n"

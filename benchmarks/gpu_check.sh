@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the prepared GPU check (python -m scripts.gpu_check), here or on a bare GPU machine.
+# `make gpu-check`: the prepared GPU check (python -m benchmarks.gpu_check), here or on a bare GPU machine.
 #
 # With .venv (or VENV=path), its python runs the check; without a GPU that is a dry run of every part with
 # tiny shapes. A bare GPU machine has no .venv but a python3 with torch: there the wheels of .gpu-wheels
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 venv=${VENV:-.venv}
 if [[ -x "$venv/bin/python" ]]; then
-    exec "$venv/bin/python" -m scripts.gpu_check "$@"
+    exec "$venv/bin/python" -m benchmarks.gpu_check "$@"
 fi
 python=${PYTHON:-python3}
 if ! "$python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" >/dev/null 2>&1; then
@@ -29,4 +29,4 @@ if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
 else
     echo "gpu-check: no .gpu-wheels here; going on with the installed packages (make gpu-wheels makes them)" >&2
 fi
-exec "$python" -m scripts.gpu_check "$@"
+exec "$python" -m benchmarks.gpu_check "$@"

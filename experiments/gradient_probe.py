@@ -6,7 +6,7 @@ text through it with the training loss (next-token cross-entropy), and prints th
 of parameter (q/k/v/o projections, MLP, norms, embeddings), summed over layers, and the layers whose
 attention gradients are largest; no weights change.
 
-    python -m scripts.gradient_probe SOURCE MQA [...] --text 'PLAYS/*.txt' --batches 4
+    python -m experiments.gradient_probe SOURCE MQA [...] --text 'PLAYS/*.txt' --batches 4
 """
 
 from __future__ import annotations

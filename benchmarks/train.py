@@ -7,8 +7,8 @@ steady-state steps only (the first `--warmup-steps` steps, data preparation, eva
 saving are excluded on both sides) and reported as training tokens per second, with the ratio,
 MFU and peak memory on a GPU. `--json FILE` keeps the figures, rewritten after every run.
 
-    python -m scripts.bench_train                  # CPU-sized model (defaults below)
-    python -m scripts.bench_train --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
+    python -m benchmarks.train                  # CPU-sized model (defaults below)
+    python -m benchmarks.train --hidden 2048 --layers 16 --heads 16 --seq-len 2048   # ~1B on a GPU
 """
 
 from __future__ import annotations

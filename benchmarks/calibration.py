@@ -5,8 +5,8 @@ The stages' seconds come from the conversion record (uptrain_conversion.json: ca
 the whole conversion); peak memory is the GPU allocator's peak during the conversion (the source runs one
 decoder layer at a time, on the GPU when there is one) and the process's peak RSS.
 
-    python -m scripts.bench_calibration                                        # CPU-sized (seconds)
-    python -m scripts.bench_calibration --hidden 2048 --layers 16 --heads 16   # ~1 B on a GPU
+    python -m benchmarks.calibration                                        # CPU-sized (seconds)
+    python -m benchmarks.calibration --hidden 2048 --layers 16 --heads 16   # ~1 B on a GPU
 """
 
 from __future__ import annotations

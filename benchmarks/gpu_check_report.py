@@ -1,4 +1,4 @@
-"""The GPU check's report (scripts/gpu_check.py): its targets judged, and its Markdown.
+"""The GPU check's report (benchmarks/gpu_check.py): its targets judged, and its Markdown.
 
 Targets (docs/benchmarks.md, "On a GPU"): training at >= 45 % MFU in bf16 on the ~1 B model and ahead of transformers'
 Trainer; decode with `uptrain_sdpa` at >= 2x MHA's tokens/s for GQA-8 and >= 3x for MQA.

