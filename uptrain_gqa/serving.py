@@ -28,6 +28,28 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 
 
 @dataclass(frozen=True)
+class ServingBudget:
+    """What the model is served with: memory per GPU, requests, their context, the KV cache's dtype, GPUs."""
+
+    memory: int
+    """Bytes of memory per GPU."""
+    context: int
+    """Tokens of context per request."""
+    batch: int
+    """Requests served at once."""
+    kv_dtype: str
+    """The KV cache's dtype (a key of DTYPE_BYTES)."""
+    tp: int = 1
+    """Tensor-parallel degree: GPUs sharing the model."""
+    units: str = "GB"
+    """What sizes are printed in: GB (10^9 bytes) or GiB (2^30)."""
+
+    @property
+    def kv_itemsize(self) -> float:
+        return DTYPE_BYTES[self.kv_dtype]
+
+
+@dataclass(frozen=True)
 class ServedModel:
     """A model to serve: its shape (with its parameter count), a name to print, its weights' storage dtype."""
 
@@ -192,16 +214,20 @@ def _size(n: float, unit: tuple[str, float]) -> str:
     return f"{n / unit[1]:,.0f}" if unit[0] == "B" else f"{n / unit[1]:,.2f}"
 
 
-def print_plan(
-    model: ServedModel, rows: list[ServingRow], best: int | None, memory: int, context: int, batch: int,
-    kv_dtype: str, tp: int, units: str, quality_note: str | None = None, command: str | None = None,
-) -> None:  # fmt: skip
-    m, binary = model.shape, units == "GiB"
-    print(
+def plan_table(
+    model: ServedModel, rows: list[ServingRow], best: int | None, budget: ServingBudget,
+    quality_note: str | None = None, command: str | None = None,
+) -> str:  # fmt: skip
+    """What `uptrain plan` prints: the model and budget, a row per G, per-text quality, the recommendation."""
+    b, m, binary = budget, model.shape, budget.units == "GiB"
+    memory, context, batch, kv_dtype, tp, units = b.memory, b.context, b.batch, b.kv_dtype, b.tp, b.units
+    lines: list[str] = []
+    add = lines.append
+    add(
         f"{model.name}: {m.layers} layers, {m.heads} heads x {m.head_dim}, {m.kv_heads} KV heads today, "
         f"{format_count(m.params)} parameters in {model.dtype}"
     )
-    print(
+    add(
         f"serving {batch} request(s) x {context:,} tokens, KV cache in {kv_dtype}, "
         f"{tp} GPU(s) x {format_bytes(memory, binary)} ({units} = {'2^30' if binary else '10^9'} bytes)"
     )
@@ -217,24 +243,24 @@ def print_plan(
         )
     )
     if any(m.windows):
-        print(f"sliding-window layers: {sum(w is not None for w in m.windows)} of {m.layers} (cache capped)")
-    print()
+        add(f"sliding-window layers: {sum(w is not None for w in m.windows)} of {m.layers} (cache capped)")
+    add("")
     measured = any(r.kl is not None for r in rows)
     texts = next((list(r.by_text) for r in rows if r.by_text), [])
     mean = " (mean)" if texts else ""
     quality_head, quality_rule = (f" KL to source{mean} | top-1{mean} |", "---|---|") if measured else ("", "")
-    print(
+    add(
         f"| G | attention | H/G | KV per request ({request[0]}) | KV for batch ({whole[0]}) | weights + KV per GPU "
         f"({per_gpu[0]}) | fits | max requests | KV read per token ({read[0]}) |{quality_head} notes |"
     )
-    print(f"|---|---|---|---|---|---|---|---|---|{quality_rule}---|")
+    add(f"|---|---|---|---|---|---|---|---|---|{quality_rule}---|")
     for r in rows:
         notes = [n for n, on in (("today", r.current), ("recommended", r.num_kv_heads == best)) if on]
         if not r.tp_divisible:
             notes.append(f"not divisible by tp {tp}")
         if not r.reachable:
             notes.append(f"not reachable from {m.kv_heads} KV heads")
-        print(
+        add(
             f"| {r.num_kv_heads} | {r.attention} | {r.ratio:g} | {_size(r.kv_per_request, request)} "
             f"| {_size(r.kv_batch, whole)} | {_size(r.weights_per_gpu, per_gpu)} + "
             f"{_size(r.kv_batch_per_gpu, per_gpu)} = {_size(r.total_per_gpu, per_gpu)} | {'yes' if r.fits else 'no'} "
@@ -242,31 +268,32 @@ def print_plan(
             f"{', '.join(notes)} |"
         )
     if texts:
-        print("\nKL to the source / top-1 agreement, per held-out text:\n")
-        print("| G | " + " | ".join(texts) + " | mean |")
-        print("|---|" + "---|" * (len(texts) + 1))
+        add("\nKL to the source / top-1 agreement, per held-out text:\n")
+        add("| G | " + " | ".join(texts) + " | mean |")
+        add("|---|" + "---|" * (len(texts) + 1))
         for r in rows:
             if r.by_text:
                 cells = [f"{r.by_text[t]['kl']:.4f} / {r.by_text[t]['top1_agreement']:.1%}" for t in texts]
-                print(f"| {r.num_kv_heads} | " + " | ".join(cells) + f" | {r.kl:.4f} / {r.top1_agreement:.1%} |")
-    print()
+                add(f"| {r.num_kv_heads} | " + " | ".join(cells) + f" | {r.kl:.4f} / {r.top1_agreement:.1%} |")
+    add("")
     if best is None:
-        print(why_none_fits(rows, memory, context, batch))
-        return
+        add(why_none_fits(rows, memory, context, batch))
+        return "\n".join(lines)
     row = next(r for r in rows if r.num_kv_heads == best)
     if quality_note:
-        print(quality_note)
+        add(quality_note)
     if row.kl is not None and not row.current:
-        print(
+        add(
             f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA, KL {row.kl:.3f} to the "
             f"source before uptraining): {command}"
         )
     elif row.current:
-        print(
+        add(
             f"recommended: G = {best}, what the model has today ({row.attention}): it fits as it is, nothing to convert"
         )
     else:
-        print(f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): {command}")
+        add(f"recommended: G = {best} ({row.attention}, cache {row.ratio:g}x smaller than MHA): {command}")
+    return "\n".join(lines)
 
 
 def check_plot_target(path: str | Path) -> None:
@@ -288,15 +315,15 @@ def check_plot_target(path: str | Path) -> None:
         raise UptrainError(f"--plot needs matplotlib: {install_hint('plot')}")
 
 
-def draw(
-    model: ServedModel, rows: list[ServingRow], chosen: int, memory: int, context: int, batch: int,
-    kv_itemsize: float, tp: int, units: str, path: Path,
-) -> None:  # fmt: skip
+def draw(model: ServedModel, rows: list[ServingRow], chosen: int, budget: ServingBudget, path: Path) -> None:
     """KV cache of the batch (per GPU) against context, with the memory left after the weights; written to `path`
     whole or not at all, in the format its suffix names (PLOT_FORMATS)."""
     import io
 
     m = model.shape
+    memory, context, batch, kv_itemsize, tp, units = (
+        budget.memory, budget.context, budget.batch, budget.kv_itemsize, budget.tp, budget.units
+    )  # fmt: skip
     check_plot_target(path)
     try:
         import matplotlib

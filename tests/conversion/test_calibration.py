@@ -18,7 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.families import CASES, Case, build, load
-from uptrain_gqa.conversion.calibrate import Calibration, CovarianceStore, input_covariance
+from uptrain_gqa.conversion.calibrate import Calibration, CovarianceStore
+from uptrain_gqa.conversion.walk import input_covariance
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import CONVERSION_RECORD, read_config
 from uptrain_gqa.io.reader import CheckpointReader
@@ -262,13 +263,14 @@ def test_a_folder_is_refused_with_the_glob_that_reads_it(run_cli, llama, tmp_pat
     assert f"--calibration {folder} is a folder" in err and f"'{folder}/*.txt'" in err, err
 
 
-@pytest.mark.parametrize(("spilled", "args"), [("sigma-", []), ("layer-", ["--refine-steps", "2"])])
+@pytest.mark.parametrize("args", [[], ["--refine-steps", "2"]], ids=["closed-form", "refined"])
 @pytest.mark.parametrize("failure", ["safetensors", "OSError"])
 def test_a_full_disk_while_spilling_is_the_same_line_as_at_the_final_write(
-    run_cli, llama, monkeypatch, spilled: str, args: list[str], failure: str
+    run_cli, llama, monkeypatch, args: list[str], failure: str
 ) -> None:
-    """Σ (sigma-*) and refined tensors (layer-*) spill to disk during calibration; a full disk there ended in a
-    SafetensorError traceback. It reads as a full disk at the final write does (tests/io/test_atomic_output.py)."""
+    """Each layer's merged (or refined) attention tensors (layer-*) spill to disk during the calibration pass; a
+    full disk there ended in a SafetensorError traceback. It reads as a full disk at the final write does
+    (tests/io/test_atomic_output.py)."""
     import errno
 
     import safetensors.torch
@@ -277,7 +279,7 @@ def test_a_full_disk_while_spilling_is_the_same_line_as_at_the_final_write(
     real = safetensors.torch.save_file
 
     def full(tensors, filename, *a, **kw):
-        if not Path(filename).name.startswith(spilled):
+        if not Path(filename).name.startswith("layer-"):
             return real(tensors, filename, *a, **kw)
         if failure == "OSError":
             raise OSError(errno.ENOSPC, "No space left on device", filename)

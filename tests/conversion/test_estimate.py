@@ -39,7 +39,7 @@ def source(tmp_path: Path) -> dict:
     }
 
 
-def estimate(source: dict, groups: list[int], folder: Path, refinement=None) -> dict[int, dict[str, float]]:
+def estimate(source: dict, groups: list[int], refinement=None) -> dict[int, dict[str, float]]:
     reader = CheckpointReader(source["src"])
     config = read_config(source["src"])
     arch = lookup(config)
@@ -50,7 +50,7 @@ def estimate(source: dict, groups: list[int], folder: Path, refinement=None) -> 
         for label, files in source["held"].items()
     }
     calibration = Calibration(source["calibration"], CALIBRATION_TOKENS)  # uptrain:broad mixed in, as convert does
-    return merge_quality(reader, arch, shape, groups, calibration, windows, add_scores, folder, refinement, quiet=True)
+    return merge_quality(reader, arch, shape, groups, calibration, windows, add_scores, refinement, quiet=True)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_the_estimate_equals_eval_of_the_converted_checkpoint(
     run_cli, source: dict, tmp_path: Path, refine: int | None
 ) -> None:
     refinement = Refinement(DEFAULT_STEPS, DEFAULT_LR, 0) if refine is None else None
-    totals = estimate(source, [4, 2, 1], tmp_path / "work", refinement)
+    totals = estimate(source, [4, 2, 1], refinement)
     steps = ["--refine-steps", "0"] if refine == 0 else []  # convert's default with text: refined
     for g in (4, 2, 1):
         out = tmp_path / f"g{g}"
@@ -99,7 +99,7 @@ def test_the_estimate_equals_eval_of_the_converted_checkpoint(
     assert 0 < kl[4] < kl[1], kl  # a random model's heads are unlike: every merge costs, MQA most
 
 
-# --- what a `plan --quality` run holds: memory, estimated before anything is allocated, and a scratch folder ----
+# --- what a `plan --quality` run holds: memory, estimated before anything is allocated -----------------------
 
 
 def test_the_memory_estimate_covers_the_held_out_states_merge_quality_holds(tmp_path: Path, monkeypatch) -> None:
@@ -123,7 +123,7 @@ def test_the_memory_estimate_covers_the_held_out_states_merge_quality_holds(tmp_
         return totals(self, add_scores)
 
     monkeypatch.setattr(estimate_module._HeldOut, "totals", measured)
-    merge_quality(reader, arch, shape, [2, 1], Calibration("random", 256), held, add_scores, tmp_path / "w")
+    merge_quality(reader, arch, shape, [2, 1], Calibration("random", 256), held, add_scores)
     per_token = estimate_module.held_out_bytes_per_token(shape, 2, inference_dtype(compute_device()).itemsize)
     assert 0 < held_bytes["kept"] <= 256 * per_token < 1.5 * held_bytes["kept"]
 
@@ -143,29 +143,3 @@ def test_held_out_tokens_beyond_memory_are_refused_naming_the_most_that_fit(monk
         estimate_module.check_held_out_tokens(shape, 3, most + 1)
     with pytest.raises(UptrainError, match=rf"of each text .* at most {most // 2:,} fit"):  # per text: two texts
         estimate_module.check_held_out_tokens(shape, 3, most // 2 + 1, texts=2)
-
-
-def test_a_scratch_folder_is_locked_while_its_run_lives_and_removed_after(tmp_path: Path) -> None:
-    from uptrain_gqa.conversion.estimate import SCRATCH, remove_dead_scratch, scratch_folder
-    from uptrain_gqa.errors import UptrainError
-    from uptrain_gqa.io.ownership import OutputLock
-
-    with scratch_folder(tmp_path) as folder:
-        assert folder.is_dir() and folder.parent == tmp_path and folder.name.startswith(SCRATCH)
-        with pytest.raises(UptrainError, match="is being written by uptrain process"):
-            OutputLock(folder).acquire()
-        remove_dead_scratch(tmp_path)  # what another run does first: a live run's folder stays
-        assert folder.is_dir()
-    assert list(tmp_path.iterdir()) == []  # the folder and its lock
-
-
-def test_a_scratch_folder_without_a_lock_is_named_not_removed(tmp_path: Path, monkeypatch) -> None:
-    """Made by an uptrain from before the lock (or by hand): whether a run still uses it cannot be known."""
-    from uptrain_gqa.conversion import estimate as estimate_module
-
-    notes: list[str] = []
-    monkeypatch.setattr(estimate_module.LOGGER, "warning", notes.append)
-    old = tmp_path / f"{estimate_module.SCRATCH}k3j2h1g0"
-    old.mkdir()
-    estimate_module.remove_dead_scratch(tmp_path)
-    assert old.is_dir() and len(notes) == 1 and f"{old} may hold Σ files" in notes[0]

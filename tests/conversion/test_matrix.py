@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from uptrain_gqa import convert
-from uptrain_gqa.conversion.pooling import GROUPINGS, METHODS
+from uptrain_gqa.conversion.methods import GROUPINGS, METHODS
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import CONVERSION_RECORD
 

@@ -175,9 +175,9 @@ def test_refinement_holds_one_layer_at_a_time(tmp_path: Path, monkeypatch: pytes
 
 def test_a_bf16_calibration_pass_refines_in_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the source runs in bf16: the captured windows are bf16, the converted attention fits in float32."""
-    from uptrain_gqa.conversion import calibrate
+    from uptrain_gqa.conversion import walk
 
-    monkeypatch.setattr(calibrate, "inference_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(walk, "inference_dtype", lambda device: torch.bfloat16)
     src, text = saved(CASES[0], tmp_path)
     record = converted(src, tmp_path / "out", 2, text, refine_steps=8)
     layers = record["merge_errors"]

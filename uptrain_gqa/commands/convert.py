@@ -62,8 +62,8 @@ def convert(
             again = shlex.join(["uptrain", "convert", o.src, o.out, "--num-kv-heads", str(o.num_kv_heads), "--method",
                                 "svd"])  # fmt: skip
             print(f"uptrain convert: note: mean pooling (the GQA paper's start) loses the most before uptraining; "
-                  f"--method svd merges and refines each layer on built-in text (SmolLM2-135M to MQA: KL to the "
-                  f"source 5.95 -> 0.75 on a held-out play; docs/results.md): {again} --overwrite",
+                  f"--method svd merges and refines each layer on built-in text, much closer to the source "
+                  f"(docs/results.md measures both): {again} --overwrite",
                   file=sys.stderr)  # fmt: skip
     if push_to_hub:
         url = push_folder(result.out, push_to_hub, private=not public, message="uptrain convert")

@@ -20,11 +20,12 @@ from uptrain_gqa.progress import verbosity
 from uptrain_gqa.serving import (
     DTYPE_BYTES,
     ServedModel,
+    ServingBudget,
     ServingRow,
     check_plot_target,
     choose_by_quality,
     draw,
-    print_plan,
+    plan_table,
     served_model,
     serving_rows,
     why_none_fits,
@@ -89,9 +90,8 @@ class PlanOptions:
     calibration_mix: float = DEFAULT_MIX
     """Share of uptrain:broad mixed into your own --calibration text, as convert's."""
     max_kl: float = DEFAULT_MAX_KL
-    """The KL to the source (per token, before uptraining) a recommended G may cost. 0.1 keeps the merge's most
-    likely next token the source's for roughly nine tokens in ten on the models measured (docs/results.md);
-    uptraining recovers much of the rest."""
+    """The KL to the source (per token, before uptraining) a recommended G may cost; docs/results.md relates it to
+    top-1 agreement on real models. Uptraining recovers much of the rest."""
     refine_steps: int | None = None
     """Refinement steps per layer, as `convert --refine-steps`; default: convert's (36 with text, 0 with random
     tokens). Each G is refined during the one calibration pass."""
@@ -244,13 +244,12 @@ def plan(options: PlanOptions, *, plot: str | None = None, json: JsonOption = No
     result = make_plan(options)
     o, best, m, rows = options, result.recommended_num_kv_heads, result.model, result.rows
     mem = parse_size(o.memory)
+    budget = ServingBudget(mem, o.context, o.batch, o.kv_dtype, o.tp, o.units)
     if plot:
-        draw(m, rows, o.num_kv_heads or best or 1, mem, o.context, o.batch, DTYPE_BYTES[o.kv_dtype], o.tp, o.units,
-             Path(plot))  # fmt: skip
+        draw(m, rows, o.num_kv_heads or best or 1, budget, Path(plot))
     emit_json(result.to_json(), json)
     if table_wanted(json):
-        print_plan(m, rows, best, mem, o.context, o.batch, o.kv_dtype, o.tp, o.units, result.quality_note,
-                   result.command)  # fmt: skip
+        print(plan_table(m, rows, best, budget, result.quality_note, result.command))
     return result
 
 
@@ -307,12 +306,12 @@ def quality_of_merges(
     quiet: bool = False,
 ) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """`measure_quality` for a checkpoint folder (or a source opened by the pre-flight), a Calibration and a
-    Refinement (or None) already chosen (also what scripts/calibration_domains.py compares recipes with). The source
+    Refinement (or None) already chosen (also what experiments/calibration_domains.py compares recipes with). The source
     is read through `convert`'s checks (conversion/preflight.py): NaN/inf in an attention weight, weights that
     disagree with the config, no tokenizer for the text to read, an unknown family: each one line."""
     import torch
 
-    from uptrain_gqa.conversion.estimate import check_held_out_tokens, merge_quality, scratch_folder
+    from uptrain_gqa.conversion.estimate import check_held_out_tokens, merge_quality
     from uptrain_gqa.data.documents import token_stream
     from uptrain_gqa.data.sources import parse_sources
     from uptrain_gqa.evaluation.quality import add_scores, strided
@@ -346,10 +345,7 @@ def quality_of_merges(
                         "calibration reads from it; pass more text or lower --calibration-tokens"
                     )
                 held[t.label] = strided(stream[skip:], window, window)
-        with scratch_folder() as folder:  # locked: a killed run's Σ files are removed by the next run
-            totals = merge_quality(
-                reader, arch, shape, groups, calib, held, add_scores, folder, refinement, quiet=quiet,
-            )  # fmt: skip
+        totals = merge_quality(reader, arch, shape, groups, calib, held, add_scores, refinement, quiet=quiet)
     finally:
         reader.close()
     out = {}

@@ -1,11 +1,9 @@
-"""Calibration for `uptrain convert --calibration`: Σ = E[x̃ x̃ᵀ] of every attention layer's input.
+"""Calibration for `uptrain convert --calibration`: what the source reads, and Σ of every attention input.
 
-The source reads the calibration text once, one decoder layer at a time (`conversion/layered.py`), so
-memory stays bounded by one layer's weights plus the hidden states of the calibration tokens: as each
-layer runs every window, a forward pre-hook on its attention module adds xᵀx and Σx of the attention
-input x (the hidden states after the layer's input norm); the layer's weights are then dropped and Σ̃
-written to disk. Σ̃ is (hidden+1)² float32 per layer; `CovarianceStore` keeps them on disk and loads one
-per layer when the merge asks for it. With a refiner, the same pass hands it each layer's windows.
+Σ = E[x̃ x̃ᵀ] of every attention layer's input x̃ = [x; 1].
+
+`Covariance` is the pass's Σ visitor (conversion/walk.py): as a layer runs every window, it adds xᵀx and Σx of
+the attention input x (the hidden states after the layer's input norm) and leaves Σ̃ to the visitors after it.
 
 What the source reads (`Calibration`): built-in text (`uptrain:broad`, the default for a joint merge),
 local text files (globs), a Hub dataset (streamed: only the first N tokens are fetched), several of them
@@ -17,26 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from uptrain_gqa.conversion.layered import LayeredSource
+from uptrain_gqa.conversion.layered import LayerState, SourceAttention
 from uptrain_gqa.conversion.preflight import source_tokenizer
-from uptrain_gqa.conversion.refine import LayerRefiner, SourceAttention, spill
+from uptrain_gqa.conversion.spill import spill
 from uptrain_gqa.data.builtin import BROAD, HELDOUT
 from uptrain_gqa.data.documents import token_stream
 from uptrain_gqa.data.sources import TextSource, parse_sources
 from uptrain_gqa.device import available_memory, compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError
-from uptrain_gqa.io.reader import CheckpointReader
-from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
-from uptrain_gqa.progress import LOGGER, progress_bar
+from uptrain_gqa.progress import LOGGER
 from uptrain_gqa.units import format_bytes
 
 
@@ -265,6 +260,22 @@ class Calibration:
             placed += [((j + 0.5) / len(cuts), source.label, stream[b : b + length]) for j, b in enumerate(cuts)]
         return [(label, ids) for _, label, ids in sorted(placed, key=lambda x: x[0])]  # stable: texts in order
 
+    def read(self, src: Path, shape: ModelShape, quiet: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """The calibration windows of the source at `src` (its tokenizer for text, its vocabulary for random
+        tokens), each at most its context (2,048 tokens at most); says so when the text gives fewer tokens."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(src)
+        seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+        tokenizer = None
+        if self.kind != "random":  # random: ids straight from the embedding table's range, no tokenizer
+            tokenizer = source_tokenizer(src, "--calibration", "pass --calibration random")
+        labelled = self.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
+        used = sum(len(ids) for _, ids in labelled)
+        if used < self.num_tokens:
+            LOGGER.info(f"calibration text has {used:,} tokens, fewer than {self.num_tokens:,}; using them all")
+        return labelled
+
     def may_hold_out(self, labels: list[str]) -> list[bool]:
         """Which windows the refinement may keep out of its fit to decide whether a layer's refinement holds: all of
         them, but with the user's text mixed with uptrain:broad only broad ones, so that a fit to a narrow text is
@@ -284,141 +295,40 @@ class Calibration:
         }
 
 
-class Alongside(Protocol):
-    """More work on each layer while the calibration pass holds it in memory (`plan --quality` runs its
-    held-out windows through the source and through each G's merge there, rather than in a second pass)."""
+class Covariance:
+    """The pass's Σ visitor: Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the
+    calibration windows, left on the layer's state for the visitors after it (and put in `store` when given)."""
 
-    windows: list[torch.Tensor]
-    """Token ids (B, L) the source records beside the calibration windows; not part of Σ."""
-    units: int
-    """Progress-bar units each layer's `layer` call accounts for."""
+    label, units, keeps_windows = "calibration", 1, False
 
-    def begin(self, source: LayeredSource, first: int) -> None:
-        """Before layer 0: `source` holds `windows` as its windows first, first + 1, ..."""
+    def __init__(self, hidden: int, store: CovarianceStore | None = None) -> None:
+        self.hidden, self.store = hidden, store
+        self.windows: list[torch.Tensor] = []
+        self._sums: list[Any] = [0.0, 0.0, 0]  # the current layer's Σ xᵀx, Σ x, count
 
-    def layer(
-        self, i: int, sigma: torch.Tensor, converted: list[dict[str, torch.Tensor]], done: Callable[[], None]
-    ) -> None:
-        """Layer i is loaded and its Σ̃ is `sigma`; `converted` holds each refiner's tensors for it; call `done`
-        once per unit of work."""
+    def begin(self, source: Any, first: int) -> None:
+        pass
 
+    def window(self, layer: int, seen: SourceAttention) -> None:
+        x = seen.x.reshape(-1, seen.x.shape[-1]).float()  # (B·T, hidden)
+        self._sums[0] = self._sums[0] + x.T @ x
+        self._sums[1] = self._sums[1] + x.sum(0)
+        self._sums[2] += x.shape[0]
 
-@torch.no_grad()
-def input_covariance(
-    reader: CheckpointReader,
-    arch: Architecture,
-    shape: ModelShape,
-    calibration: Calibration,
-    folder: Path,
-    quiet: bool = False,
-    facts: dict[str, Any] | None = None,
-    refiners: Sequence[LayerRefiner] = (),
-    alongside: Alongside | None = None,
-) -> CovarianceStore:
-    """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens.
-    `facts`, when given, receives the tokens used, the device and the seconds taken. With `refiners` (one
-    per G: convert has one, `plan --quality` one per G), each layer's converted attention is also refined on the
-    windows while the layer is in memory; `alongside` does its own work on each layer after that."""
-    from transformers import AutoConfig
+    def layer(self, state: LayerState, done: Callable[[], None]) -> None:
+        xx, xs, n = self._sums
+        self._sums = [0.0, 0.0, 0]
+        if n == 0:
+            raise UptrainError(
+                f"layer {state.index}'s attention never ran during calibration; cannot calibrate this model"
+            )
+        sigma = torch.ones(self.hidden + 1, self.hidden + 1)
+        sigma[:-1, :-1] = (xx / n).cpu()
+        sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
+        state.sigma = sigma
+        if self.store is not None:
+            self.store.put(state.index, sigma)
+        done()
 
-    started = time.perf_counter()
-    beside = sum(int(w.numel()) for w in alongside.windows) if alongside is not None else 0
-    calibration.check(shape, refining=bool(refiners), beside=beside)  # before anything is allocated
-    tokens = calibration.num_tokens
-    src = reader.folder
-    device = compute_device()
-    dtype = inference_dtype(device)
-    config = AutoConfig.from_pretrained(src)
-    seq = min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
-    tokenizer = None
-    if calibration.kind != "random":  # random: ids straight from the embedding table's range, no tokenizer
-        tokenizer = source_tokenizer(src, "--calibration", "pass --calibration random")
-    labelled = calibration.windows(tokenizer, int(config.get_text_config().vocab_size), seq, quiet, shape.hidden)
-    used = sum(len(ids) for _, ids in labelled)
-    if used < tokens:
-        LOGGER.info(f"calibration text has {used:,} tokens, fewer than {tokens:,}; using them all")
-    windows = [ids[None].to(device) for _, ids in labelled]
-    may_hold_out = calibration.may_hold_out([label for label, _ in labelled])
-    more = [] if alongside is None else [ids.to(device) for ids in alongside.windows]
-    source = LayeredSource(
-        reader,
-        arch,
-        shape,
-        windows + more,
-        device,
-        dtype,
-        "--calibration",
-        "; pass --calibration none (weights only) or use --method mean",
-    )
-    hidden = source.hidden[: len(windows)]
-    if alongside is not None:
-        alongside.begin(source, len(windows))
-
-    # 3. layer by layer: real weights in, every window through, Σ out (and the layer refined)
-    store = CovarianceStore(folder)
-    acc: list[Any] = []  # the current layer's Σ xᵀx, Σ x, count
-    captured: list[SourceAttention] = []  # with a refiner: what the source attention saw and returned, per window
-
-    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = _attention_call(args, kwargs)[0]
-        x = x.reshape(-1, x.shape[-1]).float()  # (B·T, hidden)
-        acc[0] = acc[0] + x.T @ x
-        acc[1] = acc[1] + x.sum(0)
-        acc[2] += x.shape[0]
-
-    def capture(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        x, rest, kw = _attention_call(args, kwargs)
-        k = len(captured)
-        captured.append(
-            SourceAttention(x, rest, kw, out[0] if isinstance(out, tuple) else out, may_hold_out[k], labelled[k][0])
-        )
-
-    units = 1 + (alongside.units if alongside is not None else 0)  # per layer
-    what = "calibration" + (" + refinement" if refiners else "") + (" + quality per G" if alongside else "")
-    with progress_bar(total=shape.layers * units, desc=f"{what} ({used:,} tokens)", unit="layer", disable=quiet) as bar:
-        for i in range(shape.layers):
-            names = source.load_layer(i)
-            acc[:] = [0.0, 0.0, 0]
-            captured.clear()
-            attention = source.model.get_submodule(arch.attention.format(layer=i))
-            handles = [attention.register_forward_pre_hook(pre, with_kwargs=True)]
-            if refiners:
-                handles.append(attention.register_forward_hook(capture, with_kwargs=True))
-            try:
-                hidden[:] = source.run_layer(i, hidden)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            xx, xs, n = acc
-            if n == 0:
-                raise UptrainError(f"layer {i}'s attention never ran during calibration; cannot calibrate this model")
-            sigma = torch.ones(shape.hidden + 1, shape.hidden + 1)
-            sigma[:-1, :-1] = (xx / n).cpu()
-            sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
-            store.put(i, sigma)
-            # fitted on the source's own attention inputs (docs/results.md: better than on the converted
-            # layers' outputs, and faster)
-            refined = [one.refine(i, sigma, captured) for one in refiners]
-            captured.clear()
-            bar.update()
-            if alongside is not None:
-                tensors = [one.tensors(i, m) for one, m in zip(refiners, refined, strict=True)]
-                alongside.layer(i, sigma, tensors, bar.update)
-            for one, module in zip(refiners, refined, strict=True):
-                one.release(module)
-            source.unload(names)
-    if facts is not None:
-        by_text: dict[str, int] = {}
-        for label, ids in labelled:
-            by_text[label] = by_text.get(label, 0) + len(ids)
-        facts |= {"tokens_used": used, "tokens_by_text": by_text, "device": device_name(device),
-                  "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-    return store
-
-
-def _attention_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """(hidden states, the other positional arguments, the keyword arguments) of an attention call."""
-    if "hidden_states" in kwargs:
-        kwargs = dict(kwargs)
-        return kwargs.pop("hidden_states"), args, kwargs
-    return args[0], args[1:], kwargs
+    def release(self, state: LayerState) -> None:
+        pass

@@ -95,9 +95,8 @@ def all_finite(t: torch.Tensor) -> bool:
     A float is NaN or inf exactly when its exponent bits are all ones, i.e. when its bits without the
     sign, read as an integer, reach the all-ones exponent. So the test masks an integer view into one
     small reused buffer and takes its max, piece by piece: no full-size boolean copy as
-    `torch.isfinite(t).all()` makes (which cost more than reading the checkpoint). numpy runs it on one
-    core at ~10 GB/s, faster than the disk; torch's threaded ops measured as fast on a quiet machine but
-    up to 50x slower when another process held the cores."""
+    `torch.isfinite(t).all()` makes. numpy runs it on one core, faster than the disk reads; torch's threaded
+    ops slow down badly when another process holds the cores (docs/results.md)."""
     if not t.is_floating_point():
         return True
     flat = t.detach().reshape(-1).cpu()  # (N,)

@@ -20,12 +20,15 @@ from typing import Any
 import torch
 
 from uptrain_gqa import config as configlib
-from uptrain_gqa.conversion.calibrate import NONE, RANDOM
+from uptrain_gqa.conversion.calibrate import NONE, RANDOM, Covariance
 from uptrain_gqa.conversion.checks import FiniteReader, cast_can_overflow, check_cast
+from uptrain_gqa.conversion.layer_merge import LayerMerger
 from uptrain_gqa.conversion.options import ConvertOptions
-from uptrain_gqa.conversion.preflight import CheckedSource, attention_steps
-from uptrain_gqa.conversion.refine import DEFAULT_STEPS, LayerRefiner, RefinedStore, Refinement
-from uptrain_gqa.conversion.steps import ConversionSteps, MergeOptions, Step
+from uptrain_gqa.conversion.preflight import CheckedSource, attention_plan
+from uptrain_gqa.conversion.refine import DEFAULT_STEPS, Refinement
+from uptrain_gqa.conversion.spill import LayerStore
+from uptrain_gqa.conversion.steps import ConversionSteps, LayerSteps, MergeOptions, Step
+from uptrain_gqa.conversion.walk import calibration_pass
 from uptrain_gqa.data.builtin import BROAD
 from uptrain_gqa.device import environment
 from uptrain_gqa.errors import UptrainError
@@ -45,8 +48,7 @@ from uptrain_gqa.model.shape import ModelShape
 from uptrain_gqa.progress import progress_bar, verbosity
 from uptrain_gqa.version import __version__
 
-CALIBRATION = ".calibration"  # Σ files, inside the temporary output folder while converting
-REFINED = ".refined"  # refined attention tensors, likewise
+MERGED = ".merged"  # each layer's merged attention tensors, inside the temporary output folder while converting
 
 
 def _as_stored(step: Step, reader: FiniteReader) -> tuple[Path, int, int] | None:
@@ -79,12 +81,15 @@ def conversion_steps(
 ) -> ConversionSteps:
     """Every output tensor, in source order: attention K/V tensors merged, the rest copied.
     Reads headers only; raises UptrainError on any mismatch with the config."""
-    changed = attention_steps(reader, arch, shape, options)  # the header checks `plan --quality` makes too
+    layers = attention_plan(reader, arch, shape, options)  # the header checks `plan --quality` makes too
+    changed = LayerSteps()
+    for one in layers.values():
+        changed.add(one)
     steps: list[Step] = []
     for name, info in reader.tensors.items():
         if name not in changed.dropped:
             steps += changed.replaced.get(name, [Step(TensorSpec(name, info.dtype, info.shape), (name,))])
-    return ConversionSteps(steps, changed.merges).cast(dtype)
+    return ConversionSteps(steps, layers).cast(dtype)
 
 
 def converted_config(
@@ -152,134 +157,159 @@ def convert_checkpoint(options: ConvertOptions) -> tuple[dict[str, Any], int]:
     calibration None: uptrain:broad, the built-in broad text (random tokens for a source without a tokenizer);
     refine_steps None: 36 when the source reads calibration text, 0 (the closed form) with random tokens or
     none; base_model None: the source's Hub id, when known."""
-    o = options
-    src, num_kv_heads, method, grouping, seed = o.src, o.num_kv_heads, o.method, o.grouping, o.seed
-    overwrite, dtype, quiet = o.overwrite, o.torch_dtype, verbosity() == "quiet"
-    from uptrain_gqa.conversion.calibrate import Calibration
-
-    started = time.perf_counter()
+    o, started = options, time.perf_counter()
     out = o.out_path
-    if out.exists() and not overwrite:
+    if out.exists() and not o.overwrite:
         raise UptrainError(f"{out} already exists; pass --overwrite to replace it")
     # everything that can be checked from the config is, before any weight is downloaded: the pre-flight that
     # `plan --quality` reads the source through too (conversion/preflight.py)
-    checked = CheckedSource.open(src, o.revision)
-    source, config, arch, shape = checked.source, checked.config, checked.arch, checked.shape
-    if out == source.path or out in source.path.parents:
+    checked = CheckedSource.open(o.src, o.revision)
+    if out == checked.source.path or out in checked.source.path.parents:
         raise UptrainError(f"OUT {out} would replace the source itself; choose another output folder")
-    shape.check_target(num_kv_heads)
-    options = MergeOptions(num_kv_heads, method, grouping, seed)
+    checked.shape.check_target(o.num_kv_heads)
+    merge = MergeOptions(o.num_kv_heads, o.method, o.grouping, o.seed)
+    calib, calibration = _calibration(o, checked, merge)
+    refinement = refinement_for(calib, o.refine_steps, o.refine_lr, o.seed)
+    reader = checked.weights(o.allow_pickle)
+    side_files(checked.source.path)  # refuses a side file linking out of the source, before any work
+    steps = conversion_steps(reader, checked.arch, checked.shape, merge, o.torch_dtype)  # the plan, made once
+    record = _record(o, checked, reader, steps, calibration)
+    with atomic_output_dir(out, o.overwrite) as tmp:
+        merge_errors = None
+        if calib is not None:  # each layer merged (and refined) in the pass; what it keeps waits beside the output
+            store = LayerStore(tmp / MERGED)
+            merger = LayerMerger(reader, checked.arch, steps.layers, o.num_kv_heads, refinement,
+                                 (store, {s.spec.name: s.spec.dtype for s in steps.steps}))  # fmt: skip
+            visitors = [Covariance(checked.shape.hidden), merger]
+            facts = calibration_pass(reader, checked.arch, checked.shape, calib, visitors, verbosity() == "quiet")
+            record["calibration"] |= facts
+            steps = steps.made_by({name: store.job(name) for name in store})
+            if refinement is not None:
+                record["refinement"] = merger.record()
+            merge_errors = merger.layers  # refined layers: the closed form's errors, and what refining did
+        files, nbytes = _write_weights(tmp, steps, reader, o, f"{checked.shape.kind} -> {o.num_kv_heads} KV heads")
+        shutil.rmtree(tmp / MERGED, ignore_errors=True)
+        merge_errors = steps.merge_errors() if merge_errors is None else merge_errors
+        _finish(tmp, o, checked, files, record, merge_errors, started)
+    return record, nbytes
+
+
+def _calibration(o: ConvertOptions, checked: CheckedSource, merge: MergeOptions) -> tuple[Any, Any]:
+    """(what the source reads, or None; the record's `calibration` entry), checked before any weight is read."""
+    from uptrain_gqa.conversion.calibrate import Calibration
+
     specs = list(o.calibration or [])
-    if not options.joint and specs not in ([], [NONE]):
+    if not merge.joint and specs not in ([], [NONE]):
         raise UptrainError(
-            f"--calibration weights --method svd or --grouping similarity; --method {method} with contiguous "
+            f"--calibration weights --method svd or --grouping similarity; --method {o.method} with contiguous "
             "groups reads no inputs, so drop --calibration"
         )
-    # a weights-only Σ (identity) measured worse than mean pooling on a real checkpoint, and a narrow text
-    # narrows the model: joint merges read broad built-in text unless told otherwise (docs/results.md)
+    # a weights-only Σ (identity) and a narrow text both merge worse (docs/results.md): joint merges read broad
+    # built-in text unless told otherwise
     chosen = None
-    if not specs and options.joint:
-        specs = [BROAD] if has_tokenizer(source.path) else [RANDOM]
+    if not specs and merge.joint:
+        specs = [BROAD] if has_tokenizer(checked.source.path) else [RANDOM]
         chosen = "default" if specs == [BROAD] else "default: the source has no tokenizer to read text with"
-    calib = None
-    if specs and specs != [NONE]:
-        calib = Calibration(tuple(specs), o.calibration_tokens, o.calibration_subset, o.calibration_split, seed,
-                            o.calibration_mix)  # fmt: skip
-    if calib is not None:
-        calib.check(shape)  # before any weight is downloaded or written (memory: refinement counted later)
-        if calib.kind == "text":
-            checked.tokenizer("--calibration", "pass --calibration random")
-    refinement = refinement_for(calib, o.refine_steps, o.refine_lr, seed)
-    reader = checked.weights(o.allow_pickle)
-    source = checked.source
-    side_files(source.path)  # refuses a side file linking out of the source, before any work
-    steps = conversion_steps(reader, arch, shape, options, dtype)
+    if not specs or specs == [NONE]:
+        return None, "none" if specs == [NONE] and merge.joint else None
+    calib = Calibration(tuple(specs), o.calibration_tokens, o.calibration_subset, o.calibration_split, o.seed,
+                        o.calibration_mix)  # fmt: skip
+    calib.check(checked.shape)  # before any weight is downloaded or written (memory: refinement counted later)
+    if calib.kind == "text":
+        checked.tokenizer("--calibration", "pass --calibration random")
+    return calib, calib.record() | ({"chosen": chosen} if chosen else {})
 
+
+def _record(
+    o: ConvertOptions, checked: CheckedSource, reader: FiniteReader, steps: ConversionSteps, calibration: Any
+) -> dict[str, Any]:
+    """The conversion record as far as it is known before any weight is written."""
+    shape, arch, dtype = checked.shape, checked.arch, o.torch_dtype
+    source = checked.source.record()
     kv_before = _kv_dtype(reader, arch, None).itemsize
     kv_after = _kv_dtype(reader, arch, dtype).itemsize
-    record: dict[str, Any] = {
+    return {
         "uptrain_version": __version__,
-        "source": source.record(),
-        "base_model": hub_base_model(source.record(), config, o.base_model),
+        "source": source,
+        "base_model": hub_base_model(source, checked.config, o.base_model),
         "model_type": shape.model_type,
-        "method": method,
-        "grouping": grouping,
-        "calibration": (calib.record() | ({"chosen": chosen} if chosen else {}))
-        if calib is not None
-        else ("none" if specs == [NONE] and options.joint else None),
-        "seed": seed,
+        "method": o.method,
+        "grouping": o.grouping,
+        "calibration": calibration,
+        "seed": o.seed,
         "num_attention_heads": shape.heads,
         "source_num_kv_heads": shape.kv_heads,
-        "num_kv_heads": num_kv_heads,
+        "num_kv_heads": o.num_kv_heads,
         "head_dim": shape.head_dim,
         "num_layers": shape.layers,
-        "group_map": shape.group_map(num_kv_heads) if grouping == "contiguous" else "per layer: merge_errors[].groups",
+        "group_map": shape.group_map(o.num_kv_heads)
+        if o.grouping == "contiguous"
+        else "per layer: merge_errors[].groups",
         "dtype": dtype_name(_kv_dtype(reader, arch, dtype)),
         "parameters": {"before": reader.num_parameters, "after": steps.parameters},
         "kv_cache_bytes_per_token": {
             "before": shape.kv_bytes_per_token(kv_before),
-            "after": shape.kv_bytes_per_token(kv_after, kv_heads=num_kv_heads),
+            "after": shape.kv_bytes_per_token(kv_after, kv_heads=o.num_kv_heads),
         },
     }
-    refiner = None
-    with atomic_output_dir(out, overwrite) as tmp:
-        if calib is not None:  # Σ per layer lives on disk beside the output until the merge is written
-            from uptrain_gqa.conversion.calibrate import input_covariance
 
-            facts: dict[str, Any] = {}
-            if refinement is not None:
-                refiner = LayerRefiner(refinement, reader, arch, shape, options, RefinedStore(tmp / REFINED))
-            refiners = [refiner] if refiner is not None else []
-            sigma = input_covariance(reader, arch, shape, calib, tmp / CALIBRATION, quiet, facts, refiners)
-            record["calibration"] |= facts
-            options = MergeOptions(num_kv_heads, method, grouping, seed, sigma)
-            steps = conversion_steps(reader, arch, shape, options, dtype)
-            if refiner is not None:
-                steps = steps.made_by({name: refiner.store.job(name) for name in refiner.store})
-                record["refinement"] = refiner.record()
-        by_name = {s.spec.name: s for s in steps.steps}
-        writer = ShardedWriter(tmp, [s.spec for s in steps.steps], o.shard_bytes)
-        desc = f"{shape.kind} -> {num_kv_heads} KV heads"
-        with progress_bar(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
-            try:
-                for spec in writer.order:
-                    step = by_name[spec.name]
-                    where = _as_stored(step, reader)
-                    if where is not None:  # checked, then copied file to file by the kernel
-                        writer.copy(spec.name, *where)
-                    else:
-                        writer.write(spec.name, _cast_checked(step, reader))
-                    bar.update(spec.nbytes)
-                reader.wait()  # the checks of copied tensors, running beside the copies
-            finally:
-                reader.close()
-                writer.abort()
-        files = writer.finish()
-        shutil.rmtree(tmp / CALIBRATION, ignore_errors=True)
-        shutil.rmtree(tmp / REFINED, ignore_errors=True)
-        for path in side_files(source.path):  # not the source's own records (uptrain_*): this run writes its own
-            if not path.name.startswith(RECORD_PREFIX) and path.name != CARD:
-                shutil.copy2(path, tmp / path.name)
-        new_config = converted_config(config, arch, num_kv_heads, dtype)
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        if (source.path / CONVERSION_RECORD).is_file():
-            record["previous"] = json.loads((source.path / CONVERSION_RECORD).read_text())
-        record["shards"] = len([f for f in files if f.endswith(".safetensors")])
-        # refined layers: the closed-form merge's errors as computed before refining, and what refining did
-        merge_errors = refiner.layers if refiner is not None else steps.merge_errors()
-        if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
-            record["merge_errors"] = merge_errors
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        record["environment"] = environment()
-        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        write_card(
-            tmp,
-            title=f"{out.name} ({num_kv_heads} KV heads, converted by uptrain)",
-            conversion=record,
-            licence=source_licence(source.path),
-            source_card=source.path / CARD,
-        )
-    return record, writer.total_size
+
+def _write_weights(
+    tmp: Path, steps: ConversionSteps, reader: FiniteReader, o: ConvertOptions, desc: str
+) -> tuple[list[str], int]:
+    """Every output tensor, in the writer's order, into shards in `tmp`; (the files written, their bytes)."""
+    by_name = {s.spec.name: s for s in steps.steps}
+    writer = ShardedWriter(tmp, [s.spec for s in steps.steps], o.shard_bytes)
+    quiet = verbosity() == "quiet"
+    with progress_bar(total=writer.total_size, unit="B", unit_scale=True, desc=desc, disable=quiet) as bar:
+        try:
+            for spec in writer.order:
+                step = by_name[spec.name]
+                where = _as_stored(step, reader)
+                if where is not None:  # checked, then copied file to file by the kernel
+                    writer.copy(spec.name, *where)
+                else:
+                    writer.write(spec.name, _cast_checked(step, reader))
+                bar.update(spec.nbytes)
+            reader.wait()  # the checks of copied tensors, running beside the copies
+        finally:
+            reader.close()
+            writer.abort()
+    return writer.finish(), writer.total_size
+
+
+def _finish(
+    tmp: Path,
+    o: ConvertOptions,
+    checked: CheckedSource,
+    files: list[str],
+    record: dict[str, Any],
+    merge_errors: list[dict[str, Any]],
+    started: float,
+) -> None:
+    """Beside the weights: the source's side files, the edited config, and the conversion record (completed in
+    place with the merge's errors per layer) and the model card."""
+    source, out = checked.source, o.out_path
+    for path in side_files(source.path):  # not the source's own records (uptrain_*): this run writes its own
+        if not path.name.startswith(RECORD_PREFIX) and path.name != CARD:
+            shutil.copy2(path, tmp / path.name)
+    new_config = converted_config(checked.config, checked.arch, o.num_kv_heads, o.torch_dtype)
+    (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+    if (source.path / CONVERSION_RECORD).is_file():
+        record["previous"] = json.loads((source.path / CONVERSION_RECORD).read_text())
+    record["shards"] = len([f for f in files if f.endswith(".safetensors")])
+    if merge_errors:  # relative Σ-weighted errors of the merge, and of mean pooling, per layer
+        record["merge_errors"] = merge_errors
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["environment"] = environment()
+    (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_card(
+        tmp,
+        title=f"{out.name} ({o.num_kv_heads} KV heads, converted by uptrain)",
+        conversion=record,
+        licence=source_licence(source.path),
+        source_card=source.path / CARD,
+    )
 
 
 def refinement_for(calib: Any, steps: int | None, lr: float, seed: int) -> Refinement | None:

@@ -1,51 +1,43 @@
 """What each G costs in quality before any checkpoint is written (`uptrain plan --quality`).
 
-One pass over the source, one decoder layer at a time (`LayeredSource`): while a layer is loaded,
-the calibration windows give its Σ (and refine each G's merge, as `convert --calibration` does), and
-then the held-out windows run through it twice over: as the source has it, and for every G with its
-K/V merged as `convert --method svd` merges them (the merge computed in memory; nothing written).
+One pass over the source, one decoder layer at a time (conversion/walk.py), with the visitors `convert
+--calibration` runs: while a layer is loaded, the calibration windows give its Σ, each G's merge is made (and
+refined) as `convert --method svd` makes it, in memory, and then `_HeldOut` runs the held-out windows through
+the layer twice over: as the source has it, and with each G's merge in its place (nothing written).
 Memory holds one layer's weights, its G merges, the calibration hidden states, and the held-out
 hidden states once per G and once for the source. At the end each path's logits are scored against
 the source's on the same positions: the KL and top-1 agreement that `uptrain eval --reference SOURCE`
 reports on the converted checkpoint.
 
-Before any of it, `check_held_out_tokens` refuses a held-out count whose hidden states would not fit in memory,
-and the Σ files and refined tensors live in a folder of the run's own (`scratch_folder`), locked while it runs:
-a run killed outright (the OOM killer) leaves it behind, and the next run removes it.
+Before any of it, `check_held_out_tokens` refuses a held-out count whose hidden states would not fit in memory.
+Nothing is written to disk: each layer's Σ and merges live while the layer does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from uptrain_gqa.conversion.calibrate import Calibration, input_covariance
-from uptrain_gqa.conversion.checks import TensorChecks
-from uptrain_gqa.conversion.layered import LayeredSource
-from uptrain_gqa.conversion.refine import LayerRefiner, RefinedStore, Refinement, closed_form
+from uptrain_gqa.conversion.calibrate import Calibration, Covariance
+from uptrain_gqa.conversion.layer_merge import LayerMerger
+from uptrain_gqa.conversion.layered import LayeredSource, LayerState, SourceAttention
+from uptrain_gqa.conversion.methods import RECOMMENDED
+from uptrain_gqa.conversion.preflight import attention_plan
+from uptrain_gqa.conversion.refine import Refinement
 from uptrain_gqa.conversion.steps import MergeOptions
+from uptrain_gqa.conversion.walk import calibration_pass
 from uptrain_gqa.device import available_memory, compute_device, device_name, inference_dtype
 from uptrain_gqa.errors import UptrainError
-from uptrain_gqa.io.ownership import OutputLock, lock_path
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
-from uptrain_gqa.progress import LOGGER
 from uptrain_gqa.units import format_bytes
 
 Window = tuple[torch.Tensor, int]  # (token ids (L,), first position scored in it)
 Scorer = Callable[[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Adds one batch's sums to totals: (totals, log-probs of the model, of the reference, targets, scored mask)."""
-SCRATCH = "uptrain-quality-"
-"""Name of the folders (in $TMPDIR) that hold a run's Σ files; `.NAME.uptrain.lock` beside each holds its PID."""
 
 
 def held_out_bytes_per_token(shape: ModelShape, merges: int, itemsize: int) -> int:
@@ -75,54 +67,8 @@ def check_held_out_tokens(
     )
 
 
-@contextlib.contextmanager
-def scratch_folder(root: Path | None = None) -> Iterator[Path]:
-    """A folder of this run's own in `root` (default: $TMPDIR) for the Σ files and refined tensors, locked
-    (`OutputLock`, holding the PID) while the run lasts and removed at its end. Folders of runs that were killed
-    (their lock free, since the kernel released it) are removed first, each said in one line."""
-    root = Path(root if root is not None else tempfile.gettempdir())
-    remove_dead_scratch(root)
-    folder = root / f"{SCRATCH}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    lock = OutputLock(folder).acquire()  # before the folder exists: a folder of ours is never without its lock
-    try:
-        folder.mkdir(mode=0o700)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        lock.release()
-
-
-def remove_dead_scratch(root: Path) -> None:
-    """Remove the folders that `plan --quality` runs killed outright left in `root` (a folder whose lock no live
-    process holds), saying so; a folder without a lock (an older uptrain's) is named, not removed."""
-    for folder in sorted(root.glob(f"{SCRATCH}*")):
-        try:
-            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
-                continue  # another user's, or not one of ours
-        except OSError:
-            continue
-        if not lock_path(folder).exists():
-            LOGGER.warning(
-                f"{folder} may hold Σ files of an interrupted `uptrain plan --quality`; delete it once no plan runs"
-            )
-            continue
-        lock = OutputLock(folder)
-        try:
-            lock.acquire()
-        except UptrainError:
-            continue  # a live run's (or a lock we cannot take): left alone
-        try:
-            if folder.is_dir():  # not finished and removed meanwhile by its own run
-                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-                shutil.rmtree(folder, ignore_errors=True)
-                if folder.exists():
-                    LOGGER.warning(f"{folder}, left by a killed `uptrain plan --quality`, could not be removed")
-                else:
-                    LOGGER.warning(
-                        f"removed {folder} ({format_bytes(size)}), left by a killed `uptrain plan --quality`"
-                    )
-        finally:
-            lock.release()
+HELD_OUT_BATCH = 4
+"""Held-out windows run through a layer at a time."""
 
 
 @torch.no_grad()
@@ -134,81 +80,66 @@ def merge_quality(
     calibration: Calibration,
     held: dict[str, list[Window]],
     add_scores: Scorer,
-    folder: Path,
     refinement: Refinement | None = None,
-    seed: int = 0,
     quiet: bool = False,
-    batch_size: int = 4,
 ) -> dict[int, dict[str, dict[str, float]]]:
     """{G: {text: the scorer's totals of the source (reference) against its G-head merge}} over each held-out
-    text's windows (run `batch_size` at a time). With `refinement`, each G's merge is refined layer by layer, as
-    `convert` refines it. `folder` holds the Σ files (and refined tensors) while this runs."""
-    options = {g: MergeOptions(g, "svd", "contiguous", seed) for g in groups}
-    refiners = {}
-    if refinement is not None:
-        refiners = {
-            g: LayerRefiner(refinement, reader, arch, shape, options[g], RefinedStore(folder / f"refined-g{g}"))
-            for g in groups
-        }
-    held_pass = _HeldOut(reader, arch, shape, options, list(refiners), held, batch_size)
-    refining = list(refiners.values())
-    input_covariance(reader, arch, shape, calibration, folder / "sigma", quiet, None, refining, held_pass)
+    text's windows. With `refinement`, each G's merge is refined layer by layer, as `convert` refines it."""
+    mergers = []
+    for g in groups:  # each G's plan, made once
+        plan = attention_plan(reader, arch, shape, MergeOptions(g, RECOMMENDED))
+        mergers.append(LayerMerger(reader, arch, plan, g, refinement, hand_on=True))
+    held_pass = _HeldOut(arch, shape, groups, held)
+    calibration_pass(reader, arch, shape, calibration, [Covariance(shape.hidden), *mergers, held_pass], quiet)
     return held_pass.totals(add_scores)
 
 
 class _HeldOut:
-    """The held-out windows through every layer of the source and of each G's merge, done while the
-    calibration pass holds the layer (`calibrate.Alongside`): one model, each layer's weights read once."""
+    """The held-out windows through every layer of the source and of each G's merge (a `Visitor` of the pass,
+    after the mergers): one model, each layer's weights read once."""
 
-    def __init__(
-        self,
-        reader: CheckpointReader,
-        arch: Architecture,
-        shape: ModelShape,
-        options: dict[int, MergeOptions],
-        refined: list[int],
-        held: dict[str, list[Window]],
-        batch_size: int,
-    ) -> None:
-        self.reader, self.arch, self.shape, self.options, self.refined = reader, arch, shape, options, refined
-        self.checks = TensorChecks(reader.tensors, shape)
+    label, keeps_windows = "quality per G", False
+
+    def __init__(self, arch: Architecture, shape: ModelShape, groups: list[int], held: dict[str, list[Window]]) -> None:
+        self.arch, self.shape, self.groups = arch, shape, groups
         self.batches: list[tuple[str, list[Window]]] = []  # (text, windows of one length)
         for text, windows in held.items():
             by_length: dict[int, list[Window]] = {}
             for w in windows:
                 by_length.setdefault(len(w[0]), []).append(w)
             self.batches += [
-                (text, group[b : b + batch_size])
+                (text, group[b : b + HELD_OUT_BATCH])
                 for group in by_length.values()
-                for b in range(0, len(group), batch_size)
+                for b in range(0, len(group), HELD_OUT_BATCH)
             ]
         self.texts = list(held)
         self.windows = [torch.stack([ids for ids, _ in batch]) for _, batch in self.batches]  # each (B, L)
-        self.units = len(options) + 1  # each G's merge, then the source
+        self.units = len(groups) + 1  # each G's merge, then the source
 
     def begin(self, source: LayeredSource, first: int) -> None:
         self.source, self.first = source, first
         self.reference = source.hidden[first:]  # the source's hidden states, per batch (B, L, hidden)
-        self.paths = {g: list(self.reference) for g in self.options}  # each G's
+        self.paths = {g: list(self.reference) for g in self.groups}  # each G's
 
-    def layer(
-        self, i: int, sigma: torch.Tensor, converted: list[dict[str, torch.Tensor]], done: Callable[[], None]
-    ) -> None:
-        for g, options in self.options.items():
-            if g in self.refined:  # what convert writes: refined, or the closed form where refining did not help
-                tensors = converted[self.refined.index(g)]
-            else:
-                tensors, _ = closed_form(self.reader, self.checks, self.arch, self.shape, options, i, sigma)
-            with _merged(self.source, self.arch, i, g, self.shape.heads, tensors):
+    def window(self, layer: int, seen: SourceAttention) -> None:
+        pass
+
+    def layer(self, state: LayerState, done: Callable[[], None]) -> None:
+        i = state.index
+        for g in self.groups:  # what convert writes: refined, or the closed form where refining did not help
+            with _merged(self.source, self.arch, i, g, self.shape.heads, state.converted[g]):
                 self.paths[g] = self.source.run_layer(i, self.paths[g], self.first)
             done()
         self.reference = self.source.run_layer(i, self.reference, self.first)
         done()
 
+    def release(self, state: LayerState) -> None:
+        pass
+
     def totals(self, add_scores: Scorer) -> dict[int, dict[str, dict[str, float]]]:
         """Each G's sums against the source per text, from the final hidden states (after the last layer)."""
         keys = ("nll", "ref_nll", "kl", "agree", "count")
-        totals = {g: {text: dict.fromkeys(keys, 0.0) for text in self.texts} for g in self.options}
+        totals = {g: {text: dict.fromkeys(keys, 0.0) for text in self.texts} for g in self.groups}
         self.source.load_head()
         for b, (text, batch) in enumerate(self.batches):
             w = self.first + b
@@ -218,7 +149,7 @@ class _HeldOut:
                 target = ids[None, 1:].to(ref.device)  # (1, L-1)
                 mask = torch.zeros_like(target, dtype=torch.bool)
                 mask[0, first - 1 :] = True  # logits at p-1 predict token p, for p >= first
-                for g in self.options:
+                for g in self.groups:
                     logp = torch.log_softmax(self.source.logits(w, self.paths[g][b][one], one)[:, :-1].float(), -1)
                     add_scores(totals[g][text], logp, ref, target, mask)
         return totals

@@ -1,8 +1,9 @@
-"""One layer's attention merged jointly: least squares (`svd`), or any method with similarity grouping.
+"""One layer's attention merged jointly: a joint method (`svd`), or any method with similarity grouping.
 
-The layer's q/k/v/o tensors (and biases) are read and computed together when the writer asks for
-the first of them, handed out one by one, then dropped. The merge keeps its groups and errors
-(`errors`) for the conversion record.
+Without a calibration pass, the layer's q/k/v/o tensors (and biases) are read and computed together when the
+writer asks for the first of them (Σ the identity), handed out one by one, then dropped. With one, the pass
+computes the layer with its Σ (`compute`) and the writer hands out what the pass kept. The merge keeps its
+groups and errors (`errors`) for the conversion record.
 """
 
 from __future__ import annotations
@@ -12,16 +13,9 @@ from typing import Any
 
 import torch
 
-from uptrain_gqa.conversion.least_squares import (
-    augment,
-    identity_sigma,
-    merge_k,
-    merge_v,
-    permute_rows,
-    query_order,
-    similarity_order,
-)
-from uptrain_gqa.conversion.pooling import merge_rows, tensor_seed
+from uptrain_gqa.conversion.least_squares import augment, identity_sigma, permute_rows, query_order, similarity_order
+from uptrain_gqa.conversion.merge_method import LayerHeads
+from uptrain_gqa.conversion.pooling import tensor_seed
 from uptrain_gqa.conversion.steps import MergeOptions
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.reader import CheckpointReader
@@ -47,7 +41,7 @@ class JointLayer:
         self._out: dict[str, torch.Tensor] | None = None
 
     def tensor(self, name: str) -> Callable[[CheckpointReader], torch.Tensor]:
-        """A step's job: the output tensor `name`, computing the whole layer on first use."""
+        """A step's job: the output tensor `name`, computing the whole layer (Σ the identity) on first use."""
 
         def get(reader: CheckpointReader) -> torch.Tensor:
             if self._out is None:
@@ -56,17 +50,20 @@ class JointLayer:
 
         return get
 
-    def compute(self, reader: CheckpointReader) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Every output tensor of the layer by name, and the merge's groups and relative errors."""
+    def compute(
+        self, reader: CheckpointReader, sigma: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every output tensor of the layer by name (float32), merged with `sigma` (the layer's Σ̃ (hidden+1,
+        hidden+1); None: every input direction counts alike), and the merge's groups and relative errors."""
         try:
-            return self._compute(reader)
+            return self._compute(reader, identity_sigma(self.shape.hidden) if sigma is None else sigma)
         except torch.linalg.LinAlgError as e:  # non-finite or degenerate layer inputs (Σ) or weights
             raise UptrainError(
                 f"the least-squares merge of layer {self.layer} failed ({str(e).splitlines()[0][:80]}); its "
                 "inputs are degenerate or non-finite: check the source, or use --method mean"
             ) from e
 
-    def _compute(self, reader: CheckpointReader) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _compute(self, reader: CheckpointReader, sigma: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s, opt, n = self.shape, self.options, self.names
         d, g = s.head_dim, opt.num_kv_heads
         r = s.group_size(g)
@@ -78,30 +75,22 @@ class JointLayer:
             q_w, k_w, v_w = read["q"], read["k"], read["v"]
             q_b, k_b, v_b = read.get("q_b"), read.get("k_b"), read.get("v_b")
         q, k, v, o = augment(q_w, q_b), augment(k_w, k_b), augment(v_w, v_b), read["o"]  # (rows, hidden+1)
-        sigma = opt.sigma[self.layer] if opt.sigma is not None else identity_sigma(s.hidden)
         order = list(range(s.kv_heads))
         if opt.grouping == "similarity":
             order = similarity_order(k, v, s, g, sigma)
             qo = query_order(order, s.queries_per_kv_head)
             k, v, q = permute_rows(k, order, d), permute_rows(v, order, d), permute_rows(q, qo, d)
             o = permute_rows(o.T, qo, d).T
-        if opt.method == "svd":
-            k, q, k_err, k_mean = merge_k(k, q, s, g, self.pairs, sigma, "svd" if self.fold_k else "mean")
-            v, o, v_err, v_mean = merge_v(v, o, s, g, sigma, "svd")
-        else:
-            _, _, k_err, k_mean = merge_k(k, q, s, g, self.pairs, sigma, "mean")
-            _, _, v_err, v_mean = merge_v(v, o, s, g, sigma, "mean")
-            k_name, v_name = n.get("k", n.get("qkv", "")), n.get("v", n.get("qkv", "")) + ":v"
-            k = merge_rows([k], s.kv_heads, g, opt.method, "weight", tensor_seed(opt.seed, k_name))
-            v = merge_rows([v], s.kv_heads, g, opt.method, "weight", tensor_seed(opt.seed, v_name))
-            if opt.method == "random":  # fresh weights, zero biases
-                k[:, -1], v[:, -1] = 0.0, 0.0
-            if opt.method != "mean":
-                k_err = v_err = None  # only mean pooling's error is reported for first/random
+        seeds = (
+            tensor_seed(opt.seed, n.get("k", n.get("qkv", ""))),
+            tensor_seed(opt.seed, n.get("v", n.get("qkv", "")) + ":v"),
+        )
+        m = opt.merge.solve(LayerHeads(q, k, v, o, s, g, sigma, self.pairs, self.fold_k, seeds))
+        q, k, v, o = m.q, m.k, m.v, m.o
         errors = {
             "groups": [order[i * r : (i + 1) * r] for i in range(g)],
-            "k": {"error": k_err, "mean_pooling_error": k_mean, "folded": self.fold_k and opt.method == "svd"},
-            "v": {"error": v_err, "mean_pooling_error": v_mean},
+            "k": {"error": m.k_error, "mean_pooling_error": m.k_mean, "folded": m.folded},
+            "v": {"error": m.v_error, "mean_pooling_error": m.v_mean},
         }
         out = {"o": o}
         if "qkv" in read:

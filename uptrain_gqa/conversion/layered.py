@@ -5,14 +5,16 @@ hidden states of the tokens it reads (calibration, and `plan --quality`'s estima
    (embeddings, rotary tables) get real weights;
 2. a forward over every window records what the model hands each decoder layer (hidden states
    for the first, masks and rotary tables for all) without running any layer;
-3. the caller then loads one layer's weights (`load_layer`), runs the windows through it, and drops
-   them again (`unload`).
+3. the pass (conversion/walk.py) then loads one layer's weights (`load_layer`), runs the windows through it,
+   hands each `Visitor` what the layer's attention saw, and drops the weights again (`unload`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -20,6 +22,66 @@ from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.model.families import Architecture
 from uptrain_gqa.model.shape import ModelShape
+
+
+@dataclass
+class SourceAttention:
+    """One calibration window as the source attention saw it: input x (1, T, hidden), the rest of the call
+    (rotary tables, masks), and the source's output y (1, T, hidden)."""
+
+    x: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+    y: torch.Tensor
+    may_hold_out: bool = True
+    """The window may be kept out of a refinement's fit to judge it (refine.split_windows)."""
+    label: str = ""
+    """The calibration text the window comes from."""
+
+
+def attention_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, the other positional arguments, the keyword arguments) of an attention call."""
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        return kwargs.pop("hidden_states"), args, kwargs
+    return args[0], args[1:], kwargs
+
+
+@dataclass
+class LayerState:
+    """What the pass knows of layer `index` once its calibration windows ran; visitors, in order, read what the
+    ones before them left."""
+
+    index: int
+    sigma: torch.Tensor | None = None
+    """Σ̃ (hidden+1, hidden+1) of the attention input (calibrate.Covariance)."""
+    converted: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per G: the layer's attention tensors as `convert` writes them (merge.LayerMerger, when asked)."""
+
+
+class Visitor(Protocol):
+    """Work on each layer while the pass holds it in memory: Σ, each G's merge (and refinement), held-out scores."""
+
+    label: str
+    """What it adds to the progress bar's description ("" for nothing)."""
+    units: int
+    """Progress-bar units each layer's `layer` call accounts for."""
+    windows: list[torch.Tensor]
+    """Token ids (B, L) it runs through the source beside the calibration windows (not part of Σ)."""
+    keeps_windows: bool
+    """Holds every calibration window's attention input and output until the layer is done (memory)."""
+
+    def begin(self, source: LayeredSource, first: int) -> None:
+        """Before layer 0: `source` holds `windows` as its windows first, first + 1, ..."""
+
+    def window(self, layer: int, seen: SourceAttention) -> None:
+        """One calibration window through layer `layer`'s attention, as the source ran it."""
+
+    def layer(self, state: LayerState, done: Callable[[], None]) -> None:
+        """Layer `state.index` ran every calibration window; call `done` once per unit of work."""
+
+    def release(self, state: LayerState) -> None:
+        """Every visitor is done with the layer: drop what was held for it."""
 
 
 class _Stop(Exception):

@@ -55,7 +55,7 @@ def separate_kv(
                 continue
             checks.rows(info, s.kv_heads * d, f"{s.kv_heads} KV heads")
             seed = tensor_seed(options.seed, info.name)
-            op = partial(merge_rows, heads=s.kv_heads, groups=g, method=options.method, role=suffix, seed=seed)
+            op = partial(merge_rows, heads=s.kv_heads, groups=g, method=options.merge, role=suffix, seed=seed)
             out.replaced |= _replace(info, g * d, op)
     return out
 
@@ -72,7 +72,7 @@ def stacked_qkv(
         checks.rows(info, (s.heads + 2 * s.kv_heads) * d, f"{s.heads} query + 2×{s.kv_heads} KV heads")
         seeds = (tensor_seed(options.seed, info.name + ":k"), tensor_seed(options.seed, info.name + ":v"))
         op = partial(
-            merge_stacked, heads=s.heads, kv_heads=s.kv_heads, groups=g, method=options.method, role=suffix, seeds=seeds
+            merge_stacked, heads=s.heads, kv_heads=s.kv_heads, groups=g, method=options.merge, role=suffix, seeds=seeds
         )
         out.replaced |= _replace(info, (s.heads + 2 * g) * d, op)
     return out
@@ -98,7 +98,7 @@ def key_norms(
             per = s.group_size(g)
             for j in range(g):
                 spec = TensorSpec(names[j], infos[j].dtype, (d,))  # type: ignore[union-attr]
-                op = partial(merge_modules, method=options.norm_method)
+                op = partial(merge_modules, method=options.merge)
                 out.replaced[names[j]] = [Step(spec, tuple(names[j * per : (j + 1) * per]), op)]
             out.dropped.update(names[g:])
         else:
@@ -107,7 +107,7 @@ def key_norms(
                 continue
             flat = arch.k_norm_layout == "flat"
             checks.norm(info, (s.kv_heads * d,) if flat else (s.kv_heads, d))
-            op = partial(merge_rows, heads=s.kv_heads, groups=g, method=options.norm_method, role="norm", seed=0)
+            op = partial(merge_rows, heads=s.kv_heads, groups=g, method=options.merge, role="norm", seed=0)
             spec = TensorSpec(info.name, info.dtype, (g * d,) if flat else (g, d))
             out.replaced[info.name] = [Step(spec, (info.name,), op)]
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from uptrain_gqa.conversion.merge_method import LayerHeads, Merged, MergeMethod, Role, grouped
 from uptrain_gqa.model.families import RotaryPairs
 from uptrain_gqa.model.shape import ModelShape
 
@@ -105,8 +106,8 @@ def _balance(maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A and A⁻¹ (k, k) that re-express a shared head h as A h, each head's map m becoming m A⁻¹: the same
     function, in the gauge where the maps preserve norms on average (mean (m A⁻¹)ᵀ(m A⁻¹) = I), so the shared head
     has the scale of the heads it replaces and the projections the maps are folded into keep theirs. Without it
-    the least-squares head carried o_proj's scale (V ×6, o_proj ÷13 on SmolLM2-135M), and gradient steps on
-    o_proj, in refinement and in uptraining, were that much larger relative to its weights (docs/results.md)."""
+    the least-squares head carries o_proj's scale, and gradient steps on o_proj, in refinement and in uptraining,
+    are that much larger relative to its weights (docs/results.md)."""
     gram = sum(m.double().T @ m.double() for m in maps) / len(maps)  # (k, k), positive definite
     vals, vecs = torch.linalg.eigh(gram)
     root = vals.clamp_min(1e-30).sqrt()
@@ -134,13 +135,13 @@ def _output_maps(o: torch.Tensor, kv_head: int, t: int, d: int) -> tuple[torch.T
 
 
 def merge_v(
-    v: torch.Tensor, o: torch.Tensor, shape: ModelShape, groups: int, sigma: torch.Tensor, method: str = "svd"
+    v: torch.Tensor, o: torch.Tensor, shape: ModelShape, groups: int, sigma: torch.Tensor, fit: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Merge V heads and fold the per-head maps into o_proj.
+    """Merge V heads and fold the per-head maps into o_proj (`fit` False: mean pooling, measured alike).
 
     The fit is weighted by the input (Σ) and by o_proj: head i's error counts as ‖L_i (W_i − M_i W_g) x̃‖²,
-    LᵀL the Gram matrix of the o_proj columns that read it (measured better than an unweighted fit on
-    SmolLM2-135M; docs/results.md). Substituting W_i' = L_i W_i makes it the plain rank-d problem.
+    LᵀL the Gram matrix of the o_proj columns that read it (docs/results.md compares it with an unweighted
+    fit). Substituting W_i' = L_i W_i makes it the plain rank-d problem.
 
     v: (n·d, hidden+1) augmented; o: (hidden, H·d). Returns (v_new (G·d, hidden+1), o_new,
     relative error of this merge, relative error of mean pooling), both measured at o_proj's output."""
@@ -155,7 +156,7 @@ def merge_v(
         members = range(grp * r, (grp + 1) * r)
         mean = heads[grp * r : (grp + 1) * r].mean(0)  # (d, hidden+1)
         mean_err += float(_energy(torch.cat([weighted[i] - maps[i][0] @ mean for i in members]), sigma))
-        if method != "svd":
+        if not fit:
             shared.append(mean)
             continue
         u, head, e = _best_rank(weighted[grp * r : (grp + 1) * r].flatten(0, 1), sigma, d)  # u: (r·d, d)
@@ -166,7 +167,7 @@ def merge_v(
         for m, i in zip(ms, members, strict=True):
             for q in _readers(i, t):
                 o_new[:, q * d : (q + 1) * d] = o[:, q * d : (q + 1) * d] @ (m @ a_inv)
-    if method != "svd":
+    if not fit:
         err = mean_err
     return torch.cat(shared), o_new, err / total, mean_err / total
 
@@ -181,9 +182,9 @@ def merge_k(
     groups: int,
     pairs: RotaryPairs,
     sigma: torch.Tensor,
-    method: str = "svd",
+    fit: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Merge K heads with maps that commute with RoPE, folded into the query rows.
+    """Merge K heads with maps that commute with RoPE, folded into the query rows (`fit` False: mean pooling).
 
     k: (n·d, hidden+1), q: (H·d, hidden+1), both augmented. Returns (k_new (G·d, hidden+1),
     q_new, relative error, relative error of mean pooling)."""
@@ -199,7 +200,7 @@ def merge_k(
         w = heads[grp * r : (grp + 1) * r]  # (r, d, hidden+1)
         mean, e_mean = _mean_pool(w, sigma)
         mean_err += e_mean
-        if method != "svd":
+        if not fit:
             shared.append(mean)
             continue
         new = torch.empty_like(mean)
@@ -232,6 +233,28 @@ def merge_k(
                 for qi in _readers(grp * r + i, t):
                     qh[qi, rest] = (m @ a_inv).T @ qh[qi, rest]
         shared.append(new)
-    if method != "svd":
+    if not fit:
         err = mean_err
     return torch.cat(shared), qh.flatten(0, 1), err / total, mean_err / total
+
+
+# --- the method ----------------------------------------------------------------------------------
+
+
+class LeastSquares(MergeMethod):
+    """`svd`: least-squares shared heads with per-head maps folded exactly into the query and output projections,
+    weighted by the layer's inputs Σ; key norms are pooled by mean."""
+
+    name = "svd"
+    joint = True
+
+    def pool(self, heads: torch.Tensor, groups: int, role: Role, seed: int | None) -> torch.Tensor:
+        if role != "norm":
+            raise ValueError("svd merges a layer's heads jointly (solve), not tensor by tensor")
+        return grouped(heads, groups).mean(dim=1)
+
+    def solve(self, heads: LayerHeads) -> Merged:
+        h, s, g = heads, heads.shape, heads.groups
+        k, q, k_err, k_mean = merge_k(h.k, h.q, s, g, h.pairs, h.sigma, fit=h.fold_k)
+        v, o, v_err, v_mean = merge_v(h.v, h.o, s, g, h.sigma, fit=True)
+        return Merged(q, k, v, o, k_err, k_mean, v_err, v_mean, folded=h.fold_k)

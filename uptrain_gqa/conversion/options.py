@@ -11,7 +11,7 @@ import torch
 
 from uptrain_gqa import config as configlib
 from uptrain_gqa.conversion.calibrate import DEFAULT_MIX, NONE, Calibration
-from uptrain_gqa.conversion.pooling import Grouping, Method
+from uptrain_gqa.conversion.methods import Grouping, Method
 from uptrain_gqa.conversion.refine import DEFAULT_LR, Refinement
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.units import parse_size
@@ -44,8 +44,8 @@ class ConvertOptions:
     each [LABEL[:WEIGHT]=]DATA, where DATA is local files (txt/jsonl/parquet or plain-text sources like .md
     .py .c, globs allowed), a Hub dataset id (streamed; see --calibration-subset/--calibration-split) or a
     built-in set (uptrain:broad); WEIGHT is its share (default: equal). Or `random` (uniform random tokens,
-    no data) or `none` (weights only: every input direction counts alike, measured worse than mean pooling
-    on a real model). Default: uptrain:broad (random tokens for a source without a tokenizer)."""
+    no data) or `none` (weights only: every input direction counts alike; docs/results.md compares it with mean
+    pooling). Default: uptrain:broad (random tokens for a source without a tokenizer)."""
     calibration_tokens: int | None = None
     """Tokens to run through the source model, one decoder layer at a time on the GPU if there is one
     (memory: one layer plus these tokens' hidden states). Default: 65,536 of text, 8,192 random. At least the
@@ -62,7 +62,7 @@ class ConvertOptions:
     converted attention's output to the source's on the calibration text, changing only values (a standard
     GQA checkpoint still). A layer keeps them only if they lower its error on held-out windows. Default: 36
     when the source reads text (uptrain:broad by default), 0 (closed form only) with random tokens or none;
-    0 turns it off. Costs up to ~2x the calibration pass."""
+    0 turns it off. Each layer's steps run inside the calibration pass (docs/results.md says what it costs)."""
     refine_lr: float = DEFAULT_LR
     """Peak learning rate of the refinement (cosine decay to 0); 0 < lr <= 1."""
     dtype: DtypeOption = "auto"

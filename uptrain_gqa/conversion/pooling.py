@@ -1,5 +1,7 @@
 """Pool a group's source key/value heads into one shared head (Ainslie et al., 2023, §2).
 
+The methods `mean`, `first` and `random`.
+
 Heads are grouped the way transformers' `repeat_kv` reads them: consecutive source KV heads
 form a group, so query head h keeps reading the pooled version of the heads it read before.
 All arithmetic is done in float32 and cast back by the caller.
@@ -8,15 +10,11 @@ All arithmetic is done in float32 and cast back by the caller.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
 
 import torch
 
-Method = Literal["mean", "first", "random", "svd"]
-Role = Literal["weight", "bias", "norm"]
-METHODS: tuple[str, ...] = ("mean", "first", "random", "svd")
-Grouping = Literal["contiguous", "similarity"]
-GROUPINGS: tuple[str, ...] = ("contiguous", "similarity")
+from uptrain_gqa.conversion.least_squares import merge_k, merge_v
+from uptrain_gqa.conversion.merge_method import LayerHeads, Merged, MergeMethod, Role, grouped
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -25,50 +23,89 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def merge_heads(
-    heads: torch.Tensor,
-    num_groups: int,
-    method: Method,
-    role: Role,
-    seed: int | None = None,
-    std: float | None = None,
-) -> torch.Tensor:
-    """Pool per-head rows into `num_groups` shared heads.
+class Pooling(MergeMethod):
+    """A method that pools each tensor's heads; with similarity grouping its layer is merged in the regrouped
+    order, and mean pooling's Σ-weighted error is measured beside it."""
 
-    heads: (KV, d, *rest) — one slice per source KV head (rest = in_features for weights).
-    Returns (G, d, *rest) in float32.
-    - mean: average of the group's heads (the paper's choice).
-    - first: the first head of each group.
-    - random: fresh N(0, std²) weights (std of the source tensor unless given), zero biases;
-      norm weights, which are not projections, are averaged as with `mean`.
-    (`svd` merges a layer's heads jointly with its queries and outputs: see least_squares.py.)
-    """
-    kv = heads.shape[0]
-    if kv % num_groups:
-        raise ValueError(f"{num_groups} groups do not divide {kv} heads")
-    grouped = heads.float().unflatten(0, (num_groups, kv // num_groups))  # (G, r, d, *rest)
-    if method == "first":
-        return grouped[:, 0].clone()
-    if method == "mean" or role == "norm":
-        return grouped.mean(dim=1)
-    if method == "random":
-        shape = (num_groups, *grouped.shape[2:])
+    reports_error = False
+    """Its own error is mean pooling's, reported as such (only `mean`)."""
+
+    def solve(self, heads: LayerHeads) -> Merged:
+        h, s, g = heads, heads.shape, heads.groups
+        _, _, k_err, k_mean = merge_k(h.k, h.q, s, g, h.pairs, h.sigma, fit=False)
+        _, _, v_err, v_mean = merge_v(h.v, h.o, s, g, h.sigma, fit=False)
+        k = merge_rows([h.k], s.kv_heads, g, self, "weight", h.seeds[0])
+        v = merge_rows([h.v], s.kv_heads, g, self, "weight", h.seeds[1])
+        if not self.reports_error:
+            k_err = v_err = None
+        return Merged(h.q, k, v, h.o, k_err, k_mean, v_err, v_mean, folded=False)
+
+
+class Mean(Pooling):
+    """The average of the group's heads (the paper's choice)."""
+
+    name = "mean"
+    reports_error = True
+
+    def pool(self, heads: torch.Tensor, groups: int, role: Role, seed: int | None) -> torch.Tensor:
+        return grouped(heads, groups).mean(dim=1)
+
+
+class First(Pooling):
+    """The first head of each group."""
+
+    name = "first"
+
+    def pool(self, heads: torch.Tensor, groups: int, role: Role, seed: int | None) -> torch.Tensor:
+        return grouped(heads, groups)[:, 0].clone()
+
+
+class RandomInit(Pooling):
+    """Fresh N(0, std²) weights (the source tensor's std), zero biases; norms averaged as with `mean`."""
+
+    name = "random"
+
+    def pool(self, heads: torch.Tensor, groups: int, role: Role, seed: int | None) -> torch.Tensor:
+        rows = grouped(heads, groups)
+        if role == "norm":
+            return rows.mean(dim=1)
+        shape = (groups, *rows.shape[2:])
         if role == "bias":
             return torch.zeros(shape)
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        sigma = float(heads.float().std()) if std is None else std
-        return torch.randn(shape, generator=gen) * sigma
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        return torch.randn(shape, generator=gen) * float(heads.float().std())
+
+    def solve(self, heads: LayerHeads) -> Merged:
+        merged = super().solve(heads)
+        merged.k[:, -1], merged.v[:, -1] = 0.0, 0.0  # the bias column: zero biases
+        return merged
 
 
-def merge_rows(ts: list[torch.Tensor], heads: int, groups: int, method: Method, role: Role, seed: int) -> torch.Tensor:
+def merge_heads(
+    heads: torch.Tensor, num_groups: int, method: MergeMethod, role: Role, seed: int | None = None
+) -> torch.Tensor:
+    """Pool per-head rows into `num_groups` shared heads: (KV, d, *rest) -> (G, d, *rest) in float32."""
+    if heads.shape[0] % num_groups:
+        raise ValueError(f"{num_groups} groups do not divide {heads.shape[0]} heads")
+    return method.pool(heads, num_groups, role, seed)
+
+
+def merge_rows(
+    ts: list[torch.Tensor], heads: int, groups: int, method: MergeMethod, role: Role, seed: int
+) -> torch.Tensor:
     """Rows laid out head by head, (heads·d, *rest) -> (groups·d, *rest)."""
     rows = ts[0].unflatten(0, (heads, -1))  # (KV, d, *rest)
     return merge_heads(rows, groups, method, role, seed).flatten(0, 1)
 
 
 def merge_stacked(
-    ts: list[torch.Tensor], heads: int, kv_heads: int, groups: int, method: Method, role: Role, seeds: tuple[int, int]
+    ts: list[torch.Tensor],
+    heads: int,
+    kv_heads: int,
+    groups: int,
+    method: MergeMethod,
+    role: Role,
+    seeds: tuple[int, int],
 ) -> torch.Tensor:
     """Fused rows [Q; K; V] (phi3): Q rows kept, K and V blocks pooled."""
     d = ts[0].shape[0] // (heads + 2 * kv_heads)
@@ -78,6 +115,6 @@ def merge_stacked(
     return torch.cat([q.float(), k, v])
 
 
-def merge_modules(ts: list[torch.Tensor], method: Method) -> torch.Tensor:
+def merge_modules(ts: list[torch.Tensor], method: MergeMethod) -> torch.Tensor:
     """One norm module per KV head (stablelm): the group's modules -> one."""
     return merge_heads(torch.stack(ts), 1, method, "norm")[0]

@@ -6,7 +6,7 @@ A source one refuses, the other refuses too, with the same line.
 downloaded): the family is one uptrain knows (`lookup`) and the shape readable. Then, before any weight is
 read, `tokenizer` loads the tokenizer when text is to be read (one line when there is none). `weights`
 fetches the weights and hands them out through `FiniteReader` (NaN/inf in an attention tensor stops, elsewhere
-a warning), and `attention_steps` checks every attention tensor's header against the config (shapes, layer
+a warning), and `attention_plan` checks every attention tensor's header against the config (shapes, layer
 count, missing tensors) for each G, before any value is read.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from uptrain_gqa.conversion.checks import FiniteReader, TensorChecks
 from uptrain_gqa.conversion.layouts import layer_steps
+from uptrain_gqa.conversion.methods import RECOMMENDED
 from uptrain_gqa.conversion.steps import LayerSteps, MergeOptions
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import read_config
@@ -29,17 +30,14 @@ from uptrain_gqa.model.shape import ModelShape, shape_of_config_json
 from uptrain_gqa.progress import LOGGER
 
 
-def attention_steps(reader: Any, arch: Architecture, shape: ModelShape, options: MergeOptions) -> LayerSteps:
-    """The steps that replace every layer's attention tensors for `options.num_kv_heads` heads, from the headers
+def attention_plan(reader: Any, arch: Architecture, shape: ModelShape, options: MergeOptions) -> dict[int, LayerSteps]:
+    """Per layer, the steps that replace its attention tensors for `options.num_kv_heads` heads, from the headers
     alone; raises UptrainError when G is out of reach or the weights disagree with the config (a tensor's shape, a
     missing tensor, layers beyond the config's count)."""
     shape.check_target(options.num_kv_heads)
     checks = TensorChecks(reader.tensors, shape)
     checks.no_extra_layers(arch.attention)
-    changed = LayerSteps()
-    for layer in range(shape.layers):
-        changed.add(layer_steps(layer, checks, arch, shape, options))
-    return changed
+    return {layer: layer_steps(layer, checks, arch, shape, options) for layer in range(shape.layers)}
 
 
 def source_tokenizer(path: Path, flag: str, instead: str) -> Any:
@@ -98,4 +96,4 @@ class CheckedSource:
     def check_attention(self, reader: Any, groups: Iterable[int]) -> None:
         """Every attention tensor's header against the config, as `convert` checks it for each of `groups`."""
         for g in groups:
-            attention_steps(reader, self.arch, self.shape, MergeOptions(g, "svd", "contiguous", 0))
+            attention_plan(reader, self.arch, self.shape, MergeOptions(g, RECOMMENDED))

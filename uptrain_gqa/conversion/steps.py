@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
-from uptrain_gqa.conversion.pooling import Grouping, Method
+from uptrain_gqa.conversion.merge_method import MergeMethod
+from uptrain_gqa.conversion.methods import Grouping, Method, merge_method
 from uptrain_gqa.io.reader import CheckpointReader
 from uptrain_gqa.io.tensors import TensorSpec
 
@@ -32,18 +33,16 @@ class MergeOptions:
     grouping: Grouping = "contiguous"
     seed: int = 0
     """Seed of `random` (per tensor, see pooling.tensor_seed)."""
-    sigma: Mapping[int, torch.Tensor] | None = None
-    """Per layer Σ̃ of the attention input (calibration); None: every input direction counts alike."""
+
+    @property
+    def merge(self) -> MergeMethod:
+        """The registered method named `method`."""
+        return merge_method(self.method)
 
     @property
     def joint(self) -> bool:
-        """A layer's q/k/v/o are merged together (least squares, or reordered by similarity)."""
-        return self.method == "svd" or self.grouping == "similarity"
-
-    @property
-    def norm_method(self) -> Method:
-        """Key norms are not projections: pooled by mean whenever heads are merged by least squares."""
-        return "mean" if self.method == "svd" else self.method
+        """A layer's q/k/v/o are merged together (a joint method, or heads reordered by similarity)."""
+        return self.merge.joint or self.grouping == "similarity"
 
 
 class LayerMerge(Protocol):
@@ -52,6 +51,13 @@ class LayerMerge(Protocol):
     layer: int
     errors: dict[str, Any] | None
     """Its groups and merge errors, once computed."""
+
+    def compute(
+        self, reader: CheckpointReader, sigma: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every output tensor of the layer by name (float32), merged with `sigma` (the layer's Σ̃; None: the
+        identity), and the merge's groups and errors."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,13 @@ class ConversionSteps:
     """Every output tensor of a conversion, in source order."""
 
     steps: list[Step]
-    merges: list[LayerMerge] = field(default_factory=list)
-    """The joint layer merges behind some steps; each holds its layer's errors once computed."""
+    layers: dict[int, LayerSteps] = field(default_factory=dict)
+    """Each layer's attention steps as planned (in the source's dtypes), with the joint merge behind them."""
+
+    @property
+    def merges(self) -> list[LayerMerge]:
+        """The joint layer merges behind some steps; each holds its layer's errors once computed."""
+        return [m for one in self.layers.values() for m in one.merges]
 
     def cast(self, dtype: torch.dtype | None) -> ConversionSteps:
         """The same steps writing floating-point tensors in `dtype` (None: as stored)."""
@@ -112,7 +123,7 @@ class ConversionSteps:
             dataclasses.replace(s, spec=TensorSpec(s.spec.name, dtype, s.spec.shape)) if s.spec.dtype in CASTABLE else s
             for s in self.steps
         ]
-        return ConversionSteps(steps, self.merges)
+        return ConversionSteps(steps, self.layers)
 
     def made_by(self, jobs: Mapping[str, Callable[[CheckpointReader], torch.Tensor]]) -> ConversionSteps:
         """The same steps, the tensors named in `jobs` made by those jobs instead (layer-wise refinement)."""
@@ -120,7 +131,7 @@ class ConversionSteps:
             dataclasses.replace(s, sources=(), op=None, job=jobs[s.spec.name]) if s.spec.name in jobs else s
             for s in self.steps
         ]
-        return ConversionSteps(steps, self.merges)
+        return ConversionSteps(steps, self.layers)
 
     @property
     def parameters(self) -> int:
