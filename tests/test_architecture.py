@@ -120,3 +120,38 @@ def test_the_layout_page_is_current() -> None:
     assert readme_section((ROOT / "docs" / "development.md").read_text()) == layout_markdown(), (
         "run `python -m scripts.layout --write`"
     )
+
+
+def keyword_parameters(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """The parameters a caller may pass by name (self and cls aside)."""
+    names = [a.arg for a in (*function.args.args, *function.args.kwonlyargs)]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def wide_functions(tree: ast.AST, limit: int = 10) -> list[str]:
+    return [
+        f"{node.name} ({len(keyword_parameters(node))})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and len(keyword_parameters(node)) > limit
+    ]
+
+
+def test_no_function_takes_more_than_ten_keyword_parameters() -> None:
+    """Eleven knobs in one signature means an options object is missing (the options dataclasses hold fields)."""
+    wide = {p.relative_to(ROOT).as_posix(): wide_functions(ast.parse(p.read_text())) for p in PACKAGE.rglob("*.py")}
+    assert {p: names for p, names in wide.items() if names} == {}
+    eleven = ", ".join(f"a{i}" for i in range(11))
+    assert wide_functions(ast.parse(f"def f({eleven}): pass")) == ["f (11)"]
+    assert wide_functions(ast.parse(f"class C:\n    def m(self, {eleven[4:]}): pass")) == []
+
+
+def test_the_training_loop_never_branches_on_the_parallel_strategy() -> None:
+    """One parallelism object per strategy decides (training/parallel.py: Replicated, FullyShard): the loop, the
+    checkpointer and the run ask it, and never test whether the model is sharded."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_test = isinstance(node, ast.Compare) and any(isinstance(op, ast.Is | ast.IsNot) for op in node.ops)
+            if is_test and "sharding" in ast.unparse(node.left) and ast.unparse(node.comparators[0]) == "None":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []

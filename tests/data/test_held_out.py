@@ -166,7 +166,7 @@ def test_the_record_and_the_card_say_how_validation_was_made(folder, tmp_path) -
     )
 
     from uptrain_gqa.training.config import TrainConfig
-    from uptrain_gqa.training.model import training_summary
+    from uptrain_gqa.training.export import training_summary
 
     train = configlib.from_dict(
         TrainConfig, {"model": {"path": "m"}, "budget": {"steps": 1}, "data": configlib.to_dict(cfg)}

@@ -15,8 +15,8 @@ from uptrain_gqa import config as configlib
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.model.shape import count_parameters, matmul_parameters
 from uptrain_gqa.training.budget import train_budget
-from uptrain_gqa.training.config import OptimConfig, TrainConfig
-from uptrain_gqa.training.model import lr_factor
+from uptrain_gqa.training.config import BudgetConfig, OptimConfig, TrainConfig
+from uptrain_gqa.training.optimizer import lr_factor
 
 
 def matmul_params(config) -> int:
@@ -120,7 +120,7 @@ def test_llama2_7b_five_percent_plan_matches_hand_computation() -> None:
     n = 32 * layer + 4096 + 32000 * 4096  # + final norm + lm_head (the input embedding is excluded)
     assert matmul_params(cfg) == n == 5_802_037_248
     plan = train_budget(
-        fraction=0.05, original_tokens=2e12, seq_len=4096, global_batch_size=1024, micro_batch_size=4,
+        BudgetConfig(fraction=0.05, original_tokens=2e12), seq_len=4096, global_batch_size=1024, micro_batch_size=4,
         num_processes=64, params=n,
     )  # fmt: skip
     assert plan.requested_tokens == 100_000_000_000
@@ -147,8 +147,8 @@ def test_n_is_every_matmul_and_the_plan_says_what_it_counts(tied: bool) -> None:
     assert is_tied == tied == (model.lm_head.weight is model.model.embed_tokens.weight)
     assert n == 2 * layer + 64 + 96 * 64  # + final norm + the head's matmul
     assert n == (every if tied else every - 96 * 64)
-    plan = train_budget(steps=1, seq_len=8, global_batch_size=1, micro_batch_size=1, num_processes=1, params=n,
-                        tied_embeddings=is_tied)  # fmt: skip
+    plan = train_budget(BudgetConfig(steps=1), seq_len=8, global_batch_size=1, micro_batch_size=1, num_processes=1,
+                        params=n, tied_embeddings=is_tied)  # fmt: skip
     (line,) = [x for x in plan.lines() if x.startswith("parameters (N)")]
     tied_words = "all of them; the embedding table is tied to the output head, whose matmul is real compute"
     assert line.endswith((tied_words if tied else "all but the input embedding table, a lookup") + ")")
@@ -157,15 +157,17 @@ def test_n_is_every_matmul_and_the_plan_says_what_it_counts(tied: bool) -> None:
 
 def test_plan_from_tokens_and_from_steps() -> None:
     common = dict(seq_len=128, global_batch_size=16, micro_batch_size=2, num_processes=2, params=1000)
-    p = train_budget(tokens=10_000, **common)
+    p = train_budget(BudgetConfig(tokens=10_000), **common)
     assert (p.steps, p.tokens, p.grad_accum) == (5, 10_240, 4)  # 2048 tokens per step: ceil(10000/2048) = 5
-    p = train_budget(steps=7, **common)
+    p = train_budget(BudgetConfig(steps=7), **common)
     assert (p.requested_tokens, p.steps, p.flops) == (7 * 2048, 7, 6 * 1000 * 7 * 2048)
 
 
 def test_batch_that_does_not_split_evenly_is_refused() -> None:
     with pytest.raises(UptrainError, match="global_batch_size 10 is not a multiple of micro_batch_size x processes"):
-        train_budget(steps=1, seq_len=8, global_batch_size=10, micro_batch_size=4, num_processes=1, params=1)
+        train_budget(
+            BudgetConfig(steps=1), seq_len=8, global_batch_size=10, micro_batch_size=4, num_processes=1, params=1
+        )
 
 
 def test_learning_rate_schedule() -> None:
@@ -193,8 +195,7 @@ def test_learning_rate_schedule() -> None:
 def test_run_configs_parse_and_plan_on_8_gpus(name: str, arch: dict) -> None:
     cfg = configlib.load(TrainConfig, ROOT / "configs" / f"{name}.yaml")
     plan = train_budget(
-        tokens=cfg.budget.tokens, fraction=cfg.budget.fraction, original_tokens=cfg.budget.original_tokens,
-        steps=cfg.budget.steps, seq_len=cfg.data.seq_len, global_batch_size=cfg.batch.global_batch_size,
+        cfg.budget, seq_len=cfg.data.seq_len, global_batch_size=cfg.batch.global_batch_size,
         micro_batch_size=cfg.batch.micro_batch_size, num_processes=8, params=matmul_params(LlamaConfig(**arch)),
     )  # fmt: skip
     assert plan.requested_tokens == round(0.05 * cfg.budget.original_tokens)
@@ -251,7 +252,7 @@ def test_teacher_with_another_vocabulary(run_cli, tiny_run: dict, tmp_path: Path
 
 
 def test_missing_model(run_cli, tiny_run: dict) -> None:
-    cfg = {**tiny_run["config"], "model": {"path": str(tiny_run["root"] / "corpus")}}
+    cfg = {**tiny_run["config"], "model": {"path": str(tiny_run["corpus"])}}
     refuse(run_cli, cfg, tiny_run["root"], "has no config.json")
 
 

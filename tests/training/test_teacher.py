@@ -55,7 +55,7 @@ def test_a_teacher_that_is_the_student_is_refused(run_cli, tiny_run: dict, spell
 def test_a_hub_teacher_with_the_students_id_is_refused(monkeypatch) -> None:
     from uptrain_gqa.errors import UptrainError
     from uptrain_gqa.training.config import DistillConfig, ModelConfig
-    from uptrain_gqa.training.model import check_teacher
+    from uptrain_gqa.training.preflight import check_teacher
 
     with pytest.raises(UptrainError, match="is the model being trained"):
         check_teacher(DistillConfig(teacher="org/model-gqa"), ModelConfig(path="org/model-gqa"))

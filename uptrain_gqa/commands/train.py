@@ -13,7 +13,7 @@ from uptrain_gqa.device import is_main_process
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.hub import check_push, push_folder
 from uptrain_gqa.training.config import TrainConfig, shipped_config
-from uptrain_gqa.training.model import fit_to_model
+from uptrain_gqa.training.preflight import fit_to_model
 from uptrain_gqa.training.run import TrainResult, run_training
 
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from uptrain_gqa.errors import UptrainError
+from uptrain_gqa.training.config import BudgetConfig
 from uptrain_gqa.units import format_count
 
 
@@ -106,20 +107,16 @@ def default_global_batch(params: int, seq_len: int, per_step: int) -> int:
 
 
 def train_budget(
+    budget: BudgetConfig,
     *,
-    tokens: float | None = None,
-    fraction: float | None = None,
-    original_tokens: float | None = None,
-    steps: int | None = None,
     seq_len: int,
     global_batch_size: int,
     micro_batch_size: int,
     num_processes: int,
     params: int,
-    gpu_peak_tflops: float = 989.0,
-    assumed_mfu: float = 0.4,
     tied_embeddings: bool = False,
 ) -> TrainBudget:
+    """The run's budget (the config's tokens, fraction or steps) resolved for its batch geometry and model."""
     per_step = micro_batch_size * num_processes
     if global_batch_size % per_step:
         raise UptrainError(
@@ -127,7 +124,7 @@ def train_budget(
             f"= {micro_batch_size} x {num_processes} = {per_step}; adjust one of them"
         )
     gbt = global_batch_size * seq_len
-    requested = resolve_tokens(tokens, fraction, original_tokens, steps, gbt)
+    requested = resolve_tokens(budget.tokens, budget.fraction, budget.original_tokens, budget.steps, gbt)
     return TrainBudget(
         requested_tokens=requested,
         steps=max(1, math.ceil(requested / gbt)),
@@ -137,8 +134,8 @@ def train_budget(
         num_processes=num_processes,
         grad_accum=global_batch_size // per_step,
         params=params,
-        gpu_peak_tflops=gpu_peak_tflops,
-        assumed_mfu=assumed_mfu,
+        gpu_peak_tflops=budget.gpu_peak_tflops,
+        assumed_mfu=budget.assumed_mfu,
         tied_embeddings=tied_embeddings,
     )
 

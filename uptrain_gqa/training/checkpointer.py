@@ -1,21 +1,20 @@
 """Resumable step checkpoints: written aside and renamed, rotated, found again on `--resume`.
 
-A checkpoint is accelerate's saved state (model, optimizer, schedule, RNG states, and the
-`TrainState` registered with it), the resolved config, and train_state.json (step, tokens, time)
-in OUT/checkpoints/step-N. The data position is a function of the step (uptrain_gqa.data.blocks), or,
-streamed, every process's stream position in the `TrainState` (uptrain_gqa.data.streams), so this is all
-a run needs to continue exactly (one streamed source with a shuffle buffer: see data.shuffle_buffer).
+A checkpoint is the run's saved state (model, optimizer, schedule, RNG states, and the `TrainState`
+registered with accelerate; the run's parallelism, uptrain_gqa.training.parallel, writes them), the
+resolved config, and train_state.json (step, tokens, time) in OUT/checkpoints/step-N. The data
+position is a function of the step (uptrain_gqa.data.blocks), or, streamed, every process's stream
+position in the `TrainState` (uptrain_gqa.data.streams), so this is all a run needs to continue
+exactly (one streamed source with a shuffle buffer: see data.shuffle_buffer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from uptrain_gqa.io.folders import TRAIN_CONFIG, respect_umask, write_failure
 from uptrain_gqa.model.loading import STEP_STATE_FILE
 from uptrain_gqa.progress import LOGGER
 from uptrain_gqa.training.config import RESUMABLE_CHANGES, TrainConfig
-from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardedState, tied_names
+from uptrain_gqa.training.parallel import Parallelism
+from uptrain_gqa.training.sharding import SHARDED_FOLDER
 
 STATE_FILE = STEP_STATE_FILE  # train_state.json: how `uptrain eval` and `train` tell a step checkpoint from a model
 
@@ -65,20 +65,6 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UptrainError(f"{path} is damaged ({first_line(e)}); use another checkpoint") from e
     return state
-
-
-def check_checkpoint_kind(checkpoint: Path, sharded: bool) -> None:
-    """A sharded (FSDP2) checkpoint resumes only under FSDP2, a one-process/DDP one only without it."""
-    is_sharded = (checkpoint / SHARDED_FOLDER).exists()
-    if is_sharded and not sharded:
-        raise UptrainError(
-            f"{checkpoint} is a sharded (FSDP2) checkpoint: resume it under the launcher it was saved with "
-            "(accelerate launch --config_file configs/accelerate/fsdp2.yaml ...), or `uptrain export` it"
-        )
-    if sharded and not is_sharded:
-        raise UptrainError(
-            f"{checkpoint} is not a sharded (FSDP2) checkpoint; resume it with the launcher it was saved with"
-        )
 
 
 def set_aside_later(run_dir: Path, checkpoint: Path) -> Path | None:
@@ -202,39 +188,6 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         )
 
 
-class _ExpectedTies(logging.Filter):
-    """Drops accelerate's "Removed shared tensor {...} while saving" when every name it removed is one of the
-    model's own tied weights (a head tied to the input embeddings): safetensors stores a shared tensor once,
-    and loading the checkpoint into the model, which is tied, fills both names. Other sharing still warns."""
-
-    def __init__(self, tied: set[str]) -> None:
-        super().__init__()
-        self.tied = tied
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        found = re.search(r"Removed shared tensor \{(.*?)\}", message)
-        if found is None:
-            return True
-        removed = {name.strip().strip("'\"").removeprefix("module.") for name in found.group(1).split(",")}
-        return not removed <= self.tied
-
-
-@contextlib.contextmanager
-def _quiet_expected_ties(model: Any) -> Iterator[None]:
-    tied = {name for group in tied_names(model) for name in group} if model is not None else set()
-    if not tied:
-        yield
-        return
-    logger = logging.getLogger("accelerate.utils.other")  # where accelerate's safetensors save warns
-    note = _ExpectedTies(tied)
-    logger.addFilter(note)
-    try:
-        yield
-    finally:
-        logger.removeFilter(note)
-
-
 def failures_everywhere(acc: Any, failure: str | None) -> list[str]:
     """Every process's failure (None: it succeeded), gathered on all of them: a collective, which every
     process must reach, so that all stop together and each can say what went wrong where (the launcher may
@@ -253,20 +206,11 @@ def failures_everywhere(acc: Any, failure: str | None) -> list[str]:
 
 
 class Checkpointer:
-    """Saves a run's checkpoints from every process (accelerate writes each process's part; under
-    FSDP2 the sharded model and optimizer go into a DCP folder beside it, one file per rank), then the
-    main process adds the config and the state file, renames the folder into place and rotates."""
+    """Saves a run's checkpoints from every process (the run's parallelism writes each process's part),
+    then the main process adds the config and the state file, renames the folder into place and rotates."""
 
-    def __init__(
-        self,
-        acc: Any,
-        run_dir: Path,
-        cfg: TrainConfig,
-        sharded: ShardedState | None = None,
-        model: Any = None,
-    ) -> None:
-        self.acc, self.run_dir, self.cfg, self.sharded = acc, run_dir, cfg, sharded
-        self.model = model  # the model accelerate saves, unwrapped: its tied weights are stored once
+    def __init__(self, acc: Any, run_dir: Path, cfg: TrainConfig, parallel: Parallelism) -> None:
+        self.acc, self.run_dir, self.cfg, self.parallel = acc, run_dir, cfg, parallel
 
     def save(self, state: TrainState, data: Any) -> Path:
         """accelerate state + train state into checkpoints/step-N (written aside, then renamed)."""
@@ -285,10 +229,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         # Each phase's failure (a full disk, a quota) is agreed on by every process before the next
         # collective, so that all stop together with one message and the previous checkpoint intact.
-        with _quiet_expected_ties(self.model):
-            self._agreed(final, tmp, lambda: acc.save_state(str(tmp)))
-        if self.sharded is not None:
-            self._agreed(final, tmp, lambda: self.sharded.save(tmp))
+        for write in self.parallel.checkpoint_writes(tmp):
+            self._agreed(final, tmp, write)
         acc.wait_for_everyone()
         self._agreed(final, tmp, lambda: self._finish(tmp, state) if acc.is_main_process else None)
         if acc.is_main_process:
@@ -334,9 +276,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         try:
-            self.acc.load_state(str(checkpoint))
-            if self.sharded is not None:
-                self.sharded.load(checkpoint)
+            self.parallel.load(checkpoint)
         except UptrainError:
             raise
         except (Exception, CheckpointException) as e:  # a truncated optimizer.bin, a missing shard, ...: many types

@@ -1,7 +1,8 @@
-"""Step checkpoints as models: `uptrain export` turns any checkpoint of a run into a Hugging Face folder.
+"""The model out of a run as a Hugging Face folder: at the end of training, and from any step checkpoint.
 
-A step checkpoint holds what resuming needs (optimizer, RNG, schedule), not a model others can load.
-Two kinds exist: a replicated run (one process or DDP) saves the whole model as
+`save_final_model` writes OUT/model from the trained weights. A step checkpoint holds what resuming
+needs (optimizer, RNG, schedule), not a model others can load; `uptrain export` turns any of them
+into the same folder. Two kinds exist: a replicated run (one process or DDP) saves the whole model as
 `model.safetensors` through accelerate; an FSDP2 run saves it as DCP shards, one file per rank
 (`sharded/`). Both are read here in one process, on the CPU, with no process group: DCP reassembles
 the shards into whole tensors.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,141 @@ import torch
 import yaml
 
 from uptrain_gqa import config as configlib
+from uptrain_gqa.data.config import validation_description
 from uptrain_gqa.errors import UptrainError, first_line
-from uptrain_gqa.io.folders import TRAIN_CONFIG
+from uptrain_gqa.io.cards import licence_files, source_licence, write_card
+from uptrain_gqa.io.folders import CONVERSION_RECORD, TRAIN_CONFIG, atomic_output_dir, write_failure
 from uptrain_gqa.io.hub import looks_like_repo_id
 from uptrain_gqa.model.loading import load_tokenizer, read_model_config
-from uptrain_gqa.training.checkpointer import STATE_FILE, checkpoints, read_state
+from uptrain_gqa.training.checkpointer import STATE_FILE, checkpoints, failures_everywhere, read_state
 from uptrain_gqa.training.config import TrainConfig
-from uptrain_gqa.training.model import write_model_folder
+from uptrain_gqa.training.preflight import stored_dtype
 from uptrain_gqa.training.sharding import SHARDED_FOLDER, check_sharded_metadata
+
+
+def save_final_model(
+    acc: Any,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    progress: dict[str, Any] | None = None,
+    checkpoint: Path | None = None,
+) -> None:
+    """The trained model as a Hugging Face folder, from its full `state_dict` (needed on the main process).
+    When it cannot be written (a full disk), every process raises UptrainError, naming `checkpoint`: the
+    final step's checkpoint, from which `uptrain export` writes the same folder later."""
+    error: str | None = None
+    if acc.is_main_process:
+        try:
+            write_model_folder(
+                acc.unwrap_model(model), state_dict, tokenizer, cfg, out, overwrite=True, progress=progress
+            )
+        except UptrainError as e:
+            error = str(e)
+    failed = failures_everywhere(acc, error)
+    if failed:
+        hint = f"; after making room, `uptrain export {checkpoint} {out}` writes it" if checkpoint else ""
+        raise UptrainError(f"{error or failed[0]}{hint}")
+    acc.wait_for_everyone()
+
+
+def write_model_folder(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    overwrite: bool,
+    extra: dict[str, str] | None = None,
+    inputs: tuple[str | Path | None, ...] = (),
+    progress: dict[str, Any] | None = None,
+) -> None:
+    """`state_dict` of `model` saved as a Hugging Face folder in the run's save dtype, with the
+    tokenizer, the run config, the conversion record of the source, a model card (with `progress`:
+    step, tokens, validation loss), the source's licence files, and `extra` files."""
+    dtype = _save_dtype(cfg)
+    cast: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor
+    state_dict = {k: cast.setdefault(id(v), v.detach().to("cpu", dtype)) for k, v in state_dict.items()}
+    model.config.dtype = dtype
+    model.config.use_cache = True
+    try:
+        with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+            _write_model(model, state_dict, tokenizer, cfg, out, tmp, extra, progress)
+    except UptrainError:
+        raise
+    except Exception as e:  # OSError, safetensors' own error, torch's RuntimeError: keep it if not a failed write
+        reason = write_failure(e, Path(out).parent)
+        if reason is None:
+            raise
+        raise UptrainError(f"cannot write {out}: {reason}; nothing was written there") from e
+
+
+def _write_model(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out: Path,
+    tmp: Path,
+    extra: dict[str, str] | None,
+    progress: dict[str, Any] | None,
+) -> None:
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    configlib.dump(cfg, tmp / TRAIN_CONFIG)
+    conversion = None
+    source = Path(cfg.model.path) if cfg.model.path and Path(cfg.model.path).is_dir() else None
+    if source is not None and (source / CONVERSION_RECORD).is_file():
+        shutil.copy2(source / CONVERSION_RECORD, tmp / CONVERSION_RECORD)
+        conversion = json.loads((source / CONVERSION_RECORD).read_text())
+    if source is not None:
+        licence_files(source, tmp)
+    write_card(
+        tmp,
+        title=f"{Path(out).parent.name if Path(out).name == 'model' else Path(out).name} (uptrained)",
+        conversion=conversion,
+        training=training_summary(cfg, progress or {}),
+        base_model=(conversion or {}).get("base_model") if conversion else _hub_id(cfg.model.path),
+        licence=source_licence(source) if source is not None else None,
+    )
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+
+
+def _hub_id(path: str | None) -> str | None:
+    """`model.path` when it names a Hub model rather than a local folder."""
+    return path if path and not Path(path).exists() and looks_like_repo_id(path) else None
+
+
+def training_summary(cfg: TrainConfig, progress: dict[str, Any]) -> dict[str, str]:
+    """What a model card says about the uptraining: tokens, α, steps, data, validation loss."""
+    out: dict[str, str] = {}
+    tokens = progress.get("tokens")
+    if tokens is not None:
+        out["tokens"] = f"{tokens:,}"
+        if cfg.budget.original_tokens:
+            out["α (fraction of the original pretraining tokens)"] = f"{tokens / cfg.budget.original_tokens:.4g}"
+    if progress.get("step") is not None:
+        out["optimizer steps"] = f"{progress['step']:,}"
+    out["data"] = cfg.data.dataset or ", ".join(cfg.data.files)
+    out["validation"] = validation_description(cfg.data)  # how validation was made, never trained on
+    out["sequence length"] = str(cfg.data.seq_len)
+    out["learning rate"] = f"{cfg.optim.lr:g} ({cfg.optim.schedule})"
+    if progress.get("val_loss") is not None:
+        out["validation loss"] = f"{progress['val_loss']:.4f} (perplexity {progress.get('val_ppl', 0):.2f})"
+    return out
+
+
+def _save_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.model.save_dtype != "auto":
+        return getattr(torch, cfg.model.save_dtype)
+    if cfg.model.init == "scratch":
+        return torch.float32
+    return stored_dtype(cfg.model.path, read_model_config(cfg.model.path or "", cfg.model.revision))
+
 
 REPLICATED_FILE = "model.safetensors"
 """accelerate's name for the (first) model of a saved state."""

@@ -29,7 +29,8 @@ from uptrain_gqa.progress import progress_bar
 from uptrain_gqa.training.budget import TrainBudget, mfu
 from uptrain_gqa.training.checkpointer import Checkpointer, TrainState, checkpoints
 from uptrain_gqa.training.config import TrainConfig
-from uptrain_gqa.training.losses import token_nll, training_loss, use_chunked_loss
+from uptrain_gqa.training.export import save_final_model
+from uptrain_gqa.training.losses import chunked_head, token_nll, training_loss
 from uptrain_gqa.training.metrics import (
     LOSS_PLOT,
     METRICS,
@@ -40,24 +41,10 @@ from uptrain_gqa.training.metrics import (
     plot_losses,
     record_session,
 )
-from uptrain_gqa.training.model import (
-    RunModel,
-    build_optimizer,
-    build_scheduler,
-    compile_layers,
-    freeze_untrained,
-    load_model,
-    load_teacher,
-    save_final_model,
-)
-from uptrain_gqa.training.sharding import (
-    ShardedState,
-    ShardingPlan,
-    clip_grad_norm,
-    full_state_dict,
-    local_fraction,
-    shard_model,
-)
+from uptrain_gqa.training.model import freeze_untrained, load_model, load_teacher
+from uptrain_gqa.training.optimizer import build_optimizer, build_scheduler
+from uptrain_gqa.training.parallel import Parallelism, Replicated
+from uptrain_gqa.training.preflight import RunModel
 from uptrain_gqa.version import install_hint
 
 
@@ -81,9 +68,9 @@ class StopSignals:
 
 
 class Trainer:
-    """One training run. Its parts: the accelerator (processes, device, precision), this process's
-    data, the model (and teacher), optimizer and schedule, the train state, the checkpointer and the
-    metrics log."""
+    """One training run. Its parts: the accelerator (processes, device, precision), the parallelism
+    (how the model is spread over the processes), this process's data, the model (and teacher),
+    optimizer and schedule, the train state, the checkpointer and the metrics log."""
 
     def __init__(
         self,
@@ -92,19 +79,19 @@ class Trainer:
         models: RunModel,
         tokenizer: Any,
         resume: Path | None,
-        sharding: ShardingPlan | None = None,
+        parallel: Parallelism | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
-        self.cfg, self.budget, self.tokenizer, self.sharding = cfg, budget, tokenizer, sharding
+        self.cfg, self.budget, self.tokenizer = cfg, budget, tokenizer
+        self.parallel = parallel = parallel or Replicated()
         self.run_dir = Path(cfg.out)
         precision = autocast_precision(cfg.mixed_precision)
         trackers, skipped = available_trackers(cfg.logging.trackers)
         self.acc = acc = Accelerator(
             cpu=multi_process_cpu(),
-            # under FSDP2 the precision is the sharding's policy (bf16 compute, fp32 reduce and master weights)
-            mixed_precision="no" if sharding else precision,
+            mixed_precision=parallel.accelerator_precision(precision),
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=budget.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
             ),
@@ -120,8 +107,8 @@ class Trainer:
             self.metrics.log(f"uptrain train: no {LOSS_PLOT} without matplotlib ({install_hint('plot')})")
         set_seed(cfg.seed)  # the initialisation of a model from scratch, and everything after it
         with acc.main_process_first():  # one process downloads / loads into the cache first
-            on_meta = sharding is not None and sharding.cpu_ram_efficient_loading and not acc.is_main_process
-            model = load_model(cfg.model, models, meta=on_meta, compile=sharding is None)
+            on_meta = parallel.loads_on_meta(acc.is_main_process)
+            model = load_model(cfg.model, models, meta=on_meta)
             teacher = load_teacher(cfg.distill, cfg.model, meta=on_meta) if cfg.distill.teacher else None
         if cfg.optim.trainable is not None:
             trained = freeze_untrained(model, cfg.optim.trainable)
@@ -138,45 +125,24 @@ class Trainer:
         )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
-        if cfg.model.chunked_loss and not cfg.distill.teacher and use_chunked_loss(model):
+        # the model's output layer returns the hidden states, which the loss multiplies chunk by chunk
+        self.head = chunked_head(model) if cfg.model.chunked_loss and not cfg.distill.teacher else None
+        if self.head is not None:
             self.metrics.detail("chunked cross-entropy: the full fp32 logits are never materialised")
-        sharded_state = None
-        if sharding is not None:
-            if sharding.activation_checkpointing and not cfg.model.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model = shard_model(
-                model, sharding, device=acc.device, precision=precision, main_process=acc.is_main_process
-            )
-            if cfg.model.compile:
-                compile_layers(self.model)
-            if teacher is not None:
-                main = acc.is_main_process
-                teacher = shard_model(
-                    teacher, sharding, device=acc.device, precision=precision, main_process=main, frozen=True
-                )
-            self.optimizer = build_optimizer(self.model, cfg.optim, acc.device)
-            self.scheduler = build_scheduler(self.optimizer, cfg.optim, budget.steps)
-            acc.register_for_checkpointing(self.scheduler)
-            sharded_state = ShardedState(self.model, self.optimizer)
-            local, total = local_fraction(self.model)
-            self.metrics.log(
-                f"FSDP2 over {acc.num_processes} processes ({acc.device.type}, precision {precision}): "
-                f"this process holds {local:,} of {total:,} parameters"
-            )
-        else:
-            optimizer = build_optimizer(model, cfg.optim, acc.device)
-            scheduler = build_scheduler(optimizer, cfg.optim, budget.steps)
-            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-            if teacher is not None:
-                teacher = teacher.to(acc.device)
-        # The teacher is the unchanged source, loaded again on resume: it is placed (or sharded) here and
-        # never registered with accelerate, whose save_state would write it into every checkpoint.
-        self.teacher = teacher
+
+        def optimize(wrapped: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+            optimizer = build_optimizer(wrapped, cfg.optim, acc.device)
+            return optimizer, build_scheduler(optimizer, cfg.optim, budget.steps)
+
+        self.model, self.optimizer, self.scheduler, teacher = parallel.prepare(
+            acc, model, teacher, cfg.model, precision, optimize, self.metrics.log
+        )
+        self.teacher = teacher  # the unchanged source, loaded again on resume, never saved
         self._teacher_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
         if teacher is not None and cfg.distill.weight > 0:
             teacher.register_forward_hook(self._watch_teacher)
             self.check_teacher()
-        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, sharded_state, model=None if sharding else model)
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, parallel)
         if resume is not None:
             self.checkpointer.load(resume)
             if self.state.data is not None:  # streamed: each process's position in its own part of the data
@@ -233,7 +199,7 @@ class Trainer:
             "tokens": self.state.tokens,
             "world_size": self.acc.num_processes,
             "device": device_name(self.acc.device),
-            "sharding": "fsdp2" if self.sharding is not None else "replicated",
+            "sharding": self.parallel.name,
             "data": data_sources(self.cfg.data),
             **environment(),
         }
@@ -257,12 +223,13 @@ class Trainer:
         for micro in range(self.budget.grad_accum):
             ids = self.data.micro_batch(self.state.step * self.budget.grad_accum + micro).to(acc.device)
             with acc.accumulate(self.model):
-                if self.sharding is not None:  # reduce-scatter the gradients once, after the last micro-batch
-                    self.model.set_requires_gradient_sync(acc.sync_gradients)
-                loss, ce = training_loss(self.model, ids, self.teacher, cfg.distill.weight, cfg.distill.temperature)
+                self.parallel.set_gradient_sync(acc.sync_gradients)
+                loss, ce = training_loss(
+                    self.model, ids, self.teacher, cfg.distill.weight, cfg.distill.temperature, self.head
+                )
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    grad_norm = self.clip_grad_norm(cfg.optim.grad_clip or math.inf)
+                    grad_norm = self.parallel.clip_grad_norm(cfg.optim.grad_clip or math.inf)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
@@ -271,11 +238,6 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.budget.global_batch_tokens
         return torch.stack(losses).mean(), torch.stack(ces).mean(), grad_norm
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        if self.sharding is not None:
-            return clip_grad_norm(self.model.parameters(), max_norm)
-        return self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def agree(self, loss: torch.Tensor, ce: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
         """One collective and one read-back: mean loss and CE over processes, and whether any wants to stop."""
@@ -294,7 +256,7 @@ class Trainer:
         total = torch.zeros(max(1, len(parts)), 2, dtype=torch.float64, device=self.acc.device)
         for rows, ids in self._validation_rows():
             ids = ids.to(self.acc.device)
-            nll = token_nll(self.model, ids)  # (B, T-1)
+            nll = token_nll(self.model, ids, self.head)  # (B, T-1)
             for row, block_nll in zip(rows or [None] * len(ids), nll.sum(1).double(), strict=True):
                 part = next((i for i, (_, r) in enumerate(parts) if row in r), 0)
                 total[part, 0] += block_nll
@@ -391,10 +353,7 @@ class Trainer:
             bar.close()
             signals.restore()
         acc.wait_for_everyone()
-        if self.sharding is not None:
-            weights = full_state_dict(self.model, acc.is_main_process)
-        else:
-            weights = acc.get_state_dict(self.model)
+        weights = self.parallel.full_state_dict()
         progress = {"step": self.state.step, "tokens": self.state.tokens, **last}
         save_final_model(
             acc, self.model, weights, self.tokenizer, cfg, self.run_dir / "model", progress, self.checkpointer.latest()
@@ -420,11 +379,7 @@ class Trainer:
         return f"{said}, and no checkpoint was saved yet: {fix}, then start again"
 
     def end(self) -> None:
-        """Closes the trackers and the process group. The data-parallel wrapper is freed first: its gradient
-        reducer holds the process group, and freed after the group is unregistered it would destroy gloo's
-        group while holding the GIL, which a gloo worker thread finishing its last collective waits for (a
-        hang at exit, seen now and then in two-process CPU runs)."""
-        if self.sharding is None:
-            self.model = None  # type: ignore[assignment]
-            self.acc.free_memory()  # accelerate's references, then gc: cycles through hooks included
+        """Closes the trackers and the process group, after the parallelism freed what must go first."""
+        self.model = None  # type: ignore[assignment]  # the parallelism holds what it still needs
+        self.parallel.end()
         self.acc.end_training()

@@ -3,9 +3,10 @@
 Chunked cross-entropy: the output layer and the cross-entropy run together over chunks of
 positions, so the (positions x vocabulary) fp32 logits never exist at once — at a 128 k vocabulary
 and 32 k tokens per micro-batch that is 16 GB saved. The gradients of a chunk are computed in the
-same pass (no recomputation in backward). It is installed by making the model's output layer
-return its input (`use_chunked_loss`); the model's forward, hooks and wrappers (DDP, FSDP2 — whose
-root unit stays gathered after forward, so the head weight is whole here) run as usual.
+same pass (no recomputation in backward). `chunked_head` gives the model an output layer that
+returns the final hidden states, and the loop passes that head to `training_loss` and `token_nll`,
+which multiply by its weight chunk by chunk; the model's forward, hooks and wrappers (DDP, FSDP2 —
+whose root unit stays gathered after forward, so the head weight is whole here) run as usual.
 """
 
 from __future__ import annotations
@@ -60,33 +61,36 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _passthrough(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
+class HiddenStatesHead(torch.nn.Module):
+    """The output layer of a model trained with the chunked loss: returns its input, the final hidden states
+    (B, T, h), and holds the output weight (V, h) for the loss to multiply by, chunk by chunk. The weight is the
+    replaced layer's own parameter: the same state-dict key, the same tie to the input embeddings."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
-def use_chunked_loss(model: torch.nn.Module) -> bool:
-    """Make `model`'s output layer return its input, so the loss can run chunked; False (nothing
-    changed) where the logits are more than hidden @ weightᵀ (a bias, a logit scale, soft-capping)."""
+def chunked_head(model: torch.nn.Module) -> HiddenStatesHead | None:
+    """Replace `model`'s output layer by a HiddenStatesHead and return it, for `training_loss` and `token_nll`;
+    None (nothing changed) where the logits are more than hidden @ weightᵀ (a bias, a logit scale, soft-capping)."""
     head = getattr(model, "lm_head", None)
     config = getattr(model, "config", None)
     plain = isinstance(head, torch.nn.Linear) and head.bias is None
     if not plain or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return False
-    head.forward = _passthrough  # type: ignore[method-assign]  # the instance only; state dict unchanged
-    head.uptrain_chunked = True  # a plain attribute: no new module, no new state-dict key
-    return True
+        return None
+    chunked = HiddenStatesHead(head.weight)
+    model.lm_head = chunked  # the same slot: parameter order, names and ties unchanged
+    return chunked
 
 
-def _chunked_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    inner = getattr(model, "module", model)  # under DDP, the model it wraps
-    head = getattr(inner, "lm_head", None)
-    return head if getattr(head, "uptrain_chunked", False) else None
-
-
-def token_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihood of every position, (B, T-1), without gradients."""
+def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, head: HiddenStatesHead | None = None) -> torch.Tensor:
+    """Next-token negative log-likelihood of every position, (B, T-1), without gradients; `head`: the model's
+    chunked_head."""
     out = model(input_ids=input_ids, use_cache=False).logits
-    head = _chunked_head(model)
     targets = input_ids[:, 1:]
     if head is None:
         return F.cross_entropy(out[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
@@ -114,15 +118,16 @@ def training_loss(
     teacher: torch.nn.Module | None = None,
     weight: float = 0.0,
     temperature: float = 1.0,
+    head: HiddenStatesHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to optimise, cross-entropy) for packed blocks of input_ids (B, T).
 
     Blocks are full and unpadded, so no attention mask is passed: the sdpa kernel then runs
     grouped-query attention natively instead of repeating K/V heads.
-    With a teacher: loss = (1 - w)·CE + w·T²·KL(teacher || student).
+    With a teacher: loss = (1 - w)·CE + w·T²·KL(teacher || student). With `head`, the model's chunked_head (never
+    with a teacher: distillation needs the logits), the cross-entropy runs chunked.
     """
-    head = _chunked_head(model)
-    if head is not None:  # installed only without a teacher (distillation needs the logits)
+    if head is not None:
         hidden = model(input_ids=input_ids, use_cache=False).logits  # (B, T, h)
         loss = ChunkedLinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), head.weight, input_ids[:, 1:].flatten())
         return loss, loss.detach()

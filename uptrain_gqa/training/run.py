@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uptrain_gqa import config as configlib
-from uptrain_gqa.device import autocast_precision, multi_process_cpu
+from uptrain_gqa.device import multi_process_cpu
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import MARKERS, write_file
 from uptrain_gqa.io.ownership import OutputLock, check_not_input, check_replaceable
@@ -22,7 +22,6 @@ from uptrain_gqa.progress import LOGGER, PLAIN
 from uptrain_gqa.training.budget import TrainBudget, train_budget
 from uptrain_gqa.training.checkpointer import (
     TRAIN_CONFIG,
-    check_checkpoint_kind,
     check_complete,
     check_resumable,
     checkpoints,
@@ -31,8 +30,8 @@ from uptrain_gqa.training.checkpointer import (
 )
 from uptrain_gqa.training.config import SHIPPED_CONFIGS, TrainConfig, shipped_config
 from uptrain_gqa.training.loop import Trainer
-from uptrain_gqa.training.model import fit_to_model, preflight
-from uptrain_gqa.training.sharding import claim_sharding, mixed_precision_policy
+from uptrain_gqa.training.parallel import claim_parallelism
+from uptrain_gqa.training.preflight import fit_to_model, preflight
 
 
 def _inputs(cfg: TrainConfig) -> tuple[str | None, ...]:
@@ -129,12 +128,11 @@ def run_training(
         check_resumable(cfg, checkpoint)
     elif not dry_run:
         check_run_folder(cfg, run_dir, overwrite)
-    sharding = claim_sharding()  # before accelerate's state: uptrain, not accelerate, shards the model
+    parallel = claim_parallelism()  # before accelerate's state is built
     if checkpoint is not None:
-        check_checkpoint_kind(checkpoint, sharded=sharding is not None)
+        parallel.check_resume(checkpoint)
         check_complete(run_dir, checkpoint)  # every rank's shard there: found before any process reads one
-    if sharding is not None:
-        mixed_precision_policy(autocast_precision(cfg.mixed_precision))  # refuses fp16 before any work
+    parallel.check(cfg.mixed_precision)  # before any work
     models, tokenizer = preflight(cfg)
     state = PartialState(cpu=multi_process_cpu())
     # rank 0 owns the run folder for the whole run: a second train on it refuses at once
@@ -152,18 +150,13 @@ def run_training(
                 LOGGER.warning(f"resuming from {checkpoint.name} starts a new history; the run's later checkpoints "
                                f"moved to {aside}")  # fmt: skip
         budget = train_budget(
-            tokens=cfg.budget.tokens,
-            fraction=cfg.budget.fraction,
-            original_tokens=cfg.budget.original_tokens,
-            steps=cfg.budget.steps,
+            cfg.budget,
             seq_len=cfg.data.seq_len,  # type: ignore[arg-type]  # fitted above
             global_batch_size=cfg.batch.global_batch_size,  # type: ignore[arg-type]
             micro_batch_size=cfg.batch.micro_batch_size,
             num_processes=state.num_processes,
             params=models.matmul_params,
             tied_embeddings=models.tied_embeddings,
-            gpu_peak_tflops=cfg.budget.gpu_peak_tflops,
-            assumed_mfu=cfg.budget.assumed_mfu,
         )
         if state.is_main_process:
             lines = ["uptrain train budget:", *("  " + line for line in budget.lines())]
@@ -171,7 +164,7 @@ def run_training(
             LOGGER.info("\n".join(lines), extra=PLAIN)
         if dry_run:
             return TrainResult(cfg, budget)
-        return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, sharding))
+        return _train(cfg, run_dir, checkpoint, overwrite, state, (budget, models, tokenizer, parallel))
     except BaseException:
         if lock is not None:
             lock.release()  # its file lies in the parent folder
@@ -200,7 +193,7 @@ def _remove_empty(folders: list[Path]) -> None:
 def _train(
     cfg: TrainConfig, run_dir: Path, checkpoint: Path | None, overwrite: bool, state: Any, parts: tuple
 ) -> TrainResult:
-    budget, models, tokenizer, sharding = parts
+    budget, models, tokenizer, parallel = parts
     created, before = False, set()  # what the run folder held before this run (main process)
     if state.is_main_process:
         if overwrite and checkpoint is None and run_dir.exists():
@@ -216,7 +209,7 @@ def _train(
     state.wait_for_everyone()
     trainer = None
     try:
-        trainer = Trainer(cfg, budget, models, tokenizer, checkpoint, sharding)
+        trainer = Trainer(cfg, budget, models, tokenizer, checkpoint, parallel)
         last = trainer.run()
     except BaseException:
         # a fresh run that failed before its first optimizer step trained nothing: what it made goes again

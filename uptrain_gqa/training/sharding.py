@@ -1,14 +1,8 @@
-"""FSDP2 for `uptrain train`: torch's `fully_shard`, applied by uptrain, the same way on GPUs and CPUs.
+"""FSDP2 for `uptrain train`: torch's `fully_shard`, the same way on GPUs and CPUs.
 
-`accelerate launch --config_file configs/accelerate/fsdp2.yaml` announces FSDP through FSDP_*
-environment variables. accelerate's own FSDP2 needs GPUs (on a CPU it would run plain data
-parallel), so uptrain reads those variables itself and takes the sharding over: accelerate still
-starts the processes, places the data and logs, while uptrain shards the model, steps the optimizer
-and writes the checkpoints. One code path runs over NCCL on GPUs and over gloo on CPUs, which is
-why CI can test it.
-
-The parts, in the order a run uses them:
-- `claim_sharding` reads the launcher's settings (and refuses DeepSpeed and FSDP1);
+The mechanics behind uptrain_gqa.training.parallel.FullyShard (which says why uptrain, not
+accelerate, shards), in the order a run uses them:
+- `ShardingPlan`: the launcher's FSDP settings;
 - `shard_model` puts each decoder layer and then the root (embeddings, final norm, head) in its own
   FSDP unit; rank 0 alone reads the checkpoint, every other rank builds the model on the meta
   device, and the weights are broadcast from rank 0 into the shards; a distillation teacher is sharded
@@ -22,8 +16,7 @@ The parts, in the order a run uses them:
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,39 +43,6 @@ class ShardingPlan:
     """Recompute activations in the backward pass (same as model.gradient_checkpointing)."""
     layer_classes: tuple[str, ...] = ()
     """Module classes that become FSDP units; empty = the model's own `_no_split_modules` (its decoder layer)."""
-
-
-def _flag(environ: MutableMapping[str, str], key: str, default: bool) -> bool:
-    return environ.get(key, str(default)).lower() in ("true", "1", "yes")
-
-
-def claim_sharding(environ: MutableMapping[str, str] = os.environ) -> ShardingPlan | None:
-    """The FSDP2 plan the launcher asked for (None for plain data parallel), taken over from accelerate.
-
-    Removes ACCELERATE_USE_FSDP so that accelerate only starts the processes; call it before the first
-    accelerate state is built. Raises UptrainError for DeepSpeed and for FSDP version 1."""
-    if _flag(environ, "ACCELERATE_USE_DEEPSPEED", False):
-        raise UptrainError(
-            "DeepSpeed is not supported by uptrain train (it was never run end to end here); launch with "
-            "--config_file configs/accelerate/fsdp2.yaml: FSDP2 shards parameters, gradients and optimizer "
-            "state like ZeRO-3"
-        )
-    if not _flag(environ, "ACCELERATE_USE_FSDP", False):
-        return None
-    if environ.get("FSDP_VERSION", "1") != "2":
-        raise UptrainError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config")
-    if environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD") not in ("FULL_SHARD", "1"):
-        raise UptrainError("uptrain's FSDP2 shards fully; remove fsdp_sharding_strategy or set it to FULL_SHARD")
-    classes = environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-    plan = ShardingPlan(
-        reshard_after_forward=_flag(environ, "FSDP_RESHARD_AFTER_FORWARD", True),
-        offload_params=_flag(environ, "FSDP_OFFLOAD_PARAMS", False),
-        cpu_ram_efficient_loading=_flag(environ, "FSDP_CPU_RAM_EFFICIENT_LOADING", True),
-        activation_checkpointing=_flag(environ, "FSDP_ACTIVATION_CHECKPOINTING", False),
-        layer_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
-    )
-    environ.pop("ACCELERATE_USE_FSDP", None)
-    return plan
 
 
 def mixed_precision_policy(precision: str) -> Any:
