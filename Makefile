@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The torch that CI tests; `make setup TORCH=torch` takes the newest release instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-all demo bench lint clean gpu-wheels gpu-check docs
+.PHONY: setup test test-unit test-all demo bench lint clean gpu-wheels gpu-check docs
 
 setup: $(VENV)/.installed-dev
 
@@ -21,8 +21,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# one pytest worker per core (xdist), each test file on one worker so that its module fixtures are built once;
+# `pytest tests/FILE.py` alone runs serially, `-m "not slow and not integration"` skips the process launches
+PYTEST_PARALLEL ?= -n auto --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
+
+# the unit tests alone: no process launched, nothing slow
+test-unit: setup
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow and not integration"
 
 # the slow suite also runs what `convert` writes in llama.cpp: the llamacpp extra, compiled once per venv
 $(VENV)/.installed-llamacpp: $(VENV)/.installed-dev
@@ -30,7 +38,7 @@ $(VENV)/.installed-llamacpp: $(VENV)/.installed-dev
 	touch $@
 
 test-all: setup $(VENV)/.installed-llamacpp
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "slow or not slow"
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m uptrain_gqa.demo

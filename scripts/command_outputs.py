@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -41,11 +42,33 @@ def normalise(text: str, work: Path) -> str:
     text = text.replace(str(work), "<work>").replace(str(work.resolve()), "<work>")
     for pattern, placeholder in PLACEHOLDERS:
         text = pattern.sub(placeholder, text)
-    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    text = text.replace("<time>/step", "<speed>")  # tqdm shows s/step or step/s, whichever is above 1
+    lines = [re.sub(r" {2,}", " ", line) if "<clock>" in line else line for line in text.splitlines()]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-# files whose content is times, speeds or host facts: listed, not hashed
-UNHASHED = re.compile(r"(metrics\.jsonl|events\.out\..*|loss\.png|\.lock|launch\.json)$")
+VOLATILE = frozenset({"seconds", "time", "started", "ended", "tracker_run_id", "tokens_per_s", "elapsed"})
+"""Keys of uptrain's JSON records whose values are clock readings or random ids: replaced before hashing."""
+
+
+def _steady(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: "<volatile>" if k in VOLATILE else _steady(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_steady(v) for v in value]
+    return value
+
+
+def steady_json(text: str) -> str:
+    """A JSON document (or JSON lines) with the VOLATILE keys' values replaced."""
+    try:
+        return json.dumps(_steady(json.loads(text)), sort_keys=True)
+    except json.JSONDecodeError:
+        return "\n".join(json.dumps(_steady(json.loads(line)), sort_keys=True) for line in text.splitlines() if line)
+
+
+# files whose content is times, speeds or random ids (DCP's save id): listed, not hashed
+UNHASHED = re.compile(r"(events\.out\..*|loss\.png|\.lock|launch\.json|/\.metadata)$")
 TEXT = re.compile(r"\.(json|jsonl|yaml|yml|md|txt|csv)$")
 
 
@@ -59,7 +82,8 @@ def digests(folder: Path, work: Path) -> str:
             continue
         data = path.read_bytes()
         if TEXT.search(rel):
-            data = normalise(data.decode(), work).encode()
+            text = data.decode()
+            data = normalise(steady_json(text) if rel.endswith((".json", ".jsonl")) else text, work).encode()
         lines.append(f"{rel} {hashlib.sha256(data).hexdigest()}")
     return "\n".join(lines) + "\n"
 
@@ -68,6 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the outputs (one file per command)")
     ap.add_argument("--module", default="uptrain_gqa", help="the package to run as `python -m MODULE`")
+    ap.add_argument("--only", nargs="*", help="these families only (ids of tests/families.py); default: all")
     args = ap.parse_args()
     from uptrain_gqa.synthetic import save_word_tokenizer, write_corpus
 
@@ -89,7 +114,7 @@ def main() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
 
-        for case in CASES:
+        for case in [c for c in CASES if not args.only or c.id in args.only]:
             src, out = work / case.id / "src", work / case.id / "out"
             build(case).save_pretrained(src)
             run(case.id, "1-inspect-source", "inspect", src)
@@ -106,9 +131,11 @@ def main() -> None:
                         for dtype in ("float32", "bfloat16"):
                             name = f"{method}-{grouping}-{dtype}"
                             folder = work / case.id / name
+                            reads = method == "svd" or grouping == "similarity"  # others refuse --calibration
+                            calibration = ["--calibration", "random", "--calibration-tokens", 256] if reads else []
                             run(case.id, f"4b-convert-{name}", "convert", src, folder, "--num-kv-heads", 2,
-                                "--method", method, "--grouping", grouping, "--dtype", dtype,
-                                "--calibration", "random", "--calibration-tokens", 256, wrote=folder)  # fmt: skip
+                                "--method", method, "--grouping", grouping, "--dtype", dtype, *calibration,
+                                wrote=folder)  # fmt: skip
                 run(case.id, "4c-plan-quality", "plan", src, "--memory", "1GB", "--context", "64", "--batch", "2",
                     "--quality", "random", "--quality-tokens", 256, "--calibration", "random",
                     "--calibration-tokens", 256)  # fmt: skip
@@ -131,7 +158,8 @@ def main() -> None:
                 fsdp = ("-m", "accelerate.commands.launch", "--config_file",
                         str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
                         "--main_process_port", str(free_port()))  # fmt: skip
-                run(case.id, "10-train-fsdp2", "train", config, "--checkpoint.every=1", "--out", work / "fsdp2",
+                run(case.id, "10-train-fsdp2", "train", config, "--checkpoint.every=1", "--batch.micro_batch_size=2",
+                    "--out", work / "fsdp2",
                     wrote=work / "fsdp2", launch=fsdp)  # fmt: skip
                 step = work / "fsdp2" / "checkpoints" / "step-00000002"
                 run(case.id, "11-export-fsdp2", "export", step, work / "exported-fsdp2",

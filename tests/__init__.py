@@ -1,7 +1,6 @@
 """uptrain's test suite, one folder per room of the package (io, conversion, data, training, evaluation)."""
 
 import socket
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -9,25 +8,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository: configs/ and docs/ the tests read."""
-
-
-STOPPER = textwrap.dedent(
-    """
-    import os, signal, sys
-    import uptrain_gqa.training.loop as loop
-
-    stop_at, original = int(os.environ["STOP_AT_STEP"]), loop.Trainer.step
-    def step(self):
-        if self.state.step == stop_at - 1 and self.acc.is_main_process:
-            os.kill(os.getppid(), signal.SIGTERM)
-        return original(self)
-    loop.Trainer.step = step
-    from uptrain_gqa.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-)
-"""A launch program: the real CLI, where rank 0 sends SIGTERM to the launcher during optimizer step
-$STOP_AT_STEP, as Slurm would (written to a file and run as `python FILE train ...`)."""
 
 
 def free_port() -> int:

@@ -6,7 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the Hub (set before any HF import)
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from transformers.utils.logging import disable_progress_bar
 from tests import make_tiny_run
 from uptrain_gqa.synthetic import save_tiny_llama
 
-torch.set_num_threads(2)
+# One thread: the suite's models are tiny, so a second thread waits at every operator more than it computes
+# (far more on a CPU shared with other work); launched processes get OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
 disable_progress_bar()
 
 
@@ -73,8 +76,29 @@ def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """make_tiny_run once for the session, shared by every `tiny_run`: read only."""
+    return make_tiny_run(tmp_path_factory.mktemp("tiny-build"))
+
+
+def listing(folders: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every path under `folders` with its size and modification time: what a write would change."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in [f, *f.rglob("*")]}
+
+
 @pytest.fixture
-def tiny_run(tmp_path: Path) -> dict:
-    """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and configs/tiny-cpu.yaml
-    pointed at them."""
-    return make_tiny_run(tmp_path)
+def tiny_run(tiny_build: dict, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict]:
+    """A converted tiny Llama (MHA 8 -> GQA 2) with a tokenizer, a corpus, and configs/tiny-cpu.yaml pointed at
+    them, writing its run under tmp_path (the root). The model, its source and the corpus are the session's
+    `tiny_build`, shared; a test marked `writes_tiny_build` gets its own under tmp_path, and an unmarked test
+    that writes into the shared one fails."""
+    if request.node.get_closest_marker("writes_tiny_build"):
+        yield make_tiny_run(tmp_path)
+        return
+    shared = [tiny_build["source"], tiny_build["model"], tiny_build["corpus"]]
+    before = listing(shared)
+    config = copy.deepcopy(tiny_build["config"])
+    config["out"] = str(tmp_path / "run")
+    yield {**tiny_build, "root": tmp_path, "config": config}
+    assert listing(shared) == before, "the test wrote into the shared tiny build: mark it writes_tiny_build"

@@ -21,6 +21,7 @@ def test_version(run_cli) -> None:
     assert code == 0 and out.strip() == f"uptrain {__version__}"
 
 
+@pytest.mark.integration
 def test_version_answers_without_importing_torch() -> None:
     """`uptrain --version` is instant: it imports neither torch nor transformers (a fresh process)."""
     code = "import sys; from uptrain_gqa.cli import main; main(['--version']); print(sorted(sys.modules))"
@@ -108,6 +109,7 @@ def test_inspect_says_why_a_family_cannot_be_converted(run_cli, tmp_path: Path) 
     assert "not convertible" in out and "no key/value-head setting" in out
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # a fresh interpreter (~4 s); the installed wheel's `uptrain` runs in tests/test_packaging.py
 def test_console_script_end_to_end(tmp_path: Path) -> None:
     """The installed `uptrain` entry point (or `python -m uptrain_gqa`) converts and exits 0."""
@@ -135,6 +137,7 @@ def test_config_key_help_shows_the_allowed_values(capsys) -> None:
     assert "--model.save_dtype='auto' [auto | float32 | bfloat16 | float16]" in out
 
 
+@pytest.mark.integration
 def test_a_closed_stdout_ends_quietly(llama: Path) -> None:
     """`uptrain inspect MODEL | head -0`: the reader left before anything was printed; no 'Broken pipe' error."""
     proc = subprocess.Popen(

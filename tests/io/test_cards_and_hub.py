@@ -37,6 +37,7 @@ def hub(monkeypatch) -> type[FakeHub]:
     return FakeHub
 
 
+@pytest.mark.writes_tiny_build
 def test_the_trained_models_card_names_source_g_method_alpha_and_tokens(run_cli, tiny_run: dict, hub) -> None:
     (tiny_run["model"] / "LICENSE").write_text("the source's terms")
     config = tiny_run["root"] / "run.yaml"

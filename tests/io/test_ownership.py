@@ -7,37 +7,20 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
+from tests import programs
 from tests.families import tensors
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import MARKERS
 from uptrain_gqa.io.ownership import OutputLock, check_replaceable, lock_path
 
-# The real CLI, with every tensor write slowed down so that two conversions overlap.
-SLOW_CONVERT = textwrap.dedent(
-    """
-    import sys, time
-    from uptrain_gqa.io.writer import ShardedWriter
-    from uptrain_gqa.cli import main
 
-    def slowed(original):
-        def write(self, *args):  # tensors computed (write) and copied as stored (copy)
-            time.sleep(0.15)
-            original(self, *args)
-        return write
-    ShardedWriter.write = slowed(ShardedWriter.write)
-    ShardedWriter.copy = slowed(ShardedWriter.copy)
-    sys.exit(main(sys.argv[1:]))
-    """
-)
-
-
+@pytest.mark.integration
 def test_a_second_writer_is_refused_and_names_the_first(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with OutputLock(out):
@@ -83,11 +66,10 @@ def test_overwrite_replaces_only_uptrains_own_folders(tmp_path: Path) -> None:
         check_replaceable(converted / "model", MARKERS, inputs=[converted])  # OUT inside the input
 
 
-def start(*args: str | Path, script: str | None = None) -> subprocess.Popen:
-    program = ["-c", script] if script else ["-m", "uptrain_gqa"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, *program, *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def start(*args: str | Path, program: str | None = None) -> subprocess.Popen:
+    """`uptrain ARGS...` in a fresh process, or tests.programs.PROGRAM (the CLI with one thing changed)."""
+    cmd = [sys.executable, *(programs.module(program) if program else ["-m", "uptrain_gqa"]), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=programs.environment())
 
 
 def race(a: subprocess.Popen, b: subprocess.Popen) -> tuple[str, str]:
@@ -101,17 +83,19 @@ def race(a: subprocess.Popen, b: subprocess.Popen) -> tuple[str, str]:
     return winner, loser
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two converts racing in subprocesses (~8 s); the lock's refusals run by default
 def test_two_converts_on_one_out_at_once(llama: Path) -> None:
     out = llama.parent / "out"
     args = ("convert", llama, out, "--num-kv-heads", "2", "--max-shard-size", "20KB", "--quiet")
-    _, loser = race(start(*args, script=SLOW_CONVERT), start(*args, script=SLOW_CONVERT))
+    _, loser = race(start(*args, program="slow_convert"), start(*args, program="slow_convert"))
     assert "is being written by uptrain process" in loser or "already exists" in loser, loser
     model = AutoModelForCausalLM.from_pretrained(out)  # the winner's output is whole
     assert model.config.num_key_value_heads == 2
     assert not list(llama.parent.glob(".out.uptrain*")), "no temp folder, no lock left"
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two trainings at once, ~9 s; two converts on one OUT run by default
 def test_two_trains_on_one_out_at_once(tiny_run: dict) -> None:
     root = tiny_run["root"]

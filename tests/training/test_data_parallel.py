@@ -6,55 +6,27 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests import STOPPER, free_port, make_tiny_run
+from tests import free_port, make_tiny_run, programs
 from tests.families import tensors
 
-# Runs the real CLI; records which training blocks this process read.
-DRIVER = textwrap.dedent(
-    """
-    import atexit, json, os, sys
-    import uptrain_gqa.data.blocks as data
+pytestmark = pytest.mark.integration  # torchrun launches of the real CLI
 
-    reads, original = [], data.BlockData.micro_batch
-    def micro_batch(self, i):
-        reads.extend(self.ids(i).tolist())
-        return original(self, i)
-    data.BlockData.micro_batch = micro_batch
-    path = f"{sys.argv[1]}/reads-{os.environ.get('RANK', '0')}.json"
-    atexit.register(lambda: open(path, "w").write(json.dumps(reads)))
-
-    # how many data-parallel wrappers are alive when the process group is destroyed
-    import gc, torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    alive, destroy = [], dist.destroy_process_group
-    def counting_destroy(*args, **kwargs):
-        gc.collect()
-        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
-        return destroy(*args, **kwargs)
-    dist.destroy_process_group = counting_destroy
-    wrappers = f"{sys.argv[1]}/ddp-alive-{os.environ.get('RANK', '0')}.json"
-    atexit.register(lambda: open(wrappers, "w").write(json.dumps(alive)))
-    from uptrain_gqa.cli import main
-    sys.exit(main(sys.argv[2:]))
-    """
-)
-TOLERANCE = 1e-5  # |Δ| between the runs (seen here: 1.2e-7 on the loss, weights bitwise equal)
+TOLERANCE = 1e-5  # |Δ| between the runs: the order of float reductions, not another computation
 
 
-def launch(processes: int, driver: Path, out: Path, config: Path) -> None:
+def launch(processes: int, out: Path, config: Path) -> None:
+    """`torchrun` of the real CLI, recording which training blocks each process read (tests.programs.record_reads)."""
     out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     runner = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
               f"--master_port={free_port()}"]  # fmt: skip
-    cmd = [*runner, str(driver), str(out), "train", str(config), f"--out={out / 'run'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [*runner, *programs.module("record_reads"), str(out), "train", str(config), f"--out={out / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=programs.environment(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -66,11 +38,9 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     cfg = {**tiny_run["config"], "checkpoint": {"every": 0, "keep": 1}}
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    driver = root / "driver.py"
-    driver.write_text(DRIVER)
     out = {}
     for processes in (1, 2):
-        launch(processes, driver, root / f"p{processes}", config)
+        launch(processes, root / f"p{processes}", config)
         out[processes] = root / f"p{processes}"
     return out
 
@@ -135,18 +105,17 @@ def test_a_two_process_streamed_mixture_stopped_and_resumed_ends_bitwise(tmp_pat
     data = {"mixture": mixture, "streaming": True, "seq_len": 32, "validation_blocks": 4, "shuffle_buffer": 300}
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({**tiny["config"], "data": data, "budget": {"steps": 16}}))
-    stopper = tmp_path / "stopper.py"
-    stopper.write_text(STOPPER)
 
     def run(out: Path, *extra: str, program: list[str] | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "STOP_AT_STEP": "7"}
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
         cmd = [*runner, *(program or ["-m", "uptrain_gqa"]), "train", str(config), f"--out={out}", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=programs.environment(STOP_AT_STEP="7"), timeout=600
+        )
 
     straight = run(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    stop = run(tmp_path / "stopped", program=[str(stopper)])
+    stop = run(tmp_path / "stopped", program=programs.module("stop_at_step"))
     assert "stopped by SIGTERM at step 10: checkpoint saved" in stop.stderr, stop.stderr[-3000:]
     one = [sys.executable, "-m", "uptrain_gqa", "train", str(config), f"--out={tmp_path / 'stopped'}", "--resume"]
     alone = subprocess.run(one, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -14,62 +14,29 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests import ROOT, STOPPER, free_port, make_tiny_run
+from tests import ROOT, free_port, make_tiny_run, programs
 from tests.families import tensors
 from uptrain_gqa.errors import UptrainError
-from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardingPlan, claim_sharding
+from uptrain_gqa.training.parallel import claim_sharding
+from uptrain_gqa.training.sharding import SHARDED_FOLDER, ShardingPlan
 
-TOLERANCE = 1e-5  # |Δ| against the one-process run (seen here: 1.8e-7 on the weights, 1e-6 on the loss)
+TOLERANCE = 1e-5  # |Δ| against the one-process run: the order of float reductions, not another computation
 STOP_AT = 17
 AGREED_AT = 20  # several processes agree on a stop at their next read-back step (logging.every = 5)
-
-# The real CLI; on rank 1 only, the disk fills while checkpoint step-20 is written: in accelerate's part
-# (FULL_IN=state: the other rank would wait in DCP's collective) or inside DCP's own write (FULL_IN=dcp).
-FILLER = textwrap.dedent(
-    """
-    import errno, os, sys
-    import accelerate.accelerator as accelerator
-    import torch.distributed.checkpoint.filesystem as dcp_files
-
-    def full(path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    rank1 = os.environ["RANK"] == "1"
-    if os.environ["FULL_IN"] == "state":
-        real_state = accelerator.save_accelerator_state
-        def save_state(output_dir, *args, **kwargs):
-            if rank1 and "step-00000020" in str(output_dir):
-                full(output_dir)
-            return real_state(output_dir, *args, **kwargs)
-        accelerator.save_accelerator_state = save_state
-    else:
-        real_write = dcp_files._FileSystemWriter.write_data
-        def write_data(self, *args, **kwargs):
-            if rank1 and "step-00000020" in str(self.path):
-                full(self.path)
-            return real_write(self, *args, **kwargs)
-        dcp_files._FileSystemWriter.write_data = write_data
-    from uptrain_gqa.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-)
-
-
-def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
 def accelerate(*launch: str, program: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), *launch, *program]  # fmt: skip
-    return subprocess.Popen(cmd, env=env or environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=env or programs.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -87,12 +54,10 @@ def runs(tmp_path_factory) -> dict:
     tiny = make_tiny_run(root, tie_word_embeddings=True)
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump({**tiny["config"], "checkpoint": {"every": 10, "keep": 3}}))
-    stopper = root / "stopper.py"
-    stopper.write_text(STOPPER)
     logs = {}
 
     one = subprocess.run(
-        [sys.executable, *train(config, root / "one")], env=environment(), capture_output=True, text=True
+        [sys.executable, *train(config, root / "one")], env=programs.environment(), capture_output=True, text=True
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -100,7 +65,7 @@ def runs(tmp_path_factory) -> dict:
                                           program=train(config, root / "two", "--verbose")))  # fmt: skip
     assert code == 0, logs["two"][-3000:]
 
-    return {"root": root, "tiny": tiny, "logs": logs, "config": config, "stopper": stopper}
+    return {"root": root, "tiny": tiny, "logs": logs, "config": config}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +73,8 @@ def stopped(runs: dict) -> dict:
     """A two-process run stopped by SIGTERM at STOP_AT, then resumed (two more launches)."""
     root, config, logs = runs["root"], runs["config"], {}
     stop = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
-                      program=[str(runs["stopper"]), *train(config, root / "stopped")[2:]],
-                      env=environment(STOP_AT_STEP=str(STOP_AT)))  # fmt: skip
+                      program=[*programs.module("stop_at_step"), *train(config, root / "stopped")[2:]],
+                      env=programs.environment(STOP_AT_STEP=str(STOP_AT)))  # fmt: skip
     logs["stop_code"], logs["stop"] = finish(stop)
     code, logs["resume"] = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
                                              program=train(config, root / "stopped", "--resume")))  # fmt: skip
@@ -133,6 +98,7 @@ def assert_same_run(reference: Path, run: Path) -> None:
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= TOLERANCE
 
 
+@pytest.mark.integration
 def test_two_sharded_processes_follow_the_one_process_run(runs: dict) -> None:
     root, log = runs["root"], runs["logs"]["two"]
     assert "plain data parallel" not in log
@@ -145,6 +111,7 @@ def test_two_sharded_processes_follow_the_one_process_run(runs: dict) -> None:
     assert_same_run(root / "one", root / "two")
 
 
+@pytest.mark.integration
 def test_checkpoints_hold_one_shard_file_per_rank(runs: dict) -> None:
     steps = sorted((runs["root"] / "two" / "checkpoints").glob("step-*"))
     assert [s.name for s in steps] == ["step-00000010", "step-00000020", "step-00000030"]
@@ -154,6 +121,7 @@ def test_checkpoints_hold_one_shard_file_per_rank(runs: dict) -> None:
         assert (step / "random_states_0.pkl").is_file() and (step / "random_states_1.pkl").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two more launches (~20 s); the one-process stop/resume runs by default
 def test_sigterm_to_the_launcher_saves_then_resume_ends_at_the_uninterrupted_weights(runs: dict, stopped: dict) -> None:
     root, logs = runs["root"], stopped
@@ -170,6 +138,7 @@ def test_sigterm_to_the_launcher_saves_then_resume_ends_at_the_uninterrupted_wei
     assert losses["two"] == losses["stopped"]
 
 
+@pytest.mark.integration
 def test_the_gathered_model_loads_in_transformers_and_generates(runs: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,6 +155,7 @@ def test_the_gathered_model_loads_in_transformers_and_generates(runs: dict) -> N
         torch.testing.assert_close(model(ids).logits, one(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two more launches, ~10 s
 def test_two_nodes_with_activation_checkpointing_agree_with_one_node(runs: dict) -> None:
     root = runs["root"]
@@ -228,6 +198,7 @@ def test_unsupported_launches_are_refused_clearly(env: dict, message: str) -> No
         claim_sharding(env)
 
 
+@pytest.mark.integration
 def test_a_sharded_step_checkpoint_exports_to_the_same_model(run_cli, runs: dict) -> None:
     root = runs["root"]
     code, _, err = run_cli("export", root / "two" / "checkpoints" / "step-00000030", root / "exported")
@@ -247,6 +218,7 @@ def test_a_sharded_step_checkpoint_exports_to_the_same_model(run_cli, runs: dict
     assert code == 1 and "is not an uptrain step checkpoint" in err and not (root / "nothing").exists()
 
 
+@pytest.mark.integration
 def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(run_cli, runs: dict) -> None:
     """A missing, truncated or empty .distcp shard, or a truncated .metadata: one line naming the checkpoint."""
     import shutil
@@ -268,6 +240,7 @@ def test_a_damaged_sharded_checkpoint_is_refused_in_one_line(run_cli, runs: dict
         assert len(err.strip().splitlines()) == 1 and not (runs["root"] / f"out-{name}").exists(), (name, err)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # one more launch, ~10 s
 def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: dict) -> None:
     """The GPU default: bf16 compute and all-gathers, fp32 gradient reduction and master weights."""
@@ -279,7 +252,7 @@ def test_the_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(runs: di
     fp32, bf16 = rows(root / "one"), rows(root / "bf16")
     for a, b in zip(fp32, bf16, strict=True):
         for key in ("loss", "val_loss"):
-            if key in a:  # bf16 rounding, not a different computation (seen here: <= 0.004)
+            if key in a:  # bf16 rounding, not a different computation
                 assert abs(a[key] - b[key]) <= 0.01 * abs(a[key]), (a["step"], key, a[key], b[key])
     weights = tensors(root / "bf16" / "model")
     # master weights stay fp32: bf16 master weights would all be bf16-representable
@@ -294,6 +267,7 @@ def checkpoint_files(step: Path) -> dict[str, int | None]:
             for p in sorted(step.rglob("*")) if p.is_file()}  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two more launches, ~18 s; the one-process teacher-free checkpoints run by default
 def test_a_distillation_teacher_is_sharded_too_and_kept_out_of_checkpoints(runs: dict) -> None:
     """With distill.teacher, two sharded processes follow the one-process run, and the step checkpoint holds
@@ -302,7 +276,7 @@ def test_a_distillation_teacher_is_sharded_too_and_kept_out_of_checkpoints(runs:
     distill = [f"--distill.teacher={tiny['source']}", "--distill.weight=0.5", "--distill.temperature=2.0",
                "--budget.steps=10"]  # fmt: skip
     one = subprocess.run([sys.executable, *train(root / "run.yaml", root / "distill-one", *distill)],
-                         env=environment(), capture_output=True, text=True)  # fmt: skip
+                         env=programs.environment(), capture_output=True, text=True)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     code, log = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
                                   program=train(root / "run.yaml", root / "distill-two", *distill)))  # fmt: skip
@@ -321,13 +295,14 @@ def test_a_distillation_teacher_is_sharded_too_and_kept_out_of_checkpoints(runs:
     assert "Removed shared tensor" not in log
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two more launches (~25 s); the one-process optim.trainable test runs by default
 def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> None:
     """optim.trainable under FSDP2: only attention moves, and two sharded processes match one process."""
     root, tiny = runs["root"], runs["tiny"]
     config, frozen = root / "run.yaml", ["--optim.trainable=self_attn", "--budget.steps=3"]
     one = subprocess.run([sys.executable, *train(config, root / "frozen-one", *frozen)],
-                         env=environment(), capture_output=True, text=True)  # fmt: skip
+                         env=programs.environment(), capture_output=True, text=True)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     code, log = finish(accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
                                   program=train(config, root / "frozen-two", *frozen)))  # fmt: skip
@@ -339,11 +314,10 @@ def test_frozen_parameters_shard_and_follow_the_one_process_run(runs: dict) -> N
 
 
 def _fill_disk_on_rank_1(root: Path, config: Path, phase: str) -> tuple[int, str, Path]:
-    filler = root / "filler.py"
-    filler.write_text(FILLER)
     out = root / f"full-{phase}"
     proc = accelerate("--num_processes", "2", "--main_process_port", str(free_port()),
-                      program=[str(filler), *train(config, out)[2:]], env=environment(FULL_IN=phase))  # fmt: skip
+                      program=[*programs.module("fill_disk_on_rank_1"), *train(config, out)[2:]],
+                      env=programs.environment(FULL_IN=phase))  # fmt: skip
     code, err = finish(proc)
     return code, err, out
 
@@ -358,6 +332,7 @@ def _assert_stopped_on_a_full_disk(code: int, err: str, out: Path) -> None:
     assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000010"]  # intact, no partial folder
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # one more launch (~12 s); the one-process full-disk tests run by default
 def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(runs: dict) -> None:
     """accelerate's part of the checkpoint fails on rank 1 only: without agreeing first, rank 0 would wait
@@ -367,6 +342,7 @@ def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(runs: dict) -> Non
     _assert_stopped_on_a_full_disk(code, err, out)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # one more launch (~12 s)
 def test_a_full_disk_inside_dcp_on_one_rank_stops_every_rank_in_one_line(runs: dict) -> None:
     root = runs["root"]

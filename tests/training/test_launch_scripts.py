@@ -20,6 +20,8 @@ import yaml
 
 from tests import ROOT, free_port
 
+pytestmark = pytest.mark.integration  # runs the Slurm launch script (bash, then uptrain)
+
 FAKE_SRUN = """#!/usr/bin/env bash
 # one task, on this machine (node 0), in place of srun's: its own options are skipped
 while [[ "$1" == --* ]]; do shift; done

@@ -53,6 +53,7 @@ def test_overwrite_never_deletes_the_model_being_trained(run_cli, tiny_run: dict
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+@pytest.mark.writes_tiny_build
 def test_the_model_being_trained_is_never_the_run_folder(run_cli, tiny_run: dict) -> None:
     """A model folder that train or export wrote holds uptrain_train.yaml, as a run folder does: training it
     into itself replaced that file and wrote checkpoints inside the model. Refused, with or without

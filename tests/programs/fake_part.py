@@ -1,4 +1,4 @@
-"""A stand-in for one part of benchmarks/gpu_check.py, run as `python -m tests.fake_part MODE --json FILE`.
+"""A stand-in for one part of benchmarks/gpu_check.py, run as `python -m tests.programs.fake_part MODE --json FILE`.
 
 ok: writes its figures; fail: says why on stderr and exits 1; hang: writes partial figures, starts a
 grandchild in a session of its own (as torchrun starts its workers), writes its pid into $FAKE_PART_PIDS,
