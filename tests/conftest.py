@@ -22,6 +22,18 @@ from uptrain_gqa.synthetic import save_tiny_llama
 torch.set_num_threads(1)
 disable_progress_bar()
 
+# The files whose tests launch processes or train the most, run first: with one worker per core and each file on
+# one worker (`make test`), the long files start early instead of leaving one worker busy at the end.
+LONGEST_FIRST = ("training/", "test_demo.py", "io/test_atomic_output.py", "test_serving.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the order within each file, and of the other files, is kept
+
 
 @pytest.fixture(scope="session")
 def stand_in_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
