@@ -18,8 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.families import CASES, Case, build, load
-from uptrain_gqa.conversion.calibrate import Calibration, CovarianceStore
-from uptrain_gqa.conversion.walk import input_covariance
+from uptrain_gqa.conversion.calibrate import Calibration, Covariance
+from uptrain_gqa.conversion.walk import calibration_pass
 from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.io.folders import CONVERSION_RECORD, read_config
 from uptrain_gqa.io.reader import CheckpointReader
@@ -58,11 +58,18 @@ def reference_sigma(folder, text, tokens: int) -> dict[int, torch.Tensor]:
 RENAMED = {"mixtral"}  # checkpoints whose expert weights transformers fuses at load time
 
 
-def calibrate(src, text, tokens: int, folder) -> CovarianceStore:
+def input_covariance(reader, arch, shape, calibration: Calibration) -> dict[int, torch.Tensor]:
+    """{layer: Σ̃} from the pass with the Σ visitor alone."""
+    store: dict[int, torch.Tensor] = {}
+    calibration_pass(reader, arch, shape, calibration, [Covariance(shape.hidden, store)], quiet=True)
+    return store
+
+
+def calibrate(src, text, tokens: int) -> dict[int, torch.Tensor]:
     config = read_config(src)
     arch = lookup(config)
     shape = shape_of_config_json(config, arch.kv_heads_field)
-    return input_covariance(CheckpointReader(src), arch, shape, Calibration(str(text), tokens), folder, True)
+    return input_covariance(CheckpointReader(src), arch, shape, Calibration(str(text), tokens))
 
 
 def saved(case: Case, tmp_path):
@@ -99,7 +106,7 @@ def test_layer_by_layer_sigma_matches_the_whole_model(case: Case, tmp_path, monk
             most[0] = max(most[0], len(loaded))
 
     monkeypatch.setattr(accelerate.utils, "set_module_tensor_to_device", tracked)
-    store = calibrate(src, text, tokens, tmp_path / "sigma")
+    store = calibrate(src, text, tokens)
     expected = reference_sigma(src, text, tokens)
     assert sorted(store) == sorted(expected) == list(range(case.config().num_hidden_layers))
     for i in expected:
@@ -111,24 +118,14 @@ def test_layer_by_layer_sigma_matches_the_whole_model(case: Case, tmp_path, monk
 def test_renamed_checkpoints_refuse_calibration(case: Case, tmp_path) -> None:
     src, text = saved(case, tmp_path)
     with pytest.raises(UptrainError, match="under other names; pass --calibration none"):
-        calibrate(src, text, 300, tmp_path / "sigma")
-
-
-def test_store_is_a_lazy_mapping(tmp_path) -> None:
-    store = CovarianceStore(tmp_path / "s")
-    store.put(3, torch.eye(4))
-    store.put(1, 2 * torch.eye(4))
-    assert list(store) == [1, 3] and len(store) == 2 and 2 not in store
-    torch.testing.assert_close(store[1], 2 * torch.eye(4))
+        calibrate(src, text, 300)
 
 
 def test_calibration_refuses_bad_token_counts(llama, tmp_path) -> None:
     config = read_config(llama)
     arch = lookup(config)
     with pytest.raises(UptrainError, match="must be positive"):
-        input_covariance(
-            CheckpointReader(llama), arch, shape_of_config_json(config), Calibration("x.txt", 0), tmp_path / "s"
-        )
+        input_covariance(CheckpointReader(llama), arch, shape_of_config_json(config), Calibration("x.txt", 0))
 
 
 @pytest.mark.parametrize("content", ["", "   \n\t\n"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ import torch
 
 from uptrain_gqa.conversion.layered import LayerState, SourceAttention
 from uptrain_gqa.conversion.preflight import source_tokenizer
-from uptrain_gqa.conversion.spill import spill
 from uptrain_gqa.data.builtin import BROAD, HELDOUT
 from uptrain_gqa.data.documents import token_stream
 from uptrain_gqa.data.sources import TextSource, parse_sources
@@ -33,35 +32,6 @@ from uptrain_gqa.errors import UptrainError
 from uptrain_gqa.model.shape import ModelShape
 from uptrain_gqa.progress import LOGGER
 from uptrain_gqa.units import format_bytes
-
-
-class CovarianceStore(Mapping[int, torch.Tensor]):
-    """{layer: Σ̃ (hidden+1, hidden+1)} kept as one safetensors file per layer in `folder`."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, layer: int) -> Path:
-        return self.folder / f"sigma-{layer:05d}.safetensors"
-
-    def put(self, layer: int, sigma: torch.Tensor) -> None:
-        spill({"sigma": sigma.contiguous()}, self._path(layer))
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        path = self._path(layer)
-        if not path.is_file():
-            raise KeyError(layer)
-        return load_file(str(path))["sigma"]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("sigma-*.safetensors")))
-
-    def __len__(self) -> int:
-        return len(list(self.folder.glob("sigma-*.safetensors")))
-
 
 RANDOM, NONE = "random", "none"
 TEXT_TOKENS, RANDOM_TOKENS = 65_536, 8_192  # default token counts (docs/results.md)
@@ -297,11 +267,11 @@ class Calibration:
 
 class Covariance:
     """The pass's Σ visitor: Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the
-    calibration windows, left on the layer's state for the visitors after it (and put in `store` when given)."""
+    calibration windows, left on the layer's state for the visitors after it (and kept in `store` when given)."""
 
     label, units, keeps_windows = "calibration", 1, False
 
-    def __init__(self, hidden: int, store: CovarianceStore | None = None) -> None:
+    def __init__(self, hidden: int, store: dict[int, torch.Tensor] | None = None) -> None:
         self.hidden, self.store = hidden, store
         self.windows: list[torch.Tensor] = []
         self._sums: list[Any] = [0.0, 0.0, 0]  # the current layer's Σ xᵀx, Σ x, count
@@ -327,7 +297,7 @@ class Covariance:
         sigma[:-1, -1] = sigma[-1, :-1] = (xs / n).cpu()
         state.sigma = sigma
         if self.store is not None:
-            self.store.put(state.index, sigma)
+            self.store[state.index] = sigma
         done()
 
     def release(self, state: LayerState) -> None:

@@ -1,6 +1,6 @@
 """Tensors kept on disk beside the output while a conversion runs, one safetensors file per layer.
 
-Each layer's converted attention (and Σ for `walk.input_covariance`), read back one tensor at a time."""
+Each layer's converted attention, read back one tensor at a time."""
 
 from __future__ import annotations
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from uptrain_gqa.conversion.calibrate import Calibration, Covariance, CovarianceStore
+from uptrain_gqa.conversion.calibrate import Calibration
 from uptrain_gqa.conversion.layered import LayeredSource, LayerState, SourceAttention, Visitor, attention_call
 from uptrain_gqa.device import compute_device, device_name, inference_dtype
 from uptrain_gqa.io.reader import CheckpointReader
@@ -101,18 +100,3 @@ def _walk_layer(
     for v in visitors:
         v.release(state)
     source.unload(names)
-
-
-def input_covariance(
-    reader: CheckpointReader,
-    arch: Architecture,
-    shape: ModelShape,
-    calibration: Calibration,
-    folder: Path,
-    quiet: bool = False,
-) -> CovarianceStore:
-    """Σ̃ = [[E[x xᵀ], E[x]], [E[x]ᵀ, 1]] of each attention layer's input x over the calibration tokens, one
-    file per layer in `folder` (the pass with the Σ visitor alone)."""
-    store = CovarianceStore(folder)
-    calibration_pass(reader, arch, shape, calibration, [Covariance(shape.hidden, store)], quiet)
-    return store
